@@ -1,0 +1,136 @@
+"""Object storage through fsspec: one place that turns a URL into a filesystem, joins paths,
+retries transient errors and writes objects so that a reader never sees half of one.
+
+S3 endpoint and credentials come from the standard places (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_PROFILE, ~/.aws) or from an explicit ``storage`` dict (a run config's ``storage`` section):
+``{"endpoint_url": ..., "key": ..., "secret": ..., "profile": ..., "region": ...}``.
+Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+
+# Errors worth retrying: network trouble, throttling, a server that is restarting.
+# FileNotFoundError and PermissionError are answers, not transient faults.
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def storage_options(url: str, storage: dict | None = None) -> dict:
+    """fsspec keyword arguments for ``url`` from the ``storage`` dict and the environment."""
+    storage = dict(storage or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in ("s3", "s3a"):
+        return storage
+    opts: dict = {}
+    endpoint = storage.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = dict(storage.pop("client_kwargs", {}) or {})
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = storage.pop("region", None) or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    for name in ("key", "secret", "token", "profile", "anon"):
+        if storage.get(name) is not None:
+            opts[name] = storage.pop(name)
+    opts.update(storage)  # anything else is passed to s3fs as given
+    return opts
+
+
+def get_fs(url: str, storage: dict | None = None):
+    """(filesystem, path) for a local path or any fsspec URL."""
+    fs, path = url_to_fs(url, **storage_options(url, storage))
+    return fs, path
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(url: str, *names: str) -> str:
+    return "/".join([url.rstrip("/"), *names])
+
+
+def retry(fn, what: str, attempts: int = 6, base_delay_s: float = 0.5, max_delay_s: float = 8.0):
+    """Call ``fn()``; on a transient error wait (exponential backoff with jitter) and try again.
+
+    ``what`` names the object in log lines and in the final error.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except _NOT_TRANSIENT:
+            raise
+        except Exception as err:  # s3fs/aiohttp/botocore raise many types for the same network fault
+            if attempt == attempts:
+                raise OSError(f"{what}: still failing after {attempts} attempts: {err!r}") from err
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s: %r; retrying in %.1f s (attempt %d of %d)", what, err, delay, attempt, attempts)
+            time.sleep(delay)
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write an object so that no reader sees a partial one.
+
+    Local files go to a temporary name in the same folder and are renamed into place; an S3 PUT
+    (or completed multipart upload) is atomic by itself.
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        retry(lambda: fs.pipe_file(path, data), f"writing {path}")
+
+
+def put_file(fs, local_path: str, path: str) -> None:
+    """Move a finished local file to ``path`` (rename locally, upload otherwise)."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.chmod(local_path, 0o644)  # mkstemp makes 0600; shards are for everyone who can read the folder
+        os.replace(local_path, path)
+    else:
+        retry(lambda: fs.put_file(local_path, path), f"uploading {path}")
+        os.unlink(local_path)
+
+
+def read_bytes(fs, path: str) -> bytes:
+    return retry(lambda: fs.cat_file(path), f"reading {path}")
+
+
+def check_writable(fs, path: str, url: str) -> None:
+    """Fail early, before any work, when ``url`` cannot be written."""
+    probe = path.rstrip("/") + "/.write-probe"
+    try:
+        if is_local(fs):
+            os.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as err:
+        raise SystemExit(f"error: cannot write to {url}: {err}. Check the path, bucket name and credentials "
+                         f"(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).") from None
+
+
+__all__ = ["get_fs", "storage_options", "join", "retry", "write_bytes", "put_file", "read_bytes",
+           "check_writable", "is_local", "fsspec"]

@@ -1,0 +1,63 @@
+"""Shared fixtures: real QM9 shards built once per session, and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's ThreadedMotoServer: a real S3 HTTP endpoint; stop/start keeps the stored objects."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+        self._cls = ThreadedMotoServer
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self):
+        import logging
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A running S3 server with bucket ``test-bucket``; the AWS_* variables point every client at it."""
+    server = S3Server()
+    server.start()
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="test-bucket")
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def qm9_small(tmp_path_factory):
+    """The first 600 QM9 molecules as shards of 40 (several shards per split)."""
+    from datasets.build import build_qm9
+    out = str(tmp_path_factory.mktemp("qm9") / "qm9-600")
+    build_qm9(out, limit=600, shard_size=40, workers=1, progress=False)
+    return out
