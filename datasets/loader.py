@@ -238,9 +238,11 @@ class StreamingLoader:
         stream = _EpochStream(self.cfg, self.manifest, self.rank, self.world_size, self.epoch,
                               list(self._consumed), self.properties)
         workers = self.cfg.num_workers
+        # A generator of its own: DataLoader draws a base seed per iterator from it, and drawing from
+        # the global RNG would shift the training noise of a resumed run.
         dl = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed))
         for batch in dl:
             self._consumed[batch.pop("worker")] = batch.pop("batch_index") + 1
             self._bad_shards.update(batch.pop("bad_shards"))

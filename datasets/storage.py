@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Errors worth retrying: network trouble, throttling, a server that is restarting.
 # FileNotFoundError and PermissionError are answers, not transient faults.
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# botocore's answers that waiting will not change (matched by name: botocore is optional here).
+_FINAL_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError", "InvalidBucketName", "NoSuchBucket",
+                      "ParamValidationError", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 def storage_options(url: str, storage: dict | None = None) -> dict:
@@ -74,6 +77,8 @@ def retry(fn, what: str, attempts: int = 6, base_delay_s: float = 0.5, max_delay
         except _NOT_TRANSIENT:
             raise
         except Exception as err:  # s3fs/aiohttp/botocore raise many types for the same network fault
+            if type(err).__name__ in _FINAL_ERROR_NAMES:
+                raise OSError(f"{what}: {err}") from err
             if attempt == attempts:
                 raise OSError(f"{what}: still failing after {attempts} attempts: {err!r}") from err
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
