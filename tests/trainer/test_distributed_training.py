@@ -31,11 +31,17 @@ def env():
     return e
 
 
-def launch(run_dir, data_url, *extra, ranks=2, resume=False):
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-           "trainer/main.py", "--config", "cluster/cpu_smoke.json", "--run-dir", str(run_dir),
-           "--set", f"data.url={data_url}"]
+def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed"):
+    """Start trainer/main.py the way users do: under deepspeed, torchrun or plain python."""
+    bin_dir = os.path.dirname(sys.executable)
+    if launcher == "deepspeed":
+        cmd = [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
+    elif launcher == "torchrun":
+        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    else:
+        cmd = [sys.executable]
+    cmd += ["trainer/main.py", "--config", "cluster/cpu_smoke.json", "--run-dir", str(run_dir),
+            "--set", f"data.url={data_url}"]
     for s in COMMON + list(extra):
         cmd += ["--set", s]
     if resume:
@@ -187,7 +193,16 @@ def test_only_nan_losses_stop_the_run_with_a_checkpoint(qm9_small, tmp_path):
     train = [s["name"] for s in load_manifest(qm9_small).shards("train")]
     url = poison(qm9_small, tmp_path / "all-nan", train)
     run_dir = tmp_path / "nan-all"
-    rc = finish(launch(run_dir, url, "train.max_nonfinite_in_row=4", "evaluation.every_steps=0", ranks=1))
+    rc = finish(launch(run_dir, url, "train.max_nonfinite_in_row=4", "evaluation.every_steps=0", launcher="python"))
     assert rc != 0
     assert "4 non-finite losses in a row at step 1" in log_tail(run_dir)
     assert (run_dir / "latest").read_text() == "step00000000"
+
+
+def test_torchrun_launch_trains_the_same_way(qm9_small, tmp_path):
+    run_dir = tmp_path / "torchrun"
+    rc = finish(launch(run_dir, qm9_small, "train.max_steps=4", "evaluation.every_steps=0", launcher="torchrun"))
+    assert rc == 0, log_tail(run_dir)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    assert (run_dir / "latest").read_text() == "step00000004"
+    assert (run_dir / "step00000004" / "rank1.pt").exists()
