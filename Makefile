@@ -1,5 +1,6 @@
 # make test  - create .venv when missing, install the project with its test extra, run every test
-# make demo  - the pipeline on the embedded defaults (today: build the QM9 shards and show their summary)
+# make demo  - the whole pipeline on the embedded defaults: QM9 shards, DeepSpeed training (2 CPU ranks),
+#              sampling over a local Ray, metrics and report
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of PyTorch; on a GPU machine install the CUDA build first, e.g. `make TORCH=torch`.
@@ -22,9 +23,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+DEMO_RUN := runs/cpu_demo
 demo: $(STAMP)
 	$(PY) -m datasets build qm9 --out data/qm9
-	$(PY) -m datasets inspect data/qm9
+	DS_ACCELERATOR=cpu WANDB_SILENT=true $(VENV)/bin/deepspeed --num_accelerators 2 \
+	    trainer/main.py --config cluster/cpu_demo.json --run-dir $(DEMO_RUN) --resume auto
+	WANDB_SILENT=true $(PY) evals/generate.py --checkpoint $(DEMO_RUN) --n-samples 500 --steps 5 \
+	    --property --out $(DEMO_RUN)/eval
+	@echo
+	@echo "dataset:     data/qm9 (python -m datasets inspect data/qm9)"
+	@echo "training:    $(DEMO_RUN)/metrics.jsonl, checkpoints $(DEMO_RUN)/step*, W&B offline run in $(DEMO_RUN)/wandb"
+	@echo "evaluation:  $(DEMO_RUN)/eval/report.html, metrics.json, samples.sdf, *.png"
 
 bench: $(STAMP)
 	$(PY) -m datasets bench data/qm9

@@ -85,6 +85,7 @@ class Trainer:
             raise ValueError(f"model.properties {missing} have no statistics in {cfg.data.url}")
         prop_mean = [stats[p]["mean"] for p in cfg.model.properties]
         prop_mad = [stats[p]["mad"] for p in cfg.model.properties]
+        self.prop_stats = {"mean": prop_mean, "mad": prop_mad}
         self.histogram = manifest.atom_count_histogram(cfg.data.split)
         self.model_cfg = model_config(cfg, vocab)
         model = build_model(self.model_cfg, prop_mean or None, prop_mad or None)
@@ -125,7 +126,10 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict() if self.ema else None,
                 "clipper": self.clipper.state_dict(), "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row, "model_config": vars(self.model_cfg)}
+                "nonfinite_in_row": self.nonfinite_in_row,
+                # what evaluation needs to rebuild the model without the run config or the dataset
+                "model_config": dict(vars(self.model_cfg)), "prop_stats": self.prop_stats,
+                "atom_count_histogram": self.histogram, "dataset_url": self.cfg.data.url}
 
     def rank_state(self) -> dict:
         return {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),

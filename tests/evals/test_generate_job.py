@@ -1,0 +1,123 @@
+"""evals/generate.py end to end: a tiny real checkpoint, local Ray, `ray job submit`, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from rdkit import Chem
+
+from tests.conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+           RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
+ENV.pop("RAY_ADDRESS", None)
+
+
+def generate(*args, env=ENV, timeout=600):
+    return subprocess.run([sys.executable, "evals/generate.py", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(qm9_small, tmp_path_factory):
+    """A real UniGEM checkpoint: cpu_smoke trained for 6 steps on the small QM9 shards."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json",
+                        "--run-dir", str(run_dir), "--max-steps", "6", "--set", f"data.url={qm9_small}",
+                        "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
+                        "--set", "logging.wandb.enabled=false"],
+                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(run_dir)
+
+
+def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_path):
+    r = generate("--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    r = generate("--checkpoint", str(empty), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "holds no complete checkpoint" in r.stderr
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, corrupt)
+    states = corrupt / "step00000006" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    r = generate("--checkpoint", str(corrupt), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "corrupt checkpoint" in r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--n-samples", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--n-samples must be at least 1" in r.stderr
+    r = generate("--dataset", qm9_small, "--split", "tset", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no split 'tset'" in r.stderr
+    assert "Started a local Ray" not in r.stderr + r.stdout
+
+
+def read_sdf_coords(path):
+    return [(m.GetProp("_Name") if m.HasProp("_Name") else "", [a.GetAtomicNum() for a in m.GetAtoms()],
+             m.GetConformer().GetPositions().round(4).tolist())
+            for m in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False)]
+
+
+def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_checkpoint, tmp_path):
+    common = ["--checkpoint", tiny_checkpoint, "--n-samples", "24", "--batch", "6", "--steps", "100",
+              "--seed", "7", "--num-cpus", "2"]
+    r2 = generate(*common, "--workers", "2", "--out", str(tmp_path / "two"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    out = tmp_path / "two"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("n_samples", "atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty"):
+        assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0 or key == "n_samples", key
+    assert metrics["n_samples"] == 24 and metrics["source"]["workers"] == 2
+    assert {"atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1"} <= metrics.keys()
+    for name in ("samples.sdf", "report.html", "atom_counts.png", "bond_lengths.png", "bond_angles.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    mols = read_sdf_coords(out / "samples.sdf")
+    assert len(mols) == 24
+    r1 = generate(*common, "--workers", "1", "--no-wandb", "--out", str(tmp_path / "one"))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert read_sdf_coords(tmp_path / "one" / "samples.sdf") == mols
+    r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--out", str(tmp_path / "other"))
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
+
+
+def test_data_row_of_a_real_split(qm9_small, tmp_path):
+    r = generate("--dataset", qm9_small, "--split", "test", "--out", str(tmp_path / "data"), "--num-cpus", "2",
+                 "--no-wandb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "data" / "metrics.json").read_text())
+    from datasets.manifest import load_manifest
+    assert metrics["n_samples"] == load_manifest(qm9_small).count("test")
+    assert metrics["atom_stability"] > 0.95 and metrics["validity"] > 0.9
+    assert metrics["atom_type_tv"] < 0.1  # the test split against itself
+
+
+def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    ray = os.path.join(bin_dir, "ray")
+    dash = free_port()
+    # a throwaway loopback cluster: no token auth between our own ray CLI calls
+    env = dict(ENV, PATH=bin_dir + os.pathsep + ENV.get("PATH", ""), RAY_AUTH_MODE="disabled")
+    start = subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = tmp_path / "job-out"
+        job = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT,
+                              "--", "python", "evals/generate.py", "--checkpoint", tiny_checkpoint,
+                              "--n-samples", "12", "--batch", "6", "--steps", "200", "--no-wandb", "--out", str(out)],
+                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["n_samples"] == 12
+        assert len(read_sdf_coords(out / "samples.sdf")) == 12
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
