@@ -1,0 +1,34 @@
+"""Helpers for the model-core tests: tiny models and padded batches in the data loader's format."""
+
+import torch
+
+from trainer.diffusion import remove_mean
+from trainer.networks import ModelConfig, build_model
+
+
+def make_batch(num_atoms, n_max=None, dtype=torch.float64, seed=0, num_types=5, num_props=2):
+    """A padded batch (real atoms first) with CoM-free coordinates, like the data loader's."""
+    gen = torch.Generator().manual_seed(seed)
+    num_atoms = torch.as_tensor(num_atoms)
+    n_max = n_max or int(num_atoms.max())
+    node_mask = torch.arange(n_max)[None, :] < num_atoms[:, None]
+    pos = remove_mean(1.5 * torch.randn(len(num_atoms), n_max, 3, generator=gen, dtype=dtype), node_mask)
+    atom_type = torch.randint(0, num_types, (len(num_atoms), n_max), generator=gen) * node_mask
+    props = torch.randn(len(num_atoms), num_props, generator=gen, dtype=dtype) * 3 + 1
+    return {"pos": pos, "node_mask": node_mask, "atom_type": atom_type, "num_atoms": num_atoms, "props": props}
+
+
+def tiny_model(kind="unigem", hidden=16, layers=3, dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind=kind, hidden=hidden, layers=layers, properties=["gap", "mu"], **overrides)
+    model = build_model(cfg, prop_mean=[1.0, 2.0], prop_mad=[3.0, 0.5])
+    return model.to(dtype)
+
+
+def random_orthogonal(seed, reflect):
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # a uniformly random orthogonal matrix
+    if (torch.det(q) < 0) != reflect:
+        q[:, 0] = -q[:, 0]
+    return q

@@ -1,0 +1,39 @@
+"""python -m trainer.bench: runs end to end and reports the documented fields."""
+
+import json
+
+import pytest
+
+from trainer import bench
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SMALL = ["--layers", "2", "--hidden", "16", "--batch", "6", "--warmup", "0", "--iters", "1",
+         "--sample-iters", "1", "--sample-steps", "2"]
+
+
+@pytest.fixture
+def small_histogram(monkeypatch):
+    monkeypatch.setattr(bench, "qm9_histogram", lambda: {4: 2, 9: 5, 12: 1})
+
+
+@pytest.mark.parametrize("model", ["unigem", "edm"])
+def test_bench_json_reports_all_layouts(small_histogram, capsys, model):
+    bench.main(["--json", "--device", "cpu", "--model", model, "--layout", "all", *SMALL])
+    report = json.loads(capsys.readouterr().out)
+    for key in ("train_step_ms", "train_molecules_per_s", "sample_step_ms", "sample_molecules_per_s"):
+        assert report[key] > 0, key
+        assert report["edge_list"][key] > 0 and report["edge_list_real"][key] > 0
+    assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["model"] == model
+    assert (report["batch"], report["layers"], report["hidden"]) == (6, 2, 16)
+    assert report["num_atoms_max"] <= 12 and 4 <= report["num_atoms_mean"] <= 12
+    assert report["train_speedup_vs_edge_list"] == pytest.approx(
+        report["edge_list"]["train_step_ms"] / report["train_step_ms"])
+    # sampling throughput is for whole T-step trajectories
+    assert report["sample_molecules_per_s"] == pytest.approx(6 / (report["sample_step_ms"] / 1e3 * 1001))
+
+
+def test_bench_text_output_in_bf16(small_histogram, capsys):
+    bench.main(["--dtype", "bf16", *SMALL])
+    out = capsys.readouterr().out
+    assert "bf16" in out and "train step" in out and "sample step" in out

@@ -1,0 +1,130 @@
+"""Ancestral sampler, atom counts from a histogram, branch routing while sampling, property prediction."""
+
+import pytest
+import torch
+
+from tests.trainer.model_helpers import make_batch, tiny_model
+from trainer.sampling import ancestral_step, predict_properties, sample, sample_num_atoms, timestep_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_atom_counts_follow_the_histogram():
+    counts = sample_num_atoms({5: 1, 9: 3, 12: 0}, 4000, torch.Generator().manual_seed(0))
+    assert counts.dtype == torch.long and set(counts.tolist()) == {5, 9}
+    assert (counts == 9).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="positive count"):
+        sample_num_atoms({5: 0}, 3)
+
+
+def test_timestep_grid():
+    assert timestep_grid(1000) == list(range(1000, -1, -1))
+    assert timestep_grid(1000, 300) == [1000, 700, 400, 100, 0]
+    assert timestep_grid(10, 10) == [10, 0]
+
+
+@pytest.mark.parametrize("stride", [1, 37])
+def test_samples_are_com_free_and_well_formed(kind, stride):
+    model = tiny_model(kind, hidden=8, layers=2, dtype=torch.float32)
+    num_atoms = torch.tensor([3, 6, 4])
+    out = sample(model, num_atoms, stride=stride, generator=torch.Generator().manual_seed(0))
+    mask = out["node_mask"]
+    assert out["pos"].shape == (3, 6, 3) and out["pos"].dtype == torch.float32
+    assert torch.equal(mask.sum(1), num_atoms)
+    assert torch.isfinite(out["pos"]).all()
+    assert out["pos"][mask].abs().max() > 0.1
+    scale = out["pos"].abs().max()  # an untrained net lets coordinates grow; CoM must still be ~0
+    assert (out["pos"].sum(1) / num_atoms[:, None]).abs().max() < 1e-6 * scale
+    assert (out["pos"][~mask].abs().max() == 0) and (out["atom_type"][~mask].abs().max() == 0)
+    assert int(out["atom_type"].max()) < 5
+    assert set(out["z"][mask].tolist()) <= {1, 6, 7, 8, 9} and int(out["z"][~mask].abs().max()) == 0
+
+
+def test_sampling_is_reproducible_and_chunking_is_invisible():
+    model = tiny_model("unigem", hidden=8, layers=2, dtype=torch.float32)
+    num_atoms = torch.tensor([3, 6, 4, 6, 2])
+    a = sample(model, num_atoms, stride=100, generator=torch.Generator().manual_seed(1))
+    b = sample(model, num_atoms, stride=100, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a["pos"], b["pos"]) and torch.equal(a["atom_type"], b["atom_type"])
+
+
+def test_unigem_sampling_routes_each_step_to_its_phase_branch():
+    model = tiny_model("unigem", hidden=8, layers=2, dtype=torch.float32)
+    calls = []
+    original = model.denoise
+
+    def spy(pos, node_mask, t, branch, heads=False):
+        calls.append((int(t[0]), branch, heads))
+        return original(pos, node_mask, t, branch, heads)
+
+    model.denoise = spy
+    sample(model, torch.tensor([4, 4]), stride=5, generator=torch.Generator().manual_seed(0))
+    assert [c[0] for c in calls] == timestep_grid(1000, 5)  # one chunk: one call per grid time
+    for t, branch, heads in calls:
+        assert branch == ("growth" if t <= 10 else "nucleation")
+        assert heads == (t == 0)
+
+
+def test_ancestral_step_matches_the_forward_marginals():
+    # With the true noise as eps_hat, z_s must be distributed as alpha_s x0 + sigma_s eps' (CoM-free)
+    model = tiny_model("unigem", hidden=8, layers=2)
+    sched = model.schedule
+    gen = torch.Generator().manual_seed(0)
+    n_mol, n_atoms = 4000, 3
+    mask = torch.ones(n_mol, n_atoms, dtype=torch.bool)
+    x0 = torch.tensor([[1.0, 0.0, 0.0], [-0.5, 0.8, 0.0], [-0.5, -0.8, 0.0]], dtype=torch.float64).expand(n_mol, -1, -1)
+    for t, s in [(600, 599), (600, 200), (12, 3)]:
+        alpha_t, sigma_t = sched.alpha_sigma(torch.tensor(t), torch.float64)
+        alpha_s, sigma_s = sched.alpha_sigma(torch.tensor(s), torch.float64)
+        eps = torch.randn(n_mol, n_atoms, 3, generator=gen, dtype=torch.float64)
+        eps = eps - eps.mean(1, keepdim=True)
+        z_t = alpha_t * x0 + sigma_t * eps
+        z_s = ancestral_step(sched, z_t, eps, t, s, mask, gen)
+        residual = (z_s - alpha_s * x0) / sigma_s  # should be CoM-free standard noise
+        assert residual.mean(1).abs().max() < 1e-9
+        assert residual.mean(0).abs().max() < 0.08
+        var = residual.var(0) * n_atoms / (n_atoms - 1)  # per-coordinate variance in the CoM-free subspace
+        assert var.mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_final_step_recovers_a_point_mass_with_an_oracle_denoiser(kind):
+    # If the data is a single molecule x0 and eps_hat is exact, the sampler must return x0 and its atom types.
+    model = tiny_model(kind, hidden=8, layers=2)
+    x0 = torch.tensor([[0.0, 0.0, 1.2], [0.0, 1.1, -0.6], [0.9, -0.5, -0.6]], dtype=torch.float64)
+    x0 = x0 - x0.mean(0)
+    types = torch.tensor([1, 3, 0])
+    one_hot = torch.nn.functional.one_hot(types, 5).double() * 0.25
+
+    def oracle(z_pos, *args):
+        t = args[1] if kind == "unigem" else args[-1]  # unigem: (mask, t, branch); edm: (h, mask, t)
+        alpha, sigma = model.schedule.alpha_sigma(t, torch.float64)
+        eps = (z_pos - alpha[:, None, None] * x0) / sigma[:, None, None]
+        out = {"eps": eps, "atom_type": one_hot.expand(len(t), -1, -1)}
+        if kind == "edm":
+            h0 = model.atom_features(types.expand(len(t), -1), torch.ones(len(t), 3, dtype=torch.bool), torch.float64)
+            out["eps_h"] = (args[0] - alpha[:, None, None] * h0) / sigma[:, None, None]
+        return out
+
+    model.denoise = lambda *args, **kwargs: oracle(*args)
+    out = sample(model, torch.tensor([3, 3]), stride=50, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["pos"], x0.expand(2, -1, -1), atol=1e-8, rtol=0)
+    assert torch.equal(out["atom_type"], types.expand(2, -1))
+
+
+def test_property_prediction_returns_dataset_units():
+    model = tiny_model("unigem", hidden=8, layers=2)  # prop_mean [1, 2], prop_mad [3, 0.5]
+    batch = make_batch([3, 5, 4])
+    last = model.prop_out[-1]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([0.0, 1.0]))
+    pred = predict_properties(model, batch)
+    expected = torch.tensor([[1.0, 2.5]], dtype=torch.float64).expand(3, -1)
+    torch.testing.assert_close(pred, expected)
+
+    seen = []
+    original = model.denoise
+    model.denoise = lambda pos, mask, t, branch, heads=False: seen.append((t.tolist(), branch, heads)) or original(
+        pos, mask, t, branch, heads)
+    predict_properties(model, batch)
+    assert all(branch == "growth" and heads and set(t) == {0} for t, branch, heads in seen)

@@ -1,0 +1,183 @@
+"""Benchmark: one training step (forward, backward, AdamW) and sampling steps on QM9-sized batches.
+
+    python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
+                            [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
+
+Atom counts are drawn from the QM9 train histogram with a fixed seed; timings are medians over timed
+iterations after warm-up. `--layout both` also runs the edge-list reference layout of the research code
+(`all` adds the edge list over real atom pairs only) with the same weights and batch in the same process,
+alternating iterations between layouts, and reports the speed-ups. A training step is forward, backward and
+AdamW; a sampling step is one network evaluation and ancestral update inside `sample()`. Sampling molecules/s
+is for the full T-step trajectory: batch / (sample_step_s * (T + 1) network evaluations).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from trainer.diffusion import remove_mean
+from trainer.networks import GRAPH_LAYOUTS, ModelConfig, build_model
+from trainer.sampling import sample, sample_num_atoms, timestep_grid
+
+MALLOC_TUNED = False  # set when run as a program, see tune_glibc_malloc
+LAYOUT_CHOICES = {"both": ["dense", "edge-list"], "all": ["dense", "edge-list", "edge-list-real"]}
+
+
+def tune_glibc_malloc():
+    """Keep freed large blocks in the heap instead of returning them to the OS (no page faults on reuse).
+
+    Same effect as running under jemalloc/tcmalloc, as CPU tuning guides for PyTorch advise; applies to every
+    layout in the process alike. Returns False where glibc is not available.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 36))
+
+
+def qm9_histogram():
+    from datasets.qm9 import train_atom_count_histogram
+
+    return train_atom_count_histogram()
+
+
+def make_batch(num_atoms, num_props, num_types, device, generator):
+    # random CoM-free coordinates with about QM9's spread; the cost does not depend on the geometry
+    batch_size, n_max = len(num_atoms), int(num_atoms.max())
+    node_mask = torch.arange(n_max)[None, :] < num_atoms[:, None]
+    pos = remove_mean(1.5 * torch.randn(batch_size, n_max, 3, generator=generator), node_mask)
+    atom_type = torch.randint(0, num_types, (batch_size, n_max), generator=generator) * node_mask
+    props = torch.randn(batch_size, num_props, generator=generator)
+    batch = {"pos": pos, "node_mask": node_mask, "atom_type": atom_type, "num_atoms": num_atoms, "props": props}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def interleaved_medians(fns, device, warmup, iters):
+    """{name: fn} -> {name: median seconds}; iterations alternate between the functions so that load from
+    other processes on the machine hits all of them alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_functions(model, batch, layout, args):
+    """(train_step, sample_run) closures for one layout."""
+    autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else contextlib.nullcontext())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True)
+    stride = model.cfg.num_steps // args.sample_steps
+
+    def train_step():
+        model.cfg.layout = layout
+        generator = torch.Generator().manual_seed(args.seed)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(batch, generator=generator)["loss"]
+        loss.backward()
+        optimizer.step()
+
+    def sample_run():
+        model.cfg.layout = layout
+        generator = torch.Generator().manual_seed(args.seed)
+        with autocast:
+            sample(model, batch["num_atoms"].cpu(), stride=stride, generator=generator)
+
+    return train_step, sample_run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=["unigem", "edm"], default="unigem")
+    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--layout", choices=[*GRAPH_LAYOUTS, *LAYOUT_CHOICES], default="dense",
+                        help="'both': dense and the research code's edge-list layout; 'all': also edge-list-real")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5, help="timed training steps per layout")
+    parser.add_argument("--sample-steps", type=int, default=4, help="sampler grid steps per timed sampling run")
+    parser.add_argument("--sample-iters", type=int, default=3, help="timed sampling runs per layout")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=["gap"])
+    model = build_model(cfg).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    num_atoms = sample_num_atoms(qm9_histogram(), args.batch, generator)
+    batch = make_batch(num_atoms, len(cfg.properties), len(cfg.atom_vocab), device, generator)
+
+    layouts = LAYOUT_CHOICES.get(args.layout, [args.layout])
+    steps = {layout: step_functions(model, batch, layout, args) for layout in layouts}
+    train_s = interleaved_medians({k: v[0] for k, v in steps.items()}, device, args.warmup, args.iters)
+    sample_s = interleaved_medians({k: v[1] for k, v in steps.items()}, device, 1, args.sample_iters)
+    evaluations = len(timestep_grid(cfg.num_steps, cfg.num_steps // args.sample_steps))  # grid steps + t = 0
+    results = {}
+    for layout in layouts:
+        sample_step_s = sample_s[layout] / evaluations
+        results[layout] = {
+            "train_step_ms": 1e3 * train_s[layout],
+            "train_molecules_per_s": args.batch / train_s[layout],
+            "sample_step_ms": 1e3 * sample_step_s,
+            "sample_molecules_per_s": args.batch / (sample_step_s * (cfg.num_steps + 1)),
+        }
+    report = {
+        "model": args.model, "layers": args.layers, "hidden": args.hidden, "batch": args.batch,
+        "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+        "num_atoms_mean": float(num_atoms.float().mean()), "num_atoms_max": int(num_atoms.max()),
+        "atom_pairs": int((num_atoms * (num_atoms - 1)).sum()), "malloc_tuned": MALLOC_TUNED,
+        "loadavg_1min": [load_before, os.getloadavg()[0]],  # before / after: other work on the machine
+        "layout": layouts[0], **results[layouts[0]],
+    }
+    for ref in layouts[1:]:
+        key = ref.replace("-", "_")
+        report[key] = results[ref]
+        report[f"train_speedup_vs_{key}"] = results[ref]["train_step_ms"] / report["train_step_ms"]
+        report[f"sample_speedup_vs_{key}"] = results[ref]["sample_step_ms"] / report["sample_step_ms"]
+    print(json.dumps(report) if args.json else format_report(report, results))
+
+
+def format_report(report, results):
+    lines = [f"{report['model']} {report['layers']}x{report['hidden']}, batch {report['batch']} "
+             f"(mean {report['num_atoms_mean']:.1f} atoms, max {report['num_atoms_max']}), {report['dtype']} on "
+             f"{report['device']} ({report['threads']} threads, load {report['loadavg_1min'][0]:.1f})"]
+    for layout, r in results.items():
+        lines.append(f"  {layout:14s} train step {r['train_step_ms']:9.1f} ms {r['train_molecules_per_s']:8.1f} mol/s"
+                     f"   sample step {r['sample_step_ms']:8.1f} ms {r['sample_molecules_per_s']:8.4f} mol/s")
+    for layout in list(results)[1:]:
+        key = layout.replace("-", "_")
+        lines.append(f"  speed-up of {report['layout']} over {layout}: train "
+                     f"{report[f'train_speedup_vs_{key}']:.2f}x, sample {report[f'sample_speedup_vs_{key}']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    MALLOC_TUNED = tune_glibc_malloc()
+    sys.exit(main())
