@@ -94,6 +94,8 @@ class Trainer:
         self.loader = self._loader(manifest, cfg.data.split, shuffle=True)
         self.valid_loader = self._loader(manifest, cfg.data.valid_split, shuffle=False) \
             if cfg.evaluation.every_steps and cfg.data.valid_split in manifest.splits else None
+        # Validation reads the first batches of the split every time: it restarts from this state.
+        self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
 
         o = cfg.optimizer
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
@@ -248,6 +250,7 @@ class Trainer:
         from trainer.sampling import predict_properties
         sums = torch.zeros(2 + len(self.cfg.model.properties), dtype=torch.float64)
         generator = torch.Generator().manual_seed(1234 + self.rank)
+        self.valid_loader.load_state_dict(self._valid_start)
         ctx = self.ema.applied_to(self.model) if self.ema else _nullcontext(self.model)
         with ctx as model:
             model.eval()
@@ -262,7 +265,6 @@ class Trainer:
                     pred = predict_properties(model, batch)
                     sums[2:] += (pred - batch["props"]).abs().sum(0).double().cpu()
             model.train()
-        self.valid_loader.epoch = 0  # same molecules every time
         dist.all_reduce(sums)
         out = {"valid/loss": float(sums[0] / sums[1])}
         for i, name in enumerate(self.cfg.model.properties):

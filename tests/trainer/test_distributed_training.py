@@ -206,3 +206,16 @@ def test_torchrun_launch_trains_the_same_way(qm9_small, tmp_path):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
     assert (run_dir / "latest").read_text() == "step00000004"
     assert (run_dir / "step00000004" / "rank1.pt").exists()
+
+
+def test_zero2_with_bf16_autocast_trains(qm9_small, tmp_path):
+    """The geom_64gpu settings (ZeRO-2, bf16 autocast, adaptive clipping through DeepSpeed's optimizer)."""
+    run_dir = tmp_path / "zero2"
+    rc = finish(launch(run_dir, qm9_small, "train.max_steps=6", "deepspeed.zero_stage=2", "deepspeed.bf16=true",
+                       "evaluation.every_steps=3", "checkpoint.every_steps=3"))
+    assert rc == 0, log_tail(run_dir)
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert rows[2]["valid/mae_lumo"] > 0
+    assert (run_dir / "step00000006" / "complete").exists()
