@@ -108,6 +108,10 @@ def _log_wandb(out_dir: str, metrics: dict, molecules_sdf: str, project: str, co
         table.add_data(i, props.get("smiles", ""), bool(props.get("valid", False)),
                        bool(props.get("mol_stable", False)), view)
     run.log({"molecules": table})
+    from evals.wandb_report import publish_report
+    url = publish_report(run, metrics)
+    if url:
+        print(f"W&B report: {url}")
     run.finish()
 
 

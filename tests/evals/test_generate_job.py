@@ -121,3 +121,19 @@ def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
         assert len(read_sdf_coords(out / "samples.sdf")) == 12
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_wandb_report_layout():
+    """The Reports API object an online run saves (saving needs a W&B server, so only the build is tested)."""
+    import wandb_workspaces.reports.v2 as wr
+    from evals.wandb_report import build_report
+    report = build_report("team", "molscale-evals", "eval-7", {"n_samples": 10, "validity": 0.5, "mol_stability": None,
+                                                               "atom_type_tv": 0.25, "mae_lumo": 31.5})
+    assert isinstance(report, wr.Report) and report.project == "molscale-evals" and report.entity == "team"
+    table = report.blocks[1].text
+    assert "| validity | 0.5000 |" in table and "| mol_stability | undefined |" in table
+    assert "| mae_lumo | 31.5000 |" in table and "| atom_type_tv | 0.2500 |" in table
+    grid = report.blocks[2]
+    assert grid.runsets[0].query == "eval-7"
+    assert grid.panels[0].metrics == ["atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique",
+                                      "novelty"]
