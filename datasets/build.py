@@ -13,7 +13,6 @@ import multiprocessing as mp
 import sys
 from collections import Counter
 
-import numpy as np
 from tqdm import tqdm
 
 from . import qm9, storage

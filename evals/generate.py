@@ -20,10 +20,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path[0] = _ROOT
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
