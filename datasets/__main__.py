@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a dataset from a source",
                        description="Build WebDataset shards and manifest.json from a molecule source. "
                                    "Rerunning a complete build with the same parameters does nothing.")
-    b.add_argument("source", help="molecule source: qm9")
+    b.add_argument("source", help="molecule source: qm9, geom, pcqm4mv2")
     b.add_argument("--out", required=True, help="destination folder or URL, e.g. data/qm9 or s3://bucket/qm9")
     b.add_argument("--limit", type=int, default=None,
                    help="keep only the first N molecules in source order (each in the split the full build gives it)")
@@ -25,6 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for bond perception (default: all cores)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = b.add_argument_group("geom", "GEOM-Drugs options")
+    g.add_argument("--source", dest="source_path", default=None,
+                   help="drugs_crude.msgpack or an rdkit_folder (holding summary_drugs.json)")
+    g.add_argument("--conformers", type=int, default=30, help="lowest-energy conformers kept per molecule (30)")
+    g.add_argument("--split-by", choices=("molecule", "conformer"), default="molecule",
+                   help="80/10/10 split by molecule (default, no leakage) or by conformer (EDM protocol)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading the rdkit_folder's pickles (unpickling can execute code)")
+    pc = b.add_argument_group("pcqm4mv2", "PCQM4Mv2 options")
+    pc.add_argument("--sdf", default=None, help="pcqm4m-v2-train.sdf (plain or .gz)")
+    pc.add_argument("--csv", default=None, help="data.csv.gz (idx, smiles, homolumogap in eV)")
+    b.add_argument("--seed", type=int, default=0, help="split seed for geom and pcqm4mv2 (default 0)")
 
     i = sub.add_parser("inspect", help="print a dataset's manifest summary",
                        description="Print splits, counts, atom types, size histogram, property statistics "
@@ -53,8 +65,16 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "build":
             from .build import build_qm9, command_line
+            from .geom import build_geom
             from .inspect_cmd import summary
-            builders = {"qm9": build_qm9}
+            from .pcqm4mv2 import build_pcqm4mv2
+            builders = {
+                "qm9": build_qm9,
+                "geom": lambda out, **kw: build_geom(out, args.source_path, conformers=args.conformers,
+                                                     split_by=args.split_by, trust_pickle=args.trust_pickle,
+                                                     seed=args.seed, **kw),
+                "pcqm4mv2": lambda out, **kw: build_pcqm4mv2(out, args.sdf, args.csv, seed=args.seed, **kw),
+            }
             if args.source not in builders:
                 print(f"error: unknown source {args.source!r}; choose one of: {', '.join(builders)}", file=sys.stderr)
                 return 2

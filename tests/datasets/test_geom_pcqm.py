@@ -1,0 +1,272 @@
+"""GEOM-Drugs (msgpack stream, rdkit_folder) and PCQM4Mv2 (SDF + CSV) builders on small real-format files."""
+
+import csv
+import gzip
+import json
+import math
+import os
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+from datasets.bonds import bonds_from_mol
+from datasets.elements import GEOM_ATOM_VOCAB
+from datasets.geom import assign_split, build_geom
+from datasets.loader import LoaderConfig, StreamingLoader
+from datasets.manifest import load_manifest
+from datasets.pcqm4mv2 import build_pcqm4mv2
+from datasets.samples import decode_sample
+from datasets.tario import read_shard_samples
+
+SMILES = ["CCO", "CCN", "CC(=O)O", "c1ccccc1O", "CC(C)C", "OCCO", "CCCl", "NCC(=O)O", "CC#N", "C1CCCC1",
+          "COC", "CCCCO", "c1ccncc1", "CC(F)(F)F", "CCS", "CNC(=O)C", "C=CC=O", "OC1CCCC1", "CCBr", "CP"]
+N_CONF = 5
+K = 3
+
+
+def embed(smiles, n=N_CONF, seed=7):
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=n, randomSeed=seed))
+    assert len(ids) == n, smiles
+    return mol
+
+
+def energies(m):
+    # distinct, deliberately not sorted: lowest three are conformers 3, 0, 4 (in that order)
+    return [-100.0 - m + e for e in (-0.3, 0.1, 0.2, -0.5, -0.25)]
+
+
+def all_samples(url):
+    manifest = load_manifest(url)
+    out = {}
+    for split in manifest.splits:
+        for shard in manifest.shards(split):
+            with open(manifest.shard_url(shard), "rb") as f:
+                for s in read_shard_samples(f.read()):
+                    out[s["__key__"]] = (split, decode_sample(s))
+    return manifest, out
+
+
+def loader_count(url, split="train"):
+    loader = StreamingLoader(LoaderConfig(url=url, batch_size=4, split=split), rank=0, world_size=1)
+    n = 0
+    for batch in loader:
+        n += int(np.asarray(batch["num_atoms"]).shape[0])
+        assert np.asarray(batch["pos"]).shape[0] <= 4
+    return n
+
+
+@pytest.fixture(scope="module")
+def mols():
+    return {s: embed(s) for s in SMILES + ["C[Se]C"]}
+
+
+@pytest.fixture(scope="module")
+def msgpack_source(tmp_path_factory, mols):
+    """Three msgpack objects (molecule batches); plus a bad SMILES, a Se molecule and a NaN conformer."""
+    path = tmp_path_factory.mktemp("geom") / "drugs_crude.msgpack"
+
+    def entry(mol, m):
+        confs = []
+        for c, e in enumerate(energies(m)):
+            pos = mol.GetConformer(c).GetPositions()
+            confs.append({"totalenergy": e, "geom_id": m * 10 + c,
+                          "xyz": [[a.GetAtomicNum(), *map(float, p)] for a, p in zip(mol.GetAtoms(), pos)]})
+        return {"conformers": confs, "uniqueconfs": len(confs), "charge": 0}
+
+    batches, batch = [], {}
+    for m, smi in enumerate(SMILES):
+        batch[smi] = entry(mols[smi], m)
+        if len(batch) == 8:
+            batches.append(batch)
+            batch = {}
+    bad = entry(mols["CCO"], 20)                 # index 20: unparsable SMILES, coordinates kept
+    batch["C1CC(=O"] = bad
+    batch["C[Se]C"] = entry(mols["C[Se]C"], 21)  # index 21: unsupported element
+    nan = entry(mols["OCCO"], 22)                # index 22: conformer 3 (lowest energy) has a NaN
+    nan["conformers"][3]["xyz"][0][2] = float("nan")
+    batch["OCCO.O"] = nan
+    batches.append(batch)
+    packer = msgpack.Packer()
+    with open(path, "wb") as f:
+        f.writelines(packer.pack(b) for b in batches)
+    return str(path)
+
+
+def check_geom(manifest, samples, k=K):
+    by_mol = {}
+    for key, (split, s) in samples.items():
+        _, mol, rank = key.split("-")
+        by_mol.setdefault(int(mol), []).append((int(rank), split, s))
+    for m, confs in by_mol.items():
+        if m >= 20:
+            continue
+        assert sorted(r for r, _, _ in confs) == list(range(k))
+        expected = sorted(energies(m))[:k]
+        for rank, _, s in confs:
+            assert s["props"]["energy_rank"] == rank
+            assert s["props"]["totalenergy"] == pytest.approx(expected[rank])
+            assert set(s["z"].tolist()) <= set(GEOM_ATOM_VOCAB)
+            assert np.abs(s["pos"].mean(0)).max() < 1e-4
+    assert sum(manifest.count(s) for s in manifest.splits) == len(samples)
+    return by_mol
+
+
+def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
+    from datasets.__main__ import main
+    out = str(tmp_path / "geom")
+    assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
+                 "--shard-size", "7", "--no-progress", "--workers", "1"]) == 0
+    manifest, samples = all_samples(out)
+    assert manifest.atom_vocab == list(GEOM_ATOM_VOCAB)
+    assert manifest.splits == ["train", "valid", "test"]
+    by_mol = check_geom(manifest, samples)
+    # 20 good molecules x 3 + bad-SMILES molecule x 3 + NaN molecule x 3 (the NaN conformer skipped)
+    assert len(samples) == 66 and sorted(by_mol) == list(range(21)) + [22]
+    for m, confs in by_mol.items():
+        assert len({split for _, split, _ in confs}) == 1, f"molecule {m} in two splits"
+    for m, smi in enumerate(SMILES):
+        assert by_mol[m][0][1] == manifest.splits[assign_split(0, smi)]
+        assert by_mol[m][0][2]["smiles"] == smi and by_mol[m][0][2]["bonds"] is None
+    # NaN: conformer 3 (lowest) rejected, the ranks go to conformers 0, 4, 1
+    nan_e = sorted(e for c, e in enumerate(energies(22)) if c != 3)[:K]
+    assert [s["props"]["totalenergy"] for _, _, s in sorted(by_mol[22], key=lambda t: t[0])] == \
+        pytest.approx(nan_e)
+    rej = manifest.data["rejected"]
+    assert rej["reasons"] == {"unsupported element": 1, "non-finite coordinate": 1}
+    assert any("Se" in e["reason"] for e in rej["examples"])
+    notes = manifest.data["notes"]
+    assert notes["unparsable_smiles"]["total"] == 1
+    assert notes["conformers_beyond_k"]["total"] == 20 * 2 + 2 + 1
+    assert manifest.data["properties"] == {"totalenergy": {"unit": "Hartree"}}
+    train_e = [s["props"]["totalenergy"] for sp, s in samples.values() if sp == "train"]
+    assert manifest.property_stats()["totalenergy"]["mean"] == pytest.approx(np.mean(train_e))
+    assert len(manifest.shards("train")) == math.ceil(manifest.count("train") / 7)
+    assert loader_count(out) == manifest.count("train")
+    # rerun with the same parameters: no-op; other parameters: refused
+    assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
+                 "--shard-size", "7", "--no-progress"]) == 0
+    with pytest.raises(SystemExit, match="already holds"):
+        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+
+
+def test_geom_msgpack_by_conformer_and_limit(tmp_path, msgpack_source):
+    out = str(tmp_path / "geomc")
+    manifest = build_geom(out, msgpack_source, conformers=2, split_by="conformer", limit=10, progress=False)
+    manifest, samples = all_samples(out)
+    check_geom(manifest, samples, k=2)
+    assert len(samples) == 20 and manifest.data["rejected"]["total"] == 0
+    for key, (split, _) in samples.items():
+        m, rank = int(key.split("-")[1]), int(key.split("-")[2])
+        assert split == manifest.splits[assign_split(0, f"{SMILES[m]}#{rank}")]
+    assert len({split for split, _ in samples.values()}) >= 2  # 20 conformers do not all land in one split
+
+
+@pytest.fixture(scope="module")
+def rdkit_folder(tmp_path_factory, mols):
+    root = tmp_path_factory.mktemp("rdkit_folder")
+    os.makedirs(root / "drugs")
+    summary = {}
+    names = SMILES[:6] + ["C[Se]C"]
+    for m, smi in enumerate(names):
+        confs = []
+        for c, e in enumerate(energies(m)):
+            one = Chem.Mol(mols[smi])  # a copy holding only conformer c, as GEOM stores them
+            one.RemoveAllConformers()
+            one.AddConformer(Chem.Conformer(mols[smi].GetConformer(c)), assignId=True)
+            confs.append({"rd_mol": one, "totalenergy": e, "boltzmannweight": 0.2})
+        rel = f"drugs/{m}.pickle"
+        with open(root / rel, "wb") as f:
+            pickle.dump({"conformers": confs, "smiles": smi}, f)
+        summary[smi] = {"pickle_path": rel, "uniqueconfs": N_CONF}
+    summary["CCCC"] = {"pickle_path": "drugs/absent.pickle"}   # missing pickle
+    with open(root / "summary_drugs.json", "w") as f:
+        json.dump(summary, f)
+    return str(root)
+
+
+def test_geom_rdkit_folder_needs_trust_pickle(tmp_path, rdkit_folder, mols):
+    out = str(tmp_path / "geomr")
+    with pytest.raises(SystemExit, match="(?s)pickle.*execute"):
+        build_geom(out, rdkit_folder, progress=False)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    build_geom(out, rdkit_folder, conformers=K, trust_pickle=True, progress=False)
+    manifest, samples = all_samples(out)
+    by_mol = check_geom(manifest, samples)
+    assert sorted(by_mol) == list(range(6)) and len(samples) == 18
+    assert manifest.data["rejected"]["reasons"] == {"unsupported element": 1, "missing pickle": 1}
+    for m, confs in by_mol.items():
+        ref = bonds_from_mol(Chem.AddHs(Chem.MolFromSmiles(SMILES[m])))
+        for _, _, s in confs:
+            np.testing.assert_array_equal(s["bonds"], ref)
+    phenol = by_mol[3][0][2]["bonds"]
+    assert (phenol[:, 2] == 4).sum() == 6  # aromatic ring kept as aromatic
+    # coordinates are those of the conformer with that energy rank (CoM removed)
+    s = next(s for r, _, s in by_mol[0] if r == 0)
+    ref = mols["CCO"].GetConformer(3).GetPositions()
+    np.testing.assert_allclose(s["pos"], ref - ref.mean(0), atol=1e-5)
+    assert loader_count(out) == manifest.count("train")
+
+
+def write_pcqm(root, n_sdf, n_csv, nan_gap_at=None, gz=True):
+    sdf = root / ("train.sdf.gz" if gz else "train.sdf")
+    raw = []
+    for i in range(n_sdf):
+        mol = embed(SMILES[i % len(SMILES)], n=1, seed=i)
+        mol.SetProp("_Name", str(i))
+        raw.append(Chem.MolToMolBlock(mol) + "$$$$\n")
+    data = "".join(raw).encode()
+    with (gzip.open(sdf, "wb") if gz else open(sdf, "wb")) as f:
+        f.write(data)
+    csv_path = root / "data.csv.gz"
+    with gzip.open(csv_path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["idx", "smiles", "homolumogap"])
+        for i in range(n_csv):
+            w.writerow([i, SMILES[i % len(SMILES)], "" if i == nan_gap_at else 3.0 + 0.1 * i])
+    return str(sdf), str(csv_path)
+
+
+def test_pcqm4mv2_build(tmp_path):
+    sdf, csv_path = write_pcqm(tmp_path, n_sdf=24, n_csv=27, nan_gap_at=5)
+    out = str(tmp_path / "pcqm")
+    build_pcqm4mv2(out, sdf, csv_path, shard_size=5, progress=False)
+    manifest, samples = all_samples(out)
+    assert manifest.splits == ["train", "valid"]
+    assert manifest.data["rejected"]["reasons"] == {"missing homolumogap": 1, "csv row without sdf record": 3}
+    assert len(samples) == 23 and sum(manifest.count(s) for s in manifest.splits) == 23
+    assert manifest.data["properties"] == {"homolumogap": {"unit": "eV"}}
+    seen = set()
+    for key, (split, s) in samples.items():
+        i = int(key.split("-")[1])
+        assert s["props"]["homolumogap"] == pytest.approx(3.0 + 0.1 * i)
+        assert s["smiles"] == SMILES[i % len(SMILES)]
+        ref = Chem.AddHs(Chem.MolFromSmiles(SMILES[i % len(SMILES)]))
+        Chem.Kekulize(ref, clearAromaticFlags=True)  # MolToMolBlock writes Kekule bonds, as the real SDF
+        np.testing.assert_array_equal(s["bonds"], bonds_from_mol(ref))
+        assert split == manifest.splits[assign_split(0, f"pcqm4mv2:{i}", (0.95, 0.05))]
+        seen.update(s["z"].tolist())
+    assert manifest.atom_vocab == sorted(seen)
+    assert loader_count(out) == manifest.count("train")
+
+
+def test_pcqm4mv2_more_sdf_than_csv_and_limit(tmp_path):
+    sdf, csv_path = write_pcqm(tmp_path, n_sdf=8, n_csv=6, gz=False)
+    out = str(tmp_path / "pcqm")
+    manifest = build_pcqm4mv2(out, sdf, csv_path, progress=False)
+    assert manifest.data["rejected"]["reasons"] == {"sdf record without csv row": 2}
+    assert sum(manifest.count(s) for s in manifest.splits) == 6
+    manifest = build_pcqm4mv2(str(tmp_path / "lim"), sdf, csv_path, limit=4, progress=False)
+    assert sum(manifest.count(s) for s in manifest.splits) == 4 and manifest.data["rejected"]["total"] == 0
+
+
+def test_pcqm4mv2_misaligned_idx(tmp_path):
+    sdf, csv_path = write_pcqm(tmp_path, n_sdf=3, n_csv=3)
+    with gzip.open(csv_path, "wt", newline="") as f:
+        f.write("idx,smiles,homolumogap\n5,CCO,3.0\n")
+    with pytest.raises(SystemExit, match="idx 5"):
+        build_pcqm4mv2(str(tmp_path / "bad"), sdf, csv_path, progress=False)
