@@ -60,6 +60,28 @@ def existing_build(out_url: str, params: dict, storage_options: dict | None):
     return manifest
 
 
+def start_build(out_url: str, params: dict, storage_options: dict | None):
+    """(manifest, None, None) when this exact build is already complete (a no-op rerun), else
+    (None, fs, path) of a destination checked to be writable."""
+    done = existing_build(out_url, params, storage_options)
+    if done is not None:
+        print(f"{out_url} is already complete (same parameters); nothing to do.")
+        return done, None, None
+    fs, out_path = storage.get_fs(out_url, storage_options)
+    storage.check_writable(fs, out_path, out_url)
+    return None, fs, out_path
+
+
+def finish_splits(writers: dict) -> dict:
+    """Close every split writer; manifest ``splits`` entries with counts and atom-count histograms."""
+    splits = {}
+    for name, writer in writers.items():
+        shards = writer.finish()
+        sizes = [n for s in shards for n in s["num_atoms"]]
+        splits[name] = {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
+    return splits
+
+
 def _perceive(args):
     z, pos = args
     try:
@@ -79,12 +101,9 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
     if workers < 1:
         raise SystemExit(f"error: --workers must be at least 1 (got {workers}).")
     params = {"source": "qm9", "limit": limit, "shard_size": shard_size, "format": FORMAT}
-    done = existing_build(out_url, params, storage_options)
+    done, fs, out_path = start_build(out_url, params, storage_options)
     if done is not None:
-        print(f"{out_url} is already complete (same parameters); nothing to do.")
         return done
-    fs, out_path = storage.get_fs(out_url, storage_options)
-    storage.check_writable(fs, out_path, out_url)
 
     rejected = Rejections()
     records, positions = [], []
@@ -130,11 +149,7 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
         if pool:
             pool.terminate()
 
-    splits = {}
-    for name, writer in writers.items():
-        shards = writer.finish()
-        sizes = [n for s in shards for n in s["num_atoms"]]
-        splits[name] = {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
+    splits = finish_splits(writers)
     train_ids = [i for i in range(len(records)) if split_of[i] == 0]
     prop_stats = {spec.name: mean_mad([records[i]["props"][spec.name] for i in train_ids])
                   for spec in QM9_PROPERTIES} if train_ids else {}

@@ -39,11 +39,10 @@ from collections import Counter
 import numpy as np
 from rdkit import Chem, RDLogger
 
-from . import storage
 from .bonds import bonds_from_mol
-from .build import Rejections, existing_build
+from .build import Rejections, finish_splits, start_build
 from .elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
-from .manifest import FORMAT, histogram, load_manifest, mean_mad, save_manifest
+from .manifest import FORMAT, load_manifest, mean_mad, save_manifest
 from .samples import encode_sample
 from .writer import SplitShardWriter
 
@@ -76,16 +75,6 @@ def assign_split(seed: int, key: str, fractions=SPLIT_FRACTIONS) -> int:
         if u < edge:
             return index
     return len(fractions) - 1
-
-
-def finish_splits(writers: dict) -> dict:
-    """Close every split writer; manifest ``splits`` entries with counts and atom-count histograms."""
-    splits = {}
-    for name, writer in writers.items():
-        shards = writer.finish()
-        sizes = [n for s in shards for n in s["num_atoms"]]
-        splits[name] = {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
-    return splits
 
 
 # --- readers: each yields (smiles, conformer list or exception); a conformer is a dict -----------------
@@ -178,12 +167,9 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
 
     params = {"source": "geom", "path": source, "layout": layout, "conformers": conformers,
               "split_by": split_by, "seed": seed, "limit": limit, "shard_size": shard_size, "format": FORMAT}
-    done = existing_build(out_url, params, storage_options)
+    done, fs, out_path = start_build(out_url, params, storage_options)
     if done is not None:
-        print(f"{out_url} is already complete (same parameters); nothing to do.")
         return done
-    fs, out_path = storage.get_fs(out_url, storage_options)
-    storage.check_writable(fs, out_path, out_url)
 
     molecules = iter_msgpack(source) if layout == "msgpack" else \
         iter_rdkit_folder(source, summary_path, trust_pickle)

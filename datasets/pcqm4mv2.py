@@ -32,10 +32,9 @@ from collections import Counter
 import numpy as np
 from rdkit import Chem, RDLogger
 
-from . import storage
 from .bonds import bonds_from_mol
-from .build import Rejections, existing_build
-from .geom import assign_split, finish_splits
+from .build import Rejections, finish_splits, start_build
+from .geom import assign_split
 from .manifest import FORMAT, load_manifest, mean_mad, save_manifest
 from .samples import encode_sample
 from .writer import SplitShardWriter
@@ -80,12 +79,9 @@ def build_pcqm4mv2(out_url: str, sdf: str, csv_path: str, limit: int | None = No
     sdf, csv_path = os.path.abspath(sdf), os.path.abspath(csv_path)
     params = {"source": "pcqm4mv2", "sdf": sdf, "csv": csv_path, "seed": seed, "limit": limit,
               "shard_size": shard_size, "format": FORMAT}
-    done = existing_build(out_url, params, storage_options)
+    done, fs, out_path = start_build(out_url, params, storage_options)
     if done is not None:
-        print(f"{out_url} is already complete (same parameters); nothing to do.")
         return done
-    fs, out_path = storage.get_fs(out_url, storage_options)
-    storage.check_writable(fs, out_path, out_url)
 
     rejected = Rejections()
     no_bonds = Counter()
