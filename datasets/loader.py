@@ -57,6 +57,13 @@ class LoaderConfig:
                         self.shuffle_buffer)
 
 
+def vocab_lookup(atom_vocab) -> np.ndarray:
+    """[256] table: atomic number -> index in the dataset's atom vocabulary (0 elsewhere)."""
+    table = np.zeros(256, dtype=np.int64)
+    table[list(atom_vocab)] = np.arange(len(atom_vocab))
+    return table
+
+
 def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str, ...],
             with_bonds: bool) -> dict:
     """Pad decoded samples to [B, N_max]; positions CoM-free over real atoms (float32).
@@ -107,9 +114,7 @@ class _EpochStream(IterableDataset):
                  skip: list[int], properties: tuple[str, ...]):
         self.cfg, self.manifest, self.rank, self.world_size = cfg, manifest, rank, world_size
         self.epoch, self.skip, self.properties = epoch, skip, properties
-        vocab = manifest.atom_vocab
-        self.vocab_index = np.zeros(256, dtype=np.int64)
-        self.vocab_index[vocab] = np.arange(len(vocab))
+        self.vocab_index = vocab_lookup(manifest.atom_vocab)
         self.shards = manifest.shards(cfg.split)
 
     def __iter__(self):

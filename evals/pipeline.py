@@ -48,7 +48,7 @@ def _stats_over_ray(ray, molecules, all_single: bool) -> dict:
     return merge_stats(ray.get(refs))
 
 
-def _property_mae(ray, checkpoint: str, url: str, split: str) -> dict:
+def _property_mae(ray, checkpoint: str, names: list[str], url: str, split: str) -> dict:
     """Mean |prediction - truth| per property over a split, one Ray task per shard, dataset units."""
     manifest = load_manifest(url)
 
@@ -56,7 +56,7 @@ def _property_mae(ray, checkpoint: str, url: str, split: str) -> dict:
     def shard_errors(shard: dict):
         import torch
         from datasets import storage
-        from datasets.loader import collate
+        from datasets.loader import collate, vocab_lookup
         from datasets.samples import decode_sample
         from datasets.tario import read_shard_samples
         from trainer.export import load_for_eval
@@ -66,8 +66,7 @@ def _property_mae(ray, checkpoint: str, url: str, split: str) -> dict:
         props = tuple(loaded.model.cfg.properties)
         fs, path = storage.get_fs(manifest.shard_url(shard))
         samples = [decode_sample(s, with_bonds=False) for s in read_shard_samples(storage.read_bytes(fs, path))]
-        vocab_index = np.zeros(256, dtype=np.int64)
-        vocab_index[manifest.atom_vocab] = np.arange(len(manifest.atom_vocab))
+        vocab_index = vocab_lookup(manifest.atom_vocab)
         sums, n = np.zeros(len(props)), 0
         for i in range(0, len(samples), 128):
             batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
@@ -80,8 +79,6 @@ def _property_mae(ray, checkpoint: str, url: str, split: str) -> dict:
     results = ray.get([shard_errors.remote(s) for s in manifest.shards(split)])
     total = sum(r[0] for r in results)
     count = sum(r[1] for r in results)
-    from trainer.export import load_for_eval
-    names = load_for_eval(checkpoint).model.cfg.properties
     units = manifest.data.get("properties", {})
     return {name: {"mae": float(total[i] / count), "unit": units.get(name, {}).get("unit", ""), "n": int(count)}
             for i, name in enumerate(names)}
@@ -182,7 +179,8 @@ def run(args) -> int:
         train_smiles = ray.get(ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
     if args.property and reference is not None:
-        metrics["property_mae"] = _property_mae(ray, args.checkpoint, reference_url, args.reference_split)
+        metrics["property_mae"] = _property_mae(ray, args.checkpoint, loaded.model.cfg.properties, reference_url,
+                                                 args.reference_split)
         for name, row in metrics["property_mae"].items():
             metrics[f"mae_{name}"] = row["mae"]
     metrics["seconds"] = round(time.perf_counter() - started, 2)

@@ -42,6 +42,15 @@ def model_config(cfg: RunConfig, atom_vocab: list[int]) -> ModelConfig:
                        include_charges=m.include_charges)
 
 
+def loader_config(cfg: RunConfig, split: str, shuffle: bool = True) -> LoaderConfig:
+    """The data loader's settings for ``split`` of a run (training, validation and --dry-run agree)."""
+    d = cfg.data
+    return LoaderConfig(url=d.url, split=split, batch_size=d.batch_size, pair_budget=d.pair_budget,
+                        bucket_bounds=tuple(d.bucket_bounds), shuffle=shuffle, shuffle_buffer=d.shuffle_buffer,
+                        seed=cfg.train.seed, num_workers=d.num_workers, max_bad_shards=d.max_bad_shards,
+                        properties=tuple(cfg.model.properties), storage=cfg.storage)
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     ds = cfg.deepspeed
     micro = cfg.data.batch_size or 1  # with pair budgets the molecule count varies; DS only logs it
@@ -117,12 +126,8 @@ class Trainer:
             if self.rank == 0 else NullLogger()
 
     def _loader(self, manifest, split, shuffle):
-        d = self.cfg.data
-        lc = LoaderConfig(url=d.url, split=split, batch_size=d.batch_size, pair_budget=d.pair_budget,
-                          bucket_bounds=tuple(d.bucket_bounds), shuffle=shuffle, shuffle_buffer=d.shuffle_buffer,
-                          seed=self.cfg.train.seed, num_workers=d.num_workers, max_bad_shards=d.max_bad_shards,
-                          properties=tuple(self.cfg.model.properties), storage=self.cfg.storage)
-        return StreamingLoader(lc, rank=self.rank, world_size=self.world_size, manifest=manifest)
+        return StreamingLoader(loader_config(self.cfg, split, shuffle), rank=self.rank, world_size=self.world_size,
+                               manifest=manifest)
 
     # --- state -------------------------------------------------------------------------------
     def client_state(self) -> dict:

@@ -42,13 +42,11 @@ def plan(cfg: RunConfig) -> dict:
         out["global_batch"] = f"atom-pair budget {cfg.data.pair_budget:,} per micro-batch x {ga} x {world}"
         pairs = cfg.data.pair_budget
     if manifest:
-        from datasets.loader import LoaderConfig, StreamingLoader
-        d = cfg.data
-        lc = LoaderConfig(url=d.url, split=d.split, batch_size=d.batch_size, pair_budget=d.pair_budget,
-                          bucket_bounds=tuple(d.bucket_bounds), num_workers=d.num_workers, seed=cfg.train.seed,
-                          properties=tuple(cfg.model.properties), storage=cfg.storage)
-        batches = len(StreamingLoader(lc, rank=0, world_size=world, manifest=manifest))
-        out["train_molecules"] = manifest.count(d.split)
+        from datasets.loader import StreamingLoader
+        from trainer.engine import loader_config
+        batches = len(StreamingLoader(loader_config(cfg, cfg.data.split), rank=0, world_size=world,
+                                      manifest=manifest))
+        out["train_molecules"] = manifest.count(cfg.data.split)
         out["optimizer_steps_per_epoch"] = math.ceil(batches / ga)
         out["epochs_in_max_steps"] = round(cfg.train.max_steps / max(1, math.ceil(batches / ga)), 2)
     else:

@@ -79,9 +79,11 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     mols = read_sdf_coords(out / "samples.sdf")
     assert len(mols) == 24
-    r1 = generate(*common, "--workers", "1", "--no-wandb", "--out", str(tmp_path / "one"))
+    r1 = generate(*common, "--workers", "1", "--no-wandb", "--property", "--out", str(tmp_path / "one"))
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "one" / "samples.sdf") == mols
+    lumo = json.loads((tmp_path / "one" / "metrics.json").read_text())["property_mae"]["lumo"]
+    assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--out", str(tmp_path / "other"))
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
