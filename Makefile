@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# MOSES SMILES (build smiles --input moses): only molsets' data files are used, and its declared
+	# dependencies (pomegranate 0.12, fcd-torch) do not build on Python 3.11, hence --no-deps
+	$(PY) -m pip install --quiet --no-deps molsets==0.3.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,18 +17,27 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a dataset from a source",
                        description="Build WebDataset shards and manifest.json from a molecule source. "
                                    "Rerunning a complete build with the same parameters does nothing.")
-    b.add_argument("source", help="molecule source: qm9, geom, pcqm4mv2")
+    b.add_argument("source", help="molecule source: qm9, geom, pcqm4mv2, smiles")
     b.add_argument("--out", required=True, help="destination folder or URL, e.g. data/qm9 or s3://bucket/qm9")
     b.add_argument("--limit", type=int, default=None,
                    help="keep only the first N molecules in source order (each in the split the full build gives it)")
-    b.add_argument("--shard-size", type=int, default=1000, help="molecules per shard (default 1000)")
+    b.add_argument("--shard-size", type=int, default=None,
+                   help="qm9: molecules per shard (default 1000). geom, pcqm4mv2, smiles: source molecules per "
+                        "chunk; each chunk is built by one worker into one shard per split (defaults: geom 100 "
+                        "molecules = up to 3000 conformers, pcqm4mv2 5000, smiles 200)")
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for bond perception (default: all cores)")
+                   help="parallel workers: processes, or Ray CPUs for smiles (default: all cores)")
+    b.add_argument("--backend", choices=("process", "ray"), default=None,
+                   help="geom, pcqm4mv2, smiles: run chunks in worker processes or as Ray tasks on a local Ray "
+                        "($RAY_ADDRESS: that cluster); default ray for smiles, process otherwise. An interrupted "
+                        "build resumes where it stopped when rerun with the same command")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = b.add_argument_group("geom", "GEOM-Drugs options")
     g.add_argument("--source", dest="source_path", default=None,
                    help="drugs_crude.msgpack or an rdkit_folder (holding summary_drugs.json)")
-    g.add_argument("--conformers", type=int, default=30, help="lowest-energy conformers kept per molecule (30)")
+    g.add_argument("--conformers", type=int, default=None,
+                   help="geom: lowest-energy conformers kept per molecule (default 30); smiles: conformers "
+                        "embedded per molecule (default 5)")
     g.add_argument("--split-by", choices=("molecule", "conformer"), default="molecule",
                    help="80/10/10 split by molecule (default, no leakage) or by conformer (EDM protocol)")
     g.add_argument("--trust-pickle", action="store_true",
@@ -36,7 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     pc = b.add_argument_group("pcqm4mv2", "PCQM4Mv2 options")
     pc.add_argument("--sdf", default=None, help="pcqm4m-v2-train.sdf (plain or .gz)")
     pc.add_argument("--csv", default=None, help="data.csv.gz (idx, smiles, homolumogap in eV)")
-    b.add_argument("--seed", type=int, default=0, help="split seed for geom and pcqm4mv2 (default 0)")
+    sm = b.add_argument_group("smiles", "SMILES -> RDKit conformers (ETKDGv3 + MMFF94)")
+    sm.add_argument("--input", default=None,
+                    help="a file of SMILES (one per line, or a CSV with a smiles column; .gz allowed), or moses "
+                         "/ moses:test / moses:test_scaffolds (needs `pip install --no-deps molsets`); "
+                         "--conformers K sets conformers per molecule (default 5 for smiles)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="split seed for geom, pcqm4mv2 and smiles; also the ETKDG seed of smiles (default 0)")
 
     i = sub.add_parser("inspect", help="print a dataset's manifest summary",
                        description="Print splits, counts, atom types, size histogram, property statistics "
@@ -68,12 +83,18 @@ def main(argv=None) -> int:
             from .geom import build_geom
             from .inspect_cmd import summary
             from .pcqm4mv2 import build_pcqm4mv2
+            from .smiles import DEFAULT_CONFORMERS as SMILES_CONFORMERS, build_smiles
+            backend = {"backend": args.backend or "process"}
             builders = {
-                "qm9": build_qm9,
-                "geom": lambda out, **kw: build_geom(out, args.source_path, conformers=args.conformers,
+                "qm9": lambda out, shard_size, **kw: build_qm9(out, shard_size=shard_size or 1000, **kw),
+                "geom": lambda out, **kw: build_geom(out, args.source_path, conformers=args.conformers or 30,
                                                      split_by=args.split_by, trust_pickle=args.trust_pickle,
-                                                     seed=args.seed, **kw),
-                "pcqm4mv2": lambda out, **kw: build_pcqm4mv2(out, args.sdf, args.csv, seed=args.seed, **kw),
+                                                     seed=args.seed, **backend, **kw),
+                "pcqm4mv2": lambda out, **kw: build_pcqm4mv2(out, args.sdf, args.csv, seed=args.seed, **backend,
+                                                             **kw),
+                "smiles": lambda out, **kw: build_smiles(out, args.input,
+                                                         conformers=args.conformers or SMILES_CONFORMERS,
+                                                         seed=args.seed, backend=args.backend or "ray", **kw),
             }
             if args.source not in builders:
                 print(f"error: unknown source {args.source!r}; choose one of: {', '.join(builders)}", file=sys.stderr)

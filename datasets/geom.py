@@ -18,10 +18,11 @@ lowest energy), positions CoM-free float32, ``props.json`` ``{"totalenergy": E (
 
 Split 80/10/10 at random by molecule (default: no molecule in two splits) or by conformer (the EDM
 protocol, kept for comparability), from a seeded hash of the SMILES (and rank), so a molecule's split
-does not depend on --limit or on the order of the source. Samples are written as they are read (memory
-bounded); shards hold molecules in source order, the loader's shard-order shuffle and shuffle buffer
-mix them. Rejected records: molecule-level reasons count molecules, conformer-level reasons count
-conformers (``notes.rejected_units`` says which is which). Single process (no --workers parallelism).
+does not depend on --limit or on the order of the source. The driver cuts the source into chunks of
+--shard-size molecules (msgpack: whole top-level objects, located without decoding them); worker processes
+build each chunk into one shard per split, and a rerun resumes a killed build (datasets/chunked.py).
+Shards hold molecules in source order; the loader's shard-order shuffle and shuffle buffer mix them.
+Rejected records: molecule-level reasons count molecules, conformer-level reasons count conformers (``notes.rejected_units`` says which is which).
 """
 
 from __future__ import annotations
@@ -33,18 +34,15 @@ import logging
 import math
 import os
 import pickle
-from array import array
-from collections import Counter
 
 import numpy as np
 from rdkit import Chem, RDLogger
 
 from .bonds import bonds_from_mol
-from .build import Rejections, finish_splits, start_build
+from .chunked import chunked_build
 from .elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
-from .manifest import FORMAT, load_manifest, mean_mad, save_manifest
+from .manifest import FORMAT, load_manifest
 from .samples import encode_sample
-from .writer import SplitShardWriter
 
 RDLogger.DisableLog("rdApp.*")
 log = logging.getLogger(__name__)
@@ -52,6 +50,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DEFAULT_CONFORMERS = 30
+DEFAULT_CHUNK_MOLECULES = 100  # x up to 30 conformers: shards of about 2,400 train conformers
 SUMMARY_NAME = "summary_drugs.json"
 _GEOM_Z = frozenset(GEOM_ATOM_VOCAB)
 REJECTED_UNITS = {
@@ -77,42 +76,87 @@ def assign_split(seed: int, key: str, fractions=SPLIT_FRACTIONS) -> int:
     return len(fractions) - 1
 
 
-# --- readers: each yields (smiles, conformer list or exception); a conformer is a dict -----------------
+# --- chunking (driver) and reading (worker) -----------------------------------------------------------
 
-def iter_msgpack(path: str):
-    """(smiles, molecule dict) from a msgpack stream, one top-level object at a time."""
+def msgpack_chunks(path: str, chunk_molecules: int, limit: int | None):
+    """(chunk index, payload, molecules) over a msgpack stream, reading only headers in the driver.
+
+    Each top-level object (a dict smiles -> molecule) is skipped over with ``Unpacker.skip`` to learn its
+    byte range and entry count, so the driver never decodes conformers; a worker decodes its byte ranges.
+    A chunk is a run of whole top-level objects holding at least ``chunk_molecules`` molecules.
+    """
     import msgpack
     with open(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=(1 << 31) - 1)
-        for batch in unpacker:
-            if not isinstance(batch, dict):
-                raise SystemExit(f"error: {path} is not a GEOM msgpack stream: a top-level object is a "
-                                 f"{type(batch).__name__}, expected a dict smiles -> molecule")
-            yield from batch.items()
+        chunk, first, ranges, count, total = 0, 0, [], 0, 0
+        while limit is None or total < limit:
+            offset = unpacker.tell()
+            try:
+                entries = unpacker.read_map_header()
+            except msgpack.OutOfData:
+                break
+            except ValueError:
+                raise SystemExit(f"error: {path} is not a GEOM msgpack stream: the top-level object at byte "
+                                 f"{offset} is not a dict smiles -> molecule") from None
+            for _ in range(2 * entries):
+                unpacker.skip()
+            take = entries if limit is None else min(entries, limit - total)
+            ranges.append((offset, unpacker.tell(), take))
+            count += take
+            total += take
+            if count >= chunk_molecules:
+                yield chunk, ("msgpack", path, first, ranges), count
+                chunk, first, ranges, count = chunk + 1, first + count, [], 0
+        if ranges:
+            yield chunk, ("msgpack", path, first, ranges), count
 
 
-def iter_rdkit_folder(folder: str, summary_path: str, trust_pickle: bool):
-    """(smiles, molecule dict or the exception that made it unreadable) for each summary entry."""
-    if not trust_pickle:
-        raise SystemExit(f"error: {folder} is a GEOM rdkit_folder: its molecules are Python pickles, and "
-                         f"loading a pickle can execute arbitrary code. Pass --trust-pickle only if you "
-                         f"trust where the files came from, or build from drugs_crude.msgpack instead.")
+def folder_chunks(folder: str, summary_path: str, chunk_molecules: int, limit: int | None):
+    """(chunk index, payload, molecules) over the summary of an rdkit_folder; workers load the pickles."""
     with open(summary_path, "rb") as f:
         summary = json.load(f)
-    for smiles, entry in summary.items():
-        rel = entry.get("pickle_path") if isinstance(entry, dict) else None
-        if not rel:
-            yield smiles, KeyError("missing pickle: no pickle_path in the summary")
-            continue
-        path = os.path.join(folder, rel)
-        if not os.path.exists(path):
-            yield smiles, FileNotFoundError(f"missing pickle: {rel}")
-            continue
-        try:
-            with open(path, "rb") as f:
-                yield smiles, pickle.load(f)  # opt-in above (trust_pickle)
-        except Exception as err:  # noqa: BLE001 -- a broken pickle raises about anything
-            yield smiles, ValueError(f"unreadable pickle: {rel}: {type(err).__name__}: {err}")
+    entries = list(summary.items())[:limit]
+    for chunk, first in enumerate(range(0, len(entries), chunk_molecules)):
+        items = [(smiles, entry.get("pickle_path") if isinstance(entry, dict) else None)
+                 for smiles, entry in entries[first:first + chunk_molecules]]
+        yield chunk, ("rdkit_folder", folder, first, items), len(items)
+
+
+def read_chunk(payload):
+    """(molecule index, smiles, molecule dict or the exception that made it unreadable) of a chunk."""
+    layout, source, first, items = payload
+    index = first
+    if layout == "msgpack":
+        import msgpack
+        with open(source, "rb") as f:
+            for offset, end, take in items:
+                f.seek(offset)
+                batch = msgpack.unpackb(f.read(end - offset), raw=False, strict_map_key=False)
+                for smiles, mol_data in list(batch.items())[:take]:
+                    yield index, smiles, mol_data
+                    index += 1
+        return
+    for smiles, rel in items:
+        yield index, smiles, _load_pickle(source, rel)
+        index += 1
+
+
+def _load_pickle(folder: str, rel: str | None):
+    if not rel:
+        return KeyError("missing pickle: no pickle_path in the summary")
+    path = os.path.join(folder, rel)
+    if not os.path.exists(path):
+        return FileNotFoundError(f"missing pickle: {rel}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # the driver checked --trust-pickle
+    except Exception as err:  # noqa: BLE001 -- a broken pickle raises about anything
+        return ValueError(f"unreadable pickle: {rel}: {type(err).__name__}: {err}")
+
+
+PICKLE_WARNING = ("is a GEOM rdkit_folder: its molecules are Python pickles, and loading a pickle can execute "
+                  "arbitrary code. Pass --trust-pickle only if you trust where the files came from, or build "
+                  "from drugs_crude.msgpack instead.")
 
 
 def _conformer_arrays(conf: dict):
@@ -134,14 +178,78 @@ def _conformer_arrays(conf: dict):
     return z_float.astype(np.int64), xyz[:, 1:], None, None
 
 
+def add_molecule(sink, index: int, smiles: str, mol_data, params: dict) -> None:
+    """Check one molecule, keep its K lowest-energy conformers and write them to their split."""
+    rejected, record = sink.rejected, f"geom molecule {index} ({smiles})"
+    if isinstance(mol_data, Exception):
+        reason = str(mol_data).strip("'\"")
+        rejected.add(record, reason if ":" in reason else f"unreadable molecule: {reason}")
+        return
+    confs = mol_data.get("conformers") if isinstance(mol_data, dict) else None
+    if not confs:
+        rejected.add(record, "no conformers")
+        return
+    # Read every conformer, rejecting broken ones, then keep the K lowest energies.
+    candidates = []
+    for c, conf in enumerate(confs):
+        where = f"{record} conformer {c}"
+        try:
+            energy = float(conf["totalenergy"])
+            z, pos, bonds, bond_problem = _conformer_arrays(conf)
+        except (KeyError, TypeError, ValueError) as err:
+            msg = str(err)
+            rejected.add(where, msg if msg.startswith("unreadable conformer") else
+                         f"unreadable conformer: {type(err).__name__}: {msg}")
+            continue
+        bad = sorted(set(z.tolist()) - _GEOM_Z)
+        if bad:
+            names = ", ".join(Z_TO_SYMBOL.get(a, f"Z={a}") for a in bad)
+            rejected.add(record, f"unsupported element: {names}")
+            return
+        if not math.isfinite(energy):
+            rejected.add(where, f"non-finite energy: {energy}")
+            continue
+        if not np.all(np.isfinite(pos)):
+            rejected.add(where, "non-finite coordinate")
+            continue
+        candidates.append((energy, c, z, pos, bonds, bond_problem))
+    if not candidates:
+        rejected.add(record, "no conformers: none readable")
+        return
+    candidates.sort(key=lambda t: (t[0], t[1]))
+    keep = params["conformers"]
+    sink.notes["conformers_beyond_k"] += max(0, len(candidates) - keep)
+    if params["layout"] == "msgpack" and Chem.MolFromSmiles(smiles) is None:
+        sink.notes["unparsable_smiles"] += 1
+    molecule_split = assign_split(params["seed"], smiles)
+    for rank, (energy, _, z, pos, bonds, bond_problem) in enumerate(candidates[:keep]):
+        split = molecule_split if params["split_by"] == "molecule" else \
+            assign_split(params["seed"], f"{smiles}#{rank}")
+        if bond_problem is not None:
+            sink.no_bonds[bond_problem.split(":")[0]] += 1
+        pos = pos - pos.mean(axis=0, keepdims=True)  # stored CoM-free, float32
+        sample = encode_sample(f"geom-{index:07d}-{rank:02d}", pos, z,
+                               {"totalenergy": energy, "energy_rank": rank}, bonds, smiles)
+        sink.write(split, sample, z, {"totalenergy": energy})
+
+
+def geom_chunk(sink, payload, params: dict) -> None:
+    """Worker: every molecule of one chunk."""
+    for index, smiles, mol_data in read_chunk(payload):
+        sink.notes["molecules_read"] += 1
+        add_molecule(sink, index, smiles, mol_data, params)
+
+
 def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, split_by: str = "molecule",
-               trust_pickle: bool = False, limit: int | None = None, shard_size: int = 1000, seed: int = 0,
-               workers: int = 1, storage_options: dict | None = None, command: str = "",
-               progress: bool = True):
+               trust_pickle: bool = False, limit: int | None = None, shard_size: int | None = None, seed: int = 0,
+               workers: int = 1, backend: str = "process", storage_options: dict | None = None,
+               command: str = "", progress: bool = True):
     """GEOM-Drugs (msgpack stream or rdkit_folder at ``source``) -> shards + manifest at ``out_url``.
 
-    ``workers`` is accepted for a uniform command line but unused: the build is one process.
+    ``shard_size``: molecules per chunk (default DEFAULT_CHUNK_MOLECULES); each chunk is built by one of
+    ``workers`` processes into one shard per split (datasets/chunked.py), and a rerun resumes.
     """
+    shard_size = DEFAULT_CHUNK_MOLECULES if shard_size is None else shard_size
     if not source:
         raise SystemExit("error: geom needs --source PATH (drugs_crude.msgpack or an rdkit_folder).")
     if conformers < 1:
@@ -158,97 +266,24 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
         if not os.path.exists(summary_path):
             raise SystemExit(f"error: {source} is a folder without {SUMMARY_NAME}; pass the rdkit_folder "
                              f"(holding {SUMMARY_NAME} and drugs/) or drugs_crude.msgpack.")
+        if not trust_pickle:
+            raise SystemExit(f"error: {source} {PICKLE_WARNING}")
     elif os.path.isfile(source):
         layout, summary_path = "msgpack", None
     else:
         raise SystemExit(f"error: --source {source} does not exist.")
-    if layout == "rdkit_folder" and not trust_pickle:
-        list(iter_rdkit_folder(source, summary_path, trust_pickle))  # raises the explanation
 
     params = {"source": "geom", "path": source, "layout": layout, "conformers": conformers,
               "split_by": split_by, "seed": seed, "limit": limit, "shard_size": shard_size, "format": FORMAT}
-    done, fs, out_path = start_build(out_url, params, storage_options)
+    chunks = (lambda: msgpack_chunks(source, shard_size, limit)) if layout == "msgpack" else \
+        (lambda: folder_chunks(source, summary_path, shard_size, limit))
+    done, merged, finalize = chunked_build(out_url, params, storage_options, chunks, geom_chunk, SPLIT_NAMES,
+                                           workers, progress, "geom molecules", backend=backend,
+                                           unit_total=limit)
     if done is not None:
         return done
 
-    molecules = iter_msgpack(source) if layout == "msgpack" else \
-        iter_rdkit_folder(source, summary_path, trust_pickle)
-    rejected = Rejections()
-    notes = Counter()
-    no_bonds = Counter()
-    train_energy = array("d")
-    writers = {name: SplitShardWriter(fs, out_path, name, shard_size) for name in SPLIT_NAMES}
-    n_molecules = 0
-    try:
-        from tqdm import tqdm
-        bar = tqdm(desc="reading geom", unit="mol", total=limit, disable=not progress)
-        for index, (smiles, mol_data) in enumerate(molecules):
-            if limit is not None and index >= limit:
-                break
-            n_molecules += 1
-            bar.update()
-            record = f"geom molecule {index} ({smiles})"
-            if isinstance(mol_data, Exception):
-                reason = str(mol_data).strip("'\"")
-                rejected.add(record, reason if ":" in reason else f"unreadable molecule: {reason}")
-                continue
-            confs = mol_data.get("conformers") if isinstance(mol_data, dict) else None
-            if not confs:
-                rejected.add(record, "no conformers")
-                continue
-            # Read every conformer, rejecting broken ones, then keep the K lowest energies.
-            candidates = []
-            unsupported = None
-            for c, conf in enumerate(confs):
-                where = f"{record} conformer {c}"
-                try:
-                    energy = float(conf["totalenergy"])
-                    z, pos, bonds, bond_problem = _conformer_arrays(conf)
-                except (KeyError, TypeError, ValueError) as err:
-                    msg = str(err)
-                    rejected.add(where, msg if msg.startswith("unreadable conformer") else
-                                 f"unreadable conformer: {type(err).__name__}: {msg}")
-                    continue
-                bad = sorted(set(z.tolist()) - _GEOM_Z)
-                if bad:
-                    unsupported = bad
-                    break
-                if not math.isfinite(energy):
-                    rejected.add(where, f"non-finite energy: {energy}")
-                    continue
-                if not np.all(np.isfinite(pos)):
-                    rejected.add(where, "non-finite coordinate")
-                    continue
-                candidates.append((energy, c, z, pos, bonds, bond_problem))
-            if unsupported is not None:
-                names = ", ".join(Z_TO_SYMBOL.get(a, f"Z={a}") for a in unsupported)
-                rejected.add(record, f"unsupported element: {names}")
-                continue
-            if not candidates:
-                rejected.add(record, "no conformers: none readable")
-                continue
-            candidates.sort(key=lambda t: (t[0], t[1]))
-            notes["conformers_beyond_k"] += max(0, len(candidates) - conformers)
-            if layout == "msgpack" and Chem.MolFromSmiles(smiles) is None:
-                notes["unparsable_smiles"] += 1
-            molecule_split = assign_split(seed, smiles)
-            for rank, (energy, _, z, pos, bonds, bond_problem) in enumerate(candidates[:conformers]):
-                split = molecule_split if split_by == "molecule" else assign_split(seed, f"{smiles}#{rank}")
-                if bond_problem is not None:
-                    no_bonds[bond_problem.split(":")[0]] += 1
-                pos = pos - pos.mean(axis=0, keepdims=True)  # stored CoM-free, float32
-                sample = encode_sample(f"geom-{index:07d}-{rank:02d}", pos, z,
-                                       {"totalenergy": energy, "energy_rank": rank}, bonds, smiles)
-                writers[SPLIT_NAMES[split]].write(sample, len(z))
-                if split == 0:
-                    train_energy.append(energy)
-        bar.close()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-
-    splits = finish_splits(writers)
+    notes = merged["notes"]
     manifest = {
         "format": FORMAT,
         "source": {"name": "geom-drugs", "layout": layout, "path": source,
@@ -258,24 +293,25 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "atom_vocab": list(GEOM_ATOM_VOCAB),
         "properties": {"totalenergy": {"unit": "Hartree"}},
-        "property_stats": {"totalenergy": mean_mad(train_energy)} if len(train_energy) else {},
-        "splits": splits,
-        "rejected": rejected.as_dict(),
+        "property_stats": merged["property_stats"],
+        "splits": merged["splits"],
+        "rejected": merged["rejected"],
         # every notes entry is {total, meaning} (what `inspect` prints); other details go to "details"
         "notes": {
-            "molecules_read": {"total": n_molecules, "meaning": "molecule records read from the source"},
+            "molecules_read": {"total": notes["molecules_read"], "meaning": "molecule records read from the source"},
             "conformers_beyond_k": {"total": notes["conformers_beyond_k"],
                                     "meaning": f"valid conformers past the {conformers} lowest energies; "
                                                f"not kept (protocol)"},
             "unparsable_smiles": {"total": notes["unparsable_smiles"],
                                   "meaning": "RDKit could not parse the SMILES; coordinates kept (msgpack "
                                              "has no bonds either way)"},
-            "no_bonds": {"total": sum(no_bonds.values()), "reasons": dict(no_bonds),
+            "no_bonds": {"total": sum(merged["no_bonds"].values()), "reasons": dict(merged["no_bonds"]),
                          "meaning": "the RDKit molecule has a bond type outside 1/2/3/aromatic; kept "
                                     "without bonds.npy"},
         },
         "details": {
             "conformers_per_molecule": conformers,
+            "chunks": merged["chunks"],
             "split": {"by": split_by, "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
                       "method": "blake2b(seed:smiles[#rank]) -> uniform [0,1) -> 80/10/10"},
             "rejected_units": REJECTED_UNITS,
@@ -283,5 +319,5 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
                       "energy_rank": "0 = lowest energy among the molecule's kept conformers"},
         },
     }
-    save_manifest(fs, out_path, manifest)
+    finalize(manifest)
     return load_manifest(out_url, storage_options)

@@ -18,22 +18,24 @@ from . import storage
 class SplitShardWriter:
     """Accumulates encoded samples of one split and closes a shard every ``shard_size`` samples."""
 
-    def __init__(self, fs, out_path: str, split: str, shard_size: int):
+    def __init__(self, fs, out_path: str, split: str, shard_size: int, first_index: int = 0):
         self.fs, self.out_path, self.split, self.shard_size = fs, out_path, split, shard_size
+        self.first_index = first_index  # number of the first shard (chunked builds: the chunk's)
         self.shards: list[dict] = []   # manifest entries of finished shards
         self._tar = None
         self._tmp_path = None
         self._current: dict | None = None
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = f"{self.split}-{self.first_index + len(self.shards):06d}.tar"
         local_dir = os.path.dirname(storage.join(self.out_path, name)) if storage.is_local(self.fs) else None
         if local_dir:
             os.makedirs(local_dir, exist_ok=True)
         fd, self._tmp_path = tempfile.mkstemp(prefix=f".tmp-{name}-", dir=local_dir)
         self._file = os.fdopen(fd, "wb")
         # mtime fixed so that the same input gives byte-identical shards.
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # an int: a float mtime makes tarfile add a PAX header to every member
+        # an int mtime: a float makes tarfile add a PAX header to every member
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self._current = {"name": name, "count": 0, "num_atoms": []}
 
     def write(self, sample: dict, num_atoms: int) -> None:

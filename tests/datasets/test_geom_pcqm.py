@@ -3,7 +3,6 @@
 import csv
 import gzip
 import json
-import math
 import os
 import pickle
 
@@ -145,13 +144,63 @@ def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
     assert manifest.data["properties"] == {"totalenergy": {"unit": "Hartree"}}
     train_e = [s["props"]["totalenergy"] for sp, s in samples.values() if sp == "train"]
     assert manifest.property_stats()["totalenergy"]["mean"] == pytest.approx(np.mean(train_e))
-    assert len(manifest.shards("train")) == math.ceil(manifest.count("train") / 7)
+    # chunks of >= 7 molecules made of whole msgpack objects (8, 8, 7 molecules): one shard per split each
+    assert [sh["name"] for sh in manifest.shards("train")] == [f"train-{c:06d}.tar" for c in range(3)]
+    assert manifest.data["details"]["chunks"] == 3
+    assert not os.path.exists(os.path.join(out, "_parts"))
     assert loader_count(out) == manifest.count("train")
     # rerun with the same parameters: no-op; other parameters: refused
     assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
                  "--shard-size", "7", "--no-progress"]) == 0
     with pytest.raises(SystemExit, match="already holds"):
         build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+
+
+def shard_bytes(url):
+    manifest = load_manifest(url)
+    return {sh["name"]: open(manifest.shard_url(sh), "rb").read() for sp in manifest.splits
+            for sh in manifest.shards(sp)}
+
+
+def test_geom_parallel_workers_give_the_same_shards(tmp_path, msgpack_source):
+    one = build_geom(str(tmp_path / "w1"), msgpack_source, conformers=K, shard_size=2, workers=1, progress=False)
+    two = build_geom(str(tmp_path / "w2"), msgpack_source, conformers=K, shard_size=2, workers=2, progress=False)
+    assert one.data["details"]["chunks"] == 3  # a msgpack object is never split between chunks
+    assert one.data["splits"] == two.data["splits"] and one.data["rejected"] == two.data["rejected"]
+    assert shard_bytes(one.url) == shard_bytes(two.url)
+
+
+def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatch):
+    import datasets.geom as geom
+    reference = build_geom(str(tmp_path / "ref"), msgpack_source, conformers=K, shard_size=7, progress=False)
+    out = str(tmp_path / "partial")
+    real = geom.add_molecule
+    seen = []
+
+    def crash_at_second_chunk(sink, index, *args):
+        seen.append(index)
+        if index == 8:  # first molecule of the second chunk
+            raise RuntimeError("killed")
+        return real(sink, index, *args)
+
+    monkeypatch.setattr(geom, "add_molecule", crash_at_second_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert sorted(os.listdir(os.path.join(out, "_parts"))) == ["build.json", "chunk-000000.json"]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # the broken chunk left no temporary
+    # other parameters may not finish this partial build
+    with pytest.raises(SystemExit, match="partial build with other parameters"):
+        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+    seen.clear()
+    monkeypatch.setattr(geom, "add_molecule", lambda sink, index, *args: (seen.append(index),
+                                                                          real(sink, index, *args)))
+    manifest = build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False)
+    assert min(seen) == 8  # chunk 0 was not built again
+    assert manifest.data["splits"] == reference.data["splits"]
+    assert manifest.data["rejected"] == reference.data["rejected"]
+    assert manifest.data["notes"] == reference.data["notes"]
+    assert shard_bytes(out) == shard_bytes(reference.url)
 
 
 def test_geom_msgpack_by_conformer_and_limit(tmp_path, msgpack_source):
@@ -252,6 +301,12 @@ def test_pcqm4mv2_build(tmp_path):
         seen.update(s["z"].tolist())
     assert manifest.atom_vocab == sorted(seen)
     assert loader_count(out) == manifest.count("train")
+    # 24 records in chunks of 5, built by 2 processes: the same shards as one process
+    assert manifest.data["details"]["chunks"] == 5
+    parallel = build_pcqm4mv2(str(tmp_path / "pcqm2"), sdf, csv_path, shard_size=5, workers=2, progress=False)
+    assert parallel.data["splits"] == manifest.data["splits"]
+    assert parallel.data["rejected"] == manifest.data["rejected"]
+    assert shard_bytes(parallel.url) == shard_bytes(out)
 
 
 def test_pcqm4mv2_more_sdf_than_csv_and_limit(tmp_path):
