@@ -70,7 +70,7 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
 
     pos [B, N, 3] float32, node_mask [B, N] bool, z and atom_type [B, N] int64 (0 at padding),
     num_atoms [B] int64, props [B, P] float32 in dataset units, keys [B] str,
-    bond_order [B, N, N] int8 (with_bonds; aromatic = 4).
+    bond_order [B, N, N] int8 and has_bonds [B] bool (with_bonds; aromatic = 4).
     """
     sizes = [len(s["z"]) for s in samples]
     B, N = len(samples), max(sizes)
@@ -98,12 +98,16 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
     }
     if with_bonds:
         order = np.zeros((B, N, N), dtype=np.int8)
+        has_bonds = np.zeros(B, dtype=bool)
         for b, s in enumerate(samples):
-            if s["bonds"] is not None and len(s["bonds"]):
-                i, j, o = s["bonds"].T
-                order[b, i, j] = o
-                order[b, j, i] = o
+            if s["bonds"] is not None:
+                has_bonds[b] = True
+                if len(s["bonds"]):
+                    i, j, o = s["bonds"].T
+                    order[b, i, j] = o
+                    order[b, j, i] = o
         batch["bond_order"] = order
+        batch["has_bonds"] = has_bonds  # False: bonds unknown (e.g. perception failed), not "no bonds"
     return batch
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -108,6 +109,19 @@ class TrainSection:
 
 
 @dataclass
+class PretrainSection:
+    """MoleculeJAE-style pretraining (objective "moleculejae"); see trainer/pretraining.py."""
+    sigma_min: float = 0.2                 # VE SDE noise scale sigma(s) = sigma_min (sigma_max / sigma_min)^s
+    sigma_max: float = 1.0
+    num_steps: int = 1000                  # s = k / num_steps, k ~ U{1..num_steps}
+    contrastive_weight: float = 0.01       # lambda of the contrastive surrogate (1.0 hurt downstream)
+    temperature: float = 0.1               # InfoNCE temperature
+    encoder_blocks: int = 2                # EGNN blocks of the clean-molecule encoder
+    bond_weight: float = 1.0               # weight of the 2D bond-channel score term
+    time_features: int = 32                # sinusoidal time-embedding size (0: off)
+
+
+@dataclass
 class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -120,7 +134,9 @@ class RunConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     train: TrainSection = field(default_factory=TrainSection)
     storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged
-    init_from: str | None = None
+    objective: str = "diffusion"           # diffusion (model.kind unigem | edm) | moleculejae (pretraining)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
     def to_dict(self, redact: bool = True) -> dict:
         d = dataclasses.asdict(self)
@@ -217,6 +233,12 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks; every message names the key to change."""
     checks = [
+        (cfg.objective in ("diffusion", "moleculejae"),
+         f"objective must be 'diffusion' or 'moleculejae', got {cfg.objective!r}"),
+        (cfg.objective == "diffusion" or not cfg.model.properties,
+         "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)"),
+        (cfg.objective == "diffusion" or cfg.model.kind == "unigem",
+         "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'"),
         (cfg.model.kind in ("unigem", "edm"), f"model.kind must be 'unigem' or 'edm', got {cfg.model.kind!r}"),
         (cfg.model.layers >= 1 and cfg.model.hidden >= 1, "model.layers and model.hidden must be at least 1"),
         (cfg.model.kind == "edm" or 0 <= cfg.model.shared_blocks < cfg.model.layers,
@@ -243,6 +265,14 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.objective == "moleculejae":
+        from trainer.pretraining import PretrainConfig
+        try:
+            PretrainConfig(**dataclasses.asdict(cfg.pretrain)).validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist (give a run directory or a checkpoint folder)")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

@@ -7,6 +7,7 @@ loader position and the RNG states. A resumed run therefore continues exactly wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from datasets.loader import LoaderConfig, StreamingLoader
 from datasets.manifest import load_manifest
-from trainer import checkpointing
+from trainer import checkpointing, init_from
 from trainer.clipping import AdaptiveClipper
 from trainer.config import RunConfig
 from trainer.ema import EMA
@@ -42,13 +43,22 @@ def model_config(cfg: RunConfig, atom_vocab: list[int]) -> ModelConfig:
                        include_charges=m.include_charges)
 
 
+def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_mean=None, prop_mad=None) -> torch.nn.Module:
+    """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
+    if cfg.objective == "moleculejae":
+        from trainer.pretraining import MoleculeJAE, PretrainConfig
+        return MoleculeJAE(model_cfg, PretrainConfig(**dataclasses.asdict(cfg.pretrain)))
+    return build_model(model_cfg, prop_mean, prop_mad)
+
+
 def loader_config(cfg: RunConfig, split: str, shuffle: bool = True) -> LoaderConfig:
     """The data loader's settings for ``split`` of a run (training, validation and --dry-run agree)."""
     d = cfg.data
     return LoaderConfig(url=d.url, split=split, batch_size=d.batch_size, pair_budget=d.pair_budget,
                         bucket_bounds=tuple(d.bucket_bounds), shuffle=shuffle, shuffle_buffer=d.shuffle_buffer,
                         seed=cfg.train.seed, num_workers=d.num_workers, max_bad_shards=d.max_bad_shards,
-                        properties=tuple(cfg.model.properties), storage=cfg.storage)
+                        properties=tuple(cfg.model.properties), storage=cfg.storage,
+                        with_bonds=cfg.objective == "moleculejae")  # the 2D channels of pretraining
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
@@ -97,8 +107,18 @@ class Trainer:
         self.prop_stats = {"mean": prop_mean, "mad": prop_mad}
         self.histogram = manifest.atom_count_histogram(cfg.data.split)
         self.model_cfg = model_config(cfg, vocab)
-        model = build_model(self.model_cfg, prop_mean or None, prop_mad or None)
+        model = build_run_model(cfg, self.model_cfg, prop_mean or None, prop_mad or None)
         self.num_params = sum(p.numel() for p in model.parameters())
+        found = checkpointing.find_resume(run_dir, resume)
+        self.init_report = None
+        if cfg.init_from and not found:
+            # before DeepSpeed wraps (and ZeRO partitions) the model; every rank loads the same tensors
+            self.init_report = init_from.initialise(model, cfg.init_from)
+            if self.rank == 0:
+                log.info(init_from.summary(self.init_report))
+                init_from.write_report(self.init_report, run_dir)
+        elif cfg.init_from and self.rank == 0:
+            log.info("init_from %s ignored: resuming this run from its own checkpoint", cfg.init_from)
 
         self.loader = self._loader(manifest, cfg.data.split, shuffle=True)
         self.valid_loader = self._loader(manifest, cfg.data.valid_split, shuffle=False) \
@@ -107,7 +127,7 @@ class Trainer:
         self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
 
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay,
                                       amsgrad=o.amsgrad, betas=tuple(o.betas))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, self.world_size))
@@ -119,7 +139,6 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.stop_requested = False
 
-        found = checkpointing.find_resume(run_dir, resume)
         if found:
             self._load(*found)
         self.logger = RunLogger(run_dir, cfg.to_dict(), cfg.logging.wandb, self.step if found else None) \
@@ -136,6 +155,7 @@ class Trainer:
                 "nonfinite_in_row": self.nonfinite_in_row,
                 # what evaluation needs to rebuild the model without the run config or the dataset
                 "model_config": dict(vars(self.model_cfg)), "prop_stats": self.prop_stats,
+                "objective": self.cfg.objective,
                 "atom_count_histogram": self.histogram, "dataset_url": self.cfg.data.url}
 
     def rank_state(self) -> dict:

@@ -57,6 +57,9 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     for key in ("model_config", "module"):
         if key not in state:
             raise CheckpointError(f"{states} has no {key!r}: not a checkpoint written by trainer/main.py")
+    if state.get("objective", "diffusion") != "diffusion":
+        raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint: it does not generate "
+                              f"molecules. Fine-tune from it (config init_from: {path}) and evaluate that run.")
     cfg = ModelConfig(**state["model_config"])
     stats = state.get("prop_stats") or {"mean": None, "mad": None}
     model = build_model(cfg, stats["mean"] or None, stats["mad"] or None)

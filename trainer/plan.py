@@ -18,8 +18,7 @@ def _gib(n_bytes: float) -> str:
 def plan(cfg: RunConfig) -> dict:
     from datasets.elements import QM9_ATOM_VOCAB
     from datasets.manifest import load_manifest
-    from trainer.engine import model_config
-    from trainer.networks import build_model
+    from trainer.engine import build_run_model, model_config
 
     world = int(os.environ.get("WORLD_SIZE", cfg.cluster.nodes * cfg.cluster.gpus_per_node))
     out: dict = {"world_size": world, "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node}
@@ -29,8 +28,8 @@ def plan(cfg: RunConfig) -> dict:
     except Exception as err:  # a dry run must work where the data is not reachable (a laptop, say)
         note = f"dataset not reachable from here ({type(err).__name__}: {str(err)[:160]})"
     vocab = cfg.model.atom_vocab or (manifest.atom_vocab if manifest else list(QM9_ATOM_VOCAB))
-    model = build_model(model_config(cfg, vocab), [0.0] * len(cfg.model.properties) or None,
-                        [1.0] * len(cfg.model.properties) or None)
+    model = build_run_model(cfg, model_config(cfg, vocab), [0.0] * len(cfg.model.properties) or None,
+                            [1.0] * len(cfg.model.properties) or None)
     params = sum(p.numel() for p in model.parameters())
     ga = cfg.deepspeed.gradient_accumulation_steps
     micro = cfg.data.batch_size
@@ -60,7 +59,14 @@ def plan(cfg: RunConfig) -> dict:
     act_bytes = 2 if cfg.deepspeed.bf16 else 4
     activations = pairs * cfg.model.hidden * act_bytes * EDGE_TENSORS_PER_BLOCK * path_blocks
     out.update({
-        "model": f"{cfg.model.kind}: {cfg.model.layers} blocks on each path "
+        "objective": cfg.objective + (" (pretraining: trunk = embed, shared, nucleation; 3D + 2D scores, "
+                                      f"contrastive weight {cfg.pretrain.contrastive_weight})"
+                                      if cfg.objective == "moleculejae" else ""),
+        "init_from": cfg.init_from,
+        "model": (f"moleculejae: UniGEM trunk of {cfg.model.shared_blocks} shared + "
+                  f"{cfg.model.layers - cfg.model.shared_blocks} blocks, clean encoder of "
+                  f"{cfg.pretrain.encoder_blocks}") if cfg.objective == "moleculejae" else
+                 f"{cfg.model.kind}: {cfg.model.layers} blocks on each path "
                  f"({cfg.model.shared_blocks} shared + 2 x {cfg.model.layers - cfg.model.shared_blocks})"
                  if cfg.model.kind == "unigem" else f"edm: {cfg.model.layers} blocks",
         "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,

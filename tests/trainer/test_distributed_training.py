@@ -31,7 +31,7 @@ def env():
     return e
 
 
-def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed"):
+def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed", config="cluster/cpu_smoke.json"):
     """Start trainer/main.py the way users do: under deepspeed, torchrun or plain python."""
     bin_dir = os.path.dirname(sys.executable)
     if launcher == "deepspeed":
@@ -40,7 +40,7 @@ def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed
         cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     else:
         cmd = [sys.executable]
-    cmd += ["trainer/main.py", "--config", "cluster/cpu_smoke.json", "--run-dir", str(run_dir),
+    cmd += ["trainer/main.py", "--config", config, "--run-dir", str(run_dir),
             "--set", f"data.url={data_url}"]
     for s in COMMON + list(extra):
         cmd += ["--set", s]
