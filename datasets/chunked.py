@@ -144,7 +144,8 @@ class _RayExecutor:
     def __init__(self, workers: int):
         import ray
         self.ray = ray
-        if not ray.is_initialized():
+        self.started = not ray.is_initialized()  # a Ray started here is stopped when the build ends
+        if self.started:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(log_to_driver=False)
             else:
@@ -164,6 +165,8 @@ class _RayExecutor:
     def shutdown(self, cancel_futures=False, pending=()):
         for ref in pending if cancel_futures else ():
             self.ray.cancel(ref, force=True)
+        if self.started:
+            self.ray.shutdown()
 
 
 def run_chunks(chunks, chunk_fn, target: Target, params: dict, workers: int, backend: str, done: set[int],

@@ -108,6 +108,13 @@ def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
     env = dict(ENV, PATH=bin_dir + os.pathsep + ENV.get("PATH", ""), RAY_AUTH_MODE="disabled")
     start = subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            # Ray's fixed default ports would collide with any other Ray on this machine
+                            # (a build's or a user's) and the job agent would not start
+                            *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                               "--metrics-export-port", "--runtime-env-agent-port",
+                                               "--ray-client-server-port", "--node-manager-port",
+                                               "--object-manager-port")
+                              for arg in (flag, str(free_port()))],
                             "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
