@@ -15,6 +15,7 @@ with 1 worker and one with 16 give the same shards.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import multiprocessing as mp
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from . import storage
 from .build import Rejections, start_build
-from .manifest import histogram, mean_mad
+from .manifest import FORMAT, histogram, mean_mad
 from .writer import SplitShardWriter
 
 log = logging.getLogger(__name__)
@@ -276,3 +277,25 @@ def chunked_build(out_url: str, params: dict, storage_options: dict | None, chun
         except FileNotFoundError:
             pass
     return None, merged, finalize
+
+
+def chunked_manifest(merged: dict, *, params: dict, command: str, source: dict, atom_vocab, properties: dict,
+                     notes: dict, details: dict) -> dict:
+    """The manifest of a chunked build: the builder's own fields around what the parts merged into.
+
+    ``notes`` entries are ``{total, meaning}`` (what ``inspect`` prints); other details go to ``details``.
+    """
+    return {
+        "format": FORMAT,
+        "source": source,
+        "build": params,
+        "command": command,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "atom_vocab": list(atom_vocab),
+        "properties": properties,
+        "property_stats": merged["property_stats"],
+        "splits": merged["splits"],
+        "rejected": merged["rejected"],
+        "notes": notes,
+        "details": {**details, "chunks": merged["chunks"]},
+    }

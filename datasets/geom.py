@@ -22,12 +22,12 @@ does not depend on --limit or on the order of the source. The driver cuts the so
 --shard-size molecules (msgpack: whole top-level objects, located without decoding them); worker processes
 build each chunk into one shard per split, and a rerun resumes a killed build (datasets/chunked.py).
 Shards hold molecules in source order; the loader's shard-order shuffle and shuffle buffer mix them.
-Rejected records: molecule-level reasons count molecules, conformer-level reasons count conformers (``notes.rejected_units`` says which is which).
+Rejected records: molecule-level reasons count molecules, conformer-level reasons count conformers
+(``notes.rejected_units`` says which is which).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -39,7 +39,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 
 from .bonds import bonds_from_mol
-from .chunked import chunked_build
+from .chunked import chunked_build, chunked_manifest
 from .elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
 from .manifest import FORMAT, load_manifest
 from .samples import encode_sample
@@ -284,20 +284,12 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
         return done
 
     notes = merged["notes"]
-    manifest = {
-        "format": FORMAT,
-        "source": {"name": "geom-drugs", "layout": layout, "path": source,
-                   "bytes": os.path.getsize(summary_path or source)},
-        "build": params,
-        "command": command,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "atom_vocab": list(GEOM_ATOM_VOCAB),
-        "properties": {"totalenergy": {"unit": "Hartree"}},
-        "property_stats": merged["property_stats"],
-        "splits": merged["splits"],
-        "rejected": merged["rejected"],
-        # every notes entry is {total, meaning} (what `inspect` prints); other details go to "details"
-        "notes": {
+    manifest = chunked_manifest(
+        merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,
+        source={"name": "geom-drugs", "layout": layout, "path": source,
+                "bytes": os.path.getsize(summary_path or source)},
+        properties={"totalenergy": {"unit": "Hartree"}},
+        notes={
             "molecules_read": {"total": notes["molecules_read"], "meaning": "molecule records read from the source"},
             "conformers_beyond_k": {"total": notes["conformers_beyond_k"],
                                     "meaning": f"valid conformers past the {conformers} lowest energies; "
@@ -309,15 +301,13 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
                          "meaning": "the RDKit molecule has a bond type outside 1/2/3/aromatic; kept "
                                     "without bonds.npy"},
         },
-        "details": {
+        details={
             "conformers_per_molecule": conformers,
-            "chunks": merged["chunks"],
             "split": {"by": split_by, "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
                       "method": "blake2b(seed:smiles[#rank]) -> uniform [0,1) -> 80/10/10"},
             "rejected_units": REJECTED_UNITS,
             "props": {"totalenergy": "Hartree (GEOM xtb total energy)",
                       "energy_rank": "0 = lowest energy among the molecule's kept conformers"},
-        },
-    }
+        })
     finalize(manifest)
     return load_manifest(out_url, storage_options)

@@ -89,7 +89,8 @@ def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         raw = storage.read_bytes(fs, manifest_path)
     except (FileNotFoundError, NotADirectoryError):
         raise ManifestError(f"{where} not found: {url} is not a complete dataset (a build that was "
-                            f"interrupted writes no manifest). Build it with `python -m datasets build ...`.") \
+                            f"interrupted writes no manifest). Build it with `python -m datasets build ...`; rerunning an "
+                            f"interrupted geom, pcqm4mv2 or smiles build resumes it.") \
             from None
     try:
         data = json.loads(raw)

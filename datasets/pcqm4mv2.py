@@ -22,7 +22,6 @@ manifest, which is what models read).
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import gzip
 import io
 import math
@@ -33,7 +32,7 @@ from rdkit import Chem, RDLogger
 
 from .bonds import bonds_from_mol
 from .build import Rejections
-from .chunked import chunked_build
+from .chunked import chunked_build, chunked_manifest
 from .geom import assign_split
 from .manifest import FORMAT, load_manifest
 from .samples import encode_sample
@@ -194,31 +193,21 @@ def build_pcqm4mv2(out_url: str, sdf: str, csv_path: str, limit: int | None = No
     if done is not None:
         return done
 
-    manifest = {
-        "format": FORMAT,
-        "source": {"name": "pcqm4mv2", "sdf": sdf, "csv": csv_path, "sdf_bytes": os.path.getsize(sdf),
-                   "csv_bytes": os.path.getsize(csv_path), "version": "v2"},
-        "build": params,
-        "command": command,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "atom_vocab": merged["seen_z"],
-        "properties": {"homolumogap": {"unit": "eV"}},
-        "property_stats": merged["property_stats"],
-        "splits": merged["splits"],
-        "rejected": merged["rejected"],
-        # every notes entry is {total, meaning} (what `inspect` prints); other details go to "details"
-        "notes": {
+    manifest = chunked_manifest(
+        merged, params=params, command=command, atom_vocab=merged["seen_z"],
+        source={"name": "pcqm4mv2", "sdf": sdf, "csv": csv_path, "sdf_bytes": os.path.getsize(sdf),
+                "csv_bytes": os.path.getsize(csv_path), "version": "v2"},
+        properties={"homolumogap": {"unit": "eV"}},
+        notes={
             "sdf_records_read": {"total": counts["sdf"], "meaning": "SDF records read"},
             "csv_rows_read": {"total": counts["csv"], "meaning": "CSV rows read"},
             "no_bonds": {"total": sum(merged["no_bonds"].values()), "reasons": dict(merged["no_bonds"]),
                          "meaning": "the SDF has a bond type outside 1/2/3/aromatic; kept without bonds.npy"},
         },
-        "details": {
+        details={
             "atom_vocab": "sorted atomic numbers seen in this build",
-            "chunks": merged["chunks"],
             "split": {"fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
                       "method": "blake2b(seed:pcqm4mv2:idx) -> uniform [0,1) -> 95/5"},
-        },
-    }
+        })
     finalize(manifest)
     return load_manifest(out_url, storage_options)

@@ -18,7 +18,6 @@ token; blank lines and lines starting with # skipped; .gz allowed), a CSV with a
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import gzip
 import importlib.util
 import io
@@ -30,7 +29,7 @@ from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem
 
 from .bonds import bonds_from_mol
-from .chunked import chunked_build
+from .chunked import chunked_build, chunked_manifest
 from .elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
 from .geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
 from .manifest import FORMAT, load_manifest
@@ -185,30 +184,21 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
     if done is not None:
         return done
     notes = merged["notes"]
-    manifest = {
-        "format": FORMAT,
-        "source": {"name": "moses" if name.startswith("moses") else "smiles", "input": name, "path": path},
-        "build": params,
-        "command": command,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "atom_vocab": list(GEOM_ATOM_VOCAB),
-        "properties": {"mmff_energy": {"unit": "kcal/mol"}},
-        "property_stats": merged["property_stats"],
-        "splits": merged["splits"],
-        "rejected": merged["rejected"],
-        "notes": {
+    manifest = chunked_manifest(
+        merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,
+        source={"name": "moses" if name.startswith("moses") else "smiles", "input": name, "path": path},
+        properties={"mmff_energy": {"unit": "kcal/mol"}},
+        notes={
             "molecules_read": {"total": notes["molecules_read"], "meaning": "SMILES read from the input"},
             "conformers_short": {"total": notes["conformers_short"],
                                  "meaning": f"conformers fewer than {conformers} because ETKDG embedded fewer"},
         },
-        "details": {
+        details={
             "conformers_per_molecule": conformers,
-            "chunks": merged["chunks"],
             "method": f"RDKit {Chem.rdBase.rdkitVersion}: AddHs, ETKDGv3 (randomSeed = seed * 1000003 + index), "
                       f"MMFF94 optimisation (maxIters {MMFF_MAX_ITERS}); conformers ranked by MMFF energy",
             "split": {"by": "molecule", "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
                       "method": "blake2b(seed:canonical smiles) -> uniform [0,1) -> 80/10/10"},
-        },
-    }
+        })
     finalize(manifest)
     return load_manifest(out_url, storage_options)

@@ -272,7 +272,8 @@ def validate(cfg: RunConfig) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if cfg.init_from is not None and not os.path.exists(cfg.init_from):
-        raise ConfigError(f"init_from: {cfg.init_from} does not exist (give a run directory or a checkpoint folder)")
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist (give a run directory or a checkpoint "
+                          f"folder)")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

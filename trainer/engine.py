@@ -127,8 +127,9 @@ class Trainer:
         self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
 
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay,
-                                      amsgrad=o.amsgrad, betas=tuple(o.betas))
+        trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
+        optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad,
+                                      betas=tuple(o.betas))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, self.world_size))
         self.model = self.engine.module

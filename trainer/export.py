@@ -45,7 +45,8 @@ def resolve_checkpoint(path: str) -> str:
     return os.path.join(*found)
 
 
-def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
+def read_model_states(path: str) -> tuple[str, str, dict]:
+    """(checkpoint folder, states file, its contents) for a run directory or checkpoint folder."""
     folder = resolve_checkpoint(path)
     states = os.path.join(folder, "mp_rank_00_model_states.pt")
     try:
@@ -54,6 +55,11 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
         raise CheckpointError(f"{states} is missing: the checkpoint is incomplete") from None
     except Exception as err:
         raise CheckpointError(f"{states} cannot be read ({type(err).__name__}: {err}): corrupt checkpoint?") from None
+    return folder, states, state
+
+
+def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
+    folder, states, state = read_model_states(path)
     for key in ("model_config", "module"):
         if key not in state:
             raise CheckpointError(f"{states} has no {key!r}: not a checkpoint written by trainer/main.py")

@@ -15,19 +15,14 @@ import os
 
 import torch
 
-from trainer.export import CheckpointError, resolve_checkpoint
+from trainer.export import CheckpointError, read_model_states
 
 BRANCH_COPIES = (("growth.", "nucleation."),)  # (destination prefix, source prefix)
 
 
 def checkpoint_weights(path: str) -> tuple[str, dict[str, torch.Tensor]]:
     """(checkpoint folder, name -> tensor) of a run directory or checkpoint folder (EMA weights if any)."""
-    folder = resolve_checkpoint(path)
-    states = os.path.join(folder, "mp_rank_00_model_states.pt")
-    try:
-        state = torch.load(states, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{states} is missing: the checkpoint is incomplete") from None
+    folder, states, state = read_model_states(path)
     if "module" not in state:
         raise CheckpointError(f"{states} has no 'module': not a checkpoint written by trainer/main.py")
     weights = dict(state["module"])

@@ -31,7 +31,8 @@ def env():
     return e
 
 
-def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed", config="cluster/cpu_smoke.json"):
+def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed",
+           config="cluster/cpu_smoke.json"):
     """Start trainer/main.py the way users do: under deepspeed, torchrun or plain python."""
     bin_dir = os.path.dirname(sys.executable)
     if launcher == "deepspeed":
