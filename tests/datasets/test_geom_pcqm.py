@@ -203,6 +203,61 @@ def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatc
     assert shard_bytes(out) == shard_bytes(reference.url)
 
 
+def test_geom_parallel_build_on_s3_resumes(tmp_path, msgpack_source, s3, monkeypatch):
+    """Worker processes write shards and part files straight to object storage; a rerun resumes there."""
+    import fsspec
+
+    import datasets.geom as geom
+    local = build_geom(str(tmp_path / "local"), msgpack_source, conformers=K, shard_size=7, progress=False)
+    url = "s3://test-bucket/geom-parallel"
+    real = geom.add_molecule
+
+    def crash_in_last_chunk(sink, index, *args):
+        if index == 16:
+            raise RuntimeError("killed")
+        return real(sink, index, *args)
+
+    monkeypatch.setattr(geom, "add_molecule", crash_in_last_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_geom(url, msgpack_source, conformers=K, shard_size=7, progress=False)
+    fs = fsspec.filesystem("s3")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("test-bucket/geom-parallel/_parts")) == \
+        ["build.json", "chunk-000000.json", "chunk-000001.json"]
+    monkeypatch.setattr(geom, "add_molecule", real)
+    remote = build_geom(url, msgpack_source, conformers=K, shard_size=7, workers=2, progress=False)
+    assert remote.data["splits"] == local.data["splits"]
+    fs.invalidate_cache()
+    assert not fs.exists("test-bucket/geom-parallel/_parts")
+    for split in remote.splits:
+        for shard in remote.shards(split):
+            with open(local.shard_url(shard), "rb") as f:
+                assert fs.cat_file(remote.shard_url(shard)) == f.read()
+
+
+def test_pcqm4mv2_rerun_resumes(tmp_path, monkeypatch):
+    import datasets.pcqm4mv2 as pcqm
+    sdf, csv_path = write_pcqm(tmp_path, n_sdf=12, n_csv=14)
+    reference = build_pcqm4mv2(str(tmp_path / "ref"), sdf, csv_path, shard_size=4, progress=False)
+    out = str(tmp_path / "partial")
+    real, seen = pcqm.add_record, []
+
+    def crash_at(sink, i, *args):
+        if i == 9:
+            raise RuntimeError("killed")
+        return real(sink, i, *args)
+
+    monkeypatch.setattr(pcqm, "add_record", crash_at)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_pcqm4mv2(out, sdf, csv_path, shard_size=4, progress=False)
+    monkeypatch.setattr(pcqm, "add_record", lambda sink, i, *args: (seen.append(i), real(sink, i, *args)))
+    manifest = build_pcqm4mv2(out, sdf, csv_path, shard_size=4, progress=False)
+    assert seen == [8, 9, 10, 11]  # chunks 0 and 1 were complete
+    assert manifest.data["rejected"] == reference.data["rejected"]  # the CSV tail counted once
+    assert manifest.data["splits"] == reference.data["splits"]
+    assert manifest.data["notes"] == reference.data["notes"]
+    assert shard_bytes(out) == shard_bytes(reference.url)
+
+
 def test_geom_msgpack_by_conformer_and_limit(tmp_path, msgpack_source):
     out = str(tmp_path / "geomc")
     manifest = build_geom(out, msgpack_source, conformers=2, split_by="conformer", limit=10, progress=False)
