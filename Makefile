@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
-	# MOSES SMILES (build smiles --input moses): only molsets' data files are used, and its declared
-	# dependencies (pomegranate 0.12, fcd-torch) do not build on Python 3.11, hence --no-deps
+	# MOSES SMILES (build smiles --input moses): only molsets' data files are used; --no-deps keeps out
+	# its declared dependencies (pomegranate==0.12.0, fcd-torch, pandas, seaborn), which nothing here needs
 	$(PY) -m pip install --quiet --no-deps molsets==0.3.1
 	touch $(STAMP)
 

@@ -148,9 +148,12 @@ class _RayExecutor:
         self.started = not ray.is_initialized()  # a Ray started here is stopped when the build ends
         if self.started:
             if os.environ.get("RAY_ADDRESS"):
-                ray.init(log_to_driver=False)
+                # the cluster's workers import this package from an upload of it
+                ray.init(log_to_driver=False, runtime_env={"py_modules": [os.path.dirname(__file__)]})
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        # as many chunks in flight as the cluster has CPUs (a local Ray: --workers)
+        self.slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
         self.remote = ray.remote(num_cpus=1, max_retries=2)(run_chunk)
 
     def submit(self, fn, *args):
@@ -174,7 +177,9 @@ def run_chunks(chunks, chunk_fn, target: Target, params: dict, workers: int, bac
                progress: bool, desc: str, unit_total: int | None):
     """Build every chunk ``(index, payload, n_records)`` of the iterator not in ``done``; yields parts.
 
-    At most ``workers + 2`` chunks are in flight, so memory stays bounded however long the source is.
+    At most ``workers + 2`` chunks (Ray: cluster CPUs + 2) are in flight, so memory stays bounded however long
+    the source is. On a Ray cluster, GEOM and PCQM4Mv2 chunks name files by path, so the source must sit on a
+    filesystem every node sees (SMILES chunks carry their strings); ``--out`` should be object storage.
     """
     if backend == "ray":
         executor = _RayExecutor(workers)
@@ -183,6 +188,7 @@ def run_chunks(chunks, chunk_fn, target: Target, params: dict, workers: int, bac
     else:
         executor = _InProcess()
     is_ray = backend == "ray"
+    slots = executor.slots if is_ray else workers
     pending: dict = {}
     bar = tqdm(total=unit_total, desc=desc, unit="mol", disable=not progress, dynamic_ncols=True)
 
@@ -204,7 +210,7 @@ def run_chunks(chunks, chunk_fn, target: Target, params: dict, workers: int, bac
                 bar.update(n_records)
                 continue
             pending[executor.submit(run_chunk, chunk_fn, target, index, payload, params)] = n_records
-            while len(pending) >= workers + 2:
+            while len(pending) >= slots + 2:
                 yield from collect()
         while pending:
             yield from collect()
