@@ -112,6 +112,17 @@ def _completed_parts(fs, out_path: str) -> dict[int, dict]:
     return parts
 
 
+def _remove_stale_temporaries(fs, out_path: str) -> None:
+    """Half-written shards of a killed build (SplitShardWriter's ``.tmp-*`` files in a local --out)."""
+    if not storage.is_local(fs) or not os.path.isdir(out_path):
+        return  # on object storage the temporaries live in the local temp folder and never reach the bucket
+    stale = [name for name in os.listdir(out_path) if name.startswith(".tmp-")]
+    for name in stale:
+        os.unlink(os.path.join(out_path, name))
+    if stale:
+        log.info("removed %d half-written shard(s) of an interrupted build from %s", len(stale), out_path)
+
+
 def _claim(fs, out_path: str, out_url: str, params: dict) -> None:
     """Record the parameters of this build; refuse to resume a partial build made with others."""
     path = storage.join(out_path, PARTS_DIR, "build.json")
@@ -265,6 +276,7 @@ def chunked_build(out_url: str, params: dict, storage_options: dict | None, chun
     if complete is not None:
         return complete, None, None
     _claim(fs, out_path, out_url, params)
+    _remove_stale_temporaries(fs, out_path)
     parts = _completed_parts(fs, out_path)
     if parts:
         print(f"resuming the partial build in {out_url}: {len(parts)} chunk(s) already complete")

@@ -192,11 +192,15 @@ def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatc
     # other parameters may not finish this partial build
     with pytest.raises(SystemExit, match="partial build with other parameters"):
         build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+    # what a SIGKILLed worker leaves: a half-written shard under its temporary name
+    with open(os.path.join(out, ".tmp-train-000001.tar-killed"), "wb") as f:
+        f.write(b"half a shard")
     seen.clear()
     monkeypatch.setattr(geom, "add_molecule", lambda sink, index, *args: (seen.append(index),
                                                                           real(sink, index, *args)))
     manifest = build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False)
     assert min(seen) == 8  # chunk 0 was not built again
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
     assert manifest.data["splits"] == reference.data["splits"]
     assert manifest.data["rejected"] == reference.data["rejected"]
     assert manifest.data["notes"] == reference.data["notes"]
