@@ -42,6 +42,11 @@ class Rejections:
     def as_dict(self) -> dict:
         return {"total": sum(self.reasons.values()), "reasons": dict(self.reasons), "examples": self.examples}
 
+    def merge(self, other: dict) -> None:
+        """Add the counts and examples of another ``as_dict()`` (a chunk's), keeping the example limit."""
+        self.reasons.update(other["reasons"])
+        self.examples = (self.examples + list(other["examples"]))[:self.max_examples]
+
 
 def existing_build(out_url: str, params: dict, storage_options: dict | None):
     """The manifest of a complete build with the same parameters, else None.
@@ -72,14 +77,15 @@ def start_build(out_url: str, params: dict, storage_options: dict | None):
     return None, fs, out_path
 
 
+def split_entry(shards: list[dict]) -> dict:
+    """The manifest ``splits`` entry of a split's shard list: count, shards, atom-count histogram."""
+    sizes = [n for s in shards for n in s["num_atoms"]]
+    return {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
+
+
 def finish_splits(writers: dict) -> dict:
-    """Close every split writer; manifest ``splits`` entries with counts and atom-count histograms."""
-    splits = {}
-    for name, writer in writers.items():
-        shards = writer.finish()
-        sizes = [n for s in shards for n in s["num_atoms"]]
-        splits[name] = {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
-    return splits
+    """Close every split writer; their manifest ``splits`` entries."""
+    return {name: split_entry(writer.finish()) for name, writer in writers.items()}
 
 
 def _perceive(args):

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from . import storage
-from .build import Rejections, start_build
-from .manifest import FORMAT, histogram, mean_mad
+from .build import Rejections, split_entry, start_build
+from .manifest import FORMAT, mean_mad
 from .writer import SplitShardWriter
 
 log = logging.getLogger(__name__)
@@ -239,20 +239,13 @@ def run_chunks(chunks, chunk_fn, target: Target, params: dict, workers: int, bac
 def merge_parts(parts: list[dict], split_names, driver_rejected: Rejections | None = None) -> dict:
     """Merge part files (any order) into manifest fields: splits, rejected, notes, stats, seen_z."""
     parts = sorted(parts, key=lambda p: p["chunk"])
-    splits = {}
-    for name in split_names:
-        shards = [shard for part in parts for shard in part["shards"][name]]
-        sizes = [n for shard in shards for n in shard["num_atoms"]]
-        splits[name] = {"count": len(sizes), "shards": shards, "atom_count_histogram": histogram(sizes)}
+    splits = {name: split_entry([shard for part in parts for shard in part["shards"][name]])
+              for name in split_names}
     rejected = Rejections()
-    examples = []
     for part in parts:
-        rejected.reasons.update(part["rejected"]["reasons"])
-        examples.extend(part["rejected"]["examples"])
+        rejected.merge(part["rejected"])
     if driver_rejected is not None:
-        rejected.reasons.update(driver_rejected.reasons)
-        examples.extend(driver_rejected.examples)
-    rejected.examples = examples[:rejected.max_examples]
+        rejected.merge(driver_rejected.as_dict())
     notes, no_bonds, values, seen_z = Counter(), Counter(), {}, set()
     for part in parts:
         notes.update(part["notes"])

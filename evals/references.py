@@ -80,23 +80,23 @@ def _compute_and_cache(dataset_url, split, all_single, storage_options, use_cach
     return smiles, stats["histograms"]
 
 
+def _cached_or_computed(dataset_url, split, all_single, storage_options, use_cache, which: int):
+    """Item ``which`` (0 SMILES, 1 histograms) of a split's references: from the cache, else computed (and cached)."""
+    if use_cache:
+        fs, path = storage.get_fs(dataset_url, storage_options)
+        cached = _read_cache(fs, storage.join(path, cache_names(split, all_single)[which]))
+        if cached is not None:
+            return set(cached["smiles"]) if which == 0 else histograms_from_json(cached["histograms"])
+    return _compute_and_cache(dataset_url, split, all_single, storage_options, use_cache)[which]
+
+
 def reference_smiles(dataset_url: str, split: str = "train", all_single: bool = False,
                      storage_options: dict | None = None, use_cache: bool = True) -> set[str]:
     """SMILES of the valid molecules of a split, inferred with the same protocol as generated molecules."""
-    if use_cache:
-        fs, path = storage.get_fs(dataset_url, storage_options)
-        cached = _read_cache(fs, storage.join(path, cache_names(split, all_single)[0]))
-        if cached is not None:
-            return set(cached["smiles"])
-    return _compute_and_cache(dataset_url, split, all_single, storage_options, use_cache)[0]
+    return _cached_or_computed(dataset_url, split, all_single, storage_options, use_cache, 0)
 
 
 def reference_histograms(dataset_url: str, split: str = "train", all_single: bool = False,
                          storage_options: dict | None = None, use_cache: bool = True) -> dict:
     """Histograms of a split (the ``reference_stats`` argument of ``metrics.compute_metrics``)."""
-    if use_cache:
-        fs, path = storage.get_fs(dataset_url, storage_options)
-        cached = _read_cache(fs, storage.join(path, cache_names(split, all_single)[1]))
-        if cached is not None:
-            return histograms_from_json(cached["histograms"])
-    return _compute_and_cache(dataset_url, split, all_single, storage_options, use_cache)[1]
+    return _cached_or_computed(dataset_url, split, all_single, storage_options, use_cache, 1)

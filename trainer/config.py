@@ -10,6 +10,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from trainer.pretraining import PretrainConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -109,19 +111,6 @@ class TrainSection:
 
 
 @dataclass
-class PretrainSection:
-    """MoleculeJAE-style pretraining (objective "moleculejae"); see trainer/pretraining.py."""
-    sigma_min: float = 0.2                 # VE SDE noise scale sigma(s) = sigma_min (sigma_max / sigma_min)^s
-    sigma_max: float = 1.0
-    num_steps: int = 1000                  # s = k / num_steps, k ~ U{1..num_steps}
-    contrastive_weight: float = 0.01       # lambda of the contrastive surrogate (1.0 hurt downstream)
-    temperature: float = 0.1               # InfoNCE temperature
-    encoder_blocks: int = 2                # EGNN blocks of the clean-molecule encoder
-    bond_weight: float = 1.0               # weight of the 2D bond-channel score term
-    time_features: int = 32                # sinusoidal time-embedding size (0: off)
-
-
-@dataclass
 class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -135,7 +124,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged
     objective: str = "diffusion"           # diffusion (model.kind unigem | edm) | moleculejae (pretraining)
-    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # objective moleculejae
     init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
     def to_dict(self, redact: bool = True) -> dict:
@@ -266,9 +255,8 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(message)
     if cfg.objective == "moleculejae":
-        from trainer.pretraining import PretrainConfig
         try:
-            PretrainConfig(**dataclasses.asdict(cfg.pretrain)).validate()
+            cfg.pretrain.validate()
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if cfg.init_from is not None and not os.path.exists(cfg.init_from):

@@ -7,7 +7,6 @@ loader position and the RNG states. A resumed run therefore continues exactly wh
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -46,8 +45,8 @@ def model_config(cfg: RunConfig, atom_vocab: list[int]) -> ModelConfig:
 def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_mean=None, prop_mad=None) -> torch.nn.Module:
     """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
     if cfg.objective == "moleculejae":
-        from trainer.pretraining import MoleculeJAE, PretrainConfig
-        return MoleculeJAE(model_cfg, PretrainConfig(**dataclasses.asdict(cfg.pretrain)))
+        from trainer.pretraining import MoleculeJAE
+        return MoleculeJAE(model_cfg, cfg.pretrain)
     return build_model(model_cfg, prop_mean, prop_mad)
 
 

@@ -58,6 +58,15 @@ def read_model_states(path: str) -> tuple[str, str, dict]:
     return folder, states, state
 
 
+def model_weights(state: dict, use_ema: bool = True) -> tuple[dict, bool]:
+    """(name -> tensor, whether EMA was used): the module's weights with the EMA shadow over them if asked and
+    present (EMA tracks parameters only; buffers come from the module)."""
+    weights = state["module"]
+    if use_ema and state.get("ema"):
+        return {**weights, **state["ema"]["shadow"]}, True
+    return weights, False
+
+
 def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
     folder, states, state = read_model_states(path)
     for key in ("model_config", "module"):
@@ -69,10 +78,7 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     cfg = ModelConfig(**state["model_config"])
     stats = state.get("prop_stats") or {"mean": None, "mad": None}
     model = build_model(cfg, stats["mean"] or None, stats["mad"] or None)
-    weights = state["module"]
-    used_ema = bool(use_ema and state.get("ema"))
-    if used_ema:
-        weights = {**weights, **state["ema"]["shadow"]}
+    weights, used_ema = model_weights(state, use_ema)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{states} does not match the model it describes: missing {missing[:5]}, "

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from trainer.export import CheckpointError, read_model_states
+from trainer.export import CheckpointError, model_weights, read_model_states
 
 BRANCH_COPIES = (("growth.", "nucleation."),)  # (destination prefix, source prefix)
 
@@ -25,10 +25,7 @@ def checkpoint_weights(path: str) -> tuple[str, dict[str, torch.Tensor]]:
     folder, states, state = read_model_states(path)
     if "module" not in state:
         raise CheckpointError(f"{states} has no 'module': not a checkpoint written by trainer/main.py")
-    weights = dict(state["module"])
-    if state.get("ema"):
-        weights.update(state["ema"]["shadow"])
-    return folder, weights
+    return folder, model_weights(state)[0]
 
 
 def initialise(model: torch.nn.Module, path: str) -> dict:
