@@ -10,7 +10,7 @@ import json
 import platform
 import time
 
-from .loader import LoaderConfig, StreamingLoader
+from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
 
 
 def run(url: str, split: str = "train", workers: int = 0, batch_size: int | None = 64,

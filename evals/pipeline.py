@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from datasets.elements import QM9_ATOM_VOCAB
-from datasets.manifest import ManifestError, load_manifest
+from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.datasets.shards.manifest import ManifestError, load_manifest
 
 log = logging.getLogger("evals.generate")
 STATS_CHUNK = 500  # molecules per metric task
@@ -42,7 +42,7 @@ def _reference_manifest(url: str):
 
 
 def _stats_over_ray(ray, molecules, all_single: bool) -> dict:
-    from evals.metrics import merge_stats, molecule_stats
+    from molscale.evals.protocol.metrics import merge_stats, molecule_stats
     task = ray.remote(molecule_stats)
     refs = [task.remote(molecules[i:i + STATS_CHUNK], all_single) for i in range(0, len(molecules), STATS_CHUNK)]
     return merge_stats(ray.get(refs))
@@ -55,12 +55,13 @@ def _property_mae(ray, checkpoint: str, names: list[str], url: str, split: str) 
     @ray.remote(num_cpus=1)
     def shard_errors(shard: dict):
         import torch
-        from datasets import storage
-        from datasets.loader import collate, vocab_lookup
-        from datasets.samples import decode_sample
-        from datasets.tario import read_shard_samples
-        from trainer.export import load_for_eval
-        from trainer.sampling import predict_properties
+
+        from molscale.datasets.shards import storage
+        from molscale.datasets.shards.samples import decode_sample
+        from molscale.datasets.shards.tario import read_shard_samples
+        from molscale.datasets.stream.loader import collate, vocab_lookup
+        from molscale.trainer.model.sampling import predict_properties
+        from molscale.trainer.train.checkpoints import load_for_eval
         torch.set_num_threads(1)
         loaded = load_for_eval(checkpoint)
         props = tuple(loaded.model.cfg.properties)
@@ -105,7 +106,7 @@ def _log_wandb(out_dir: str, metrics: dict, molecules_sdf: str, project: str, co
         table.add_data(i, props.get("smiles", ""), bool(props.get("valid", False)),
                        bool(props.get("mol_stable", False)), view)
     run.log({"molecules": table})
-    from evals.wandb_report import publish_report
+    from molscale.evals.outputs.wandb_report import publish_report
     url = publish_report(run, metrics)
     if url:
         print(f"W&B report: {url}")
@@ -123,17 +124,32 @@ def _json_safe(value):
     return value
 
 
+def publish(local_dir: str, out_url: str) -> None:
+    """Copy the finished output folder to ``out_url`` (a no-op when it is that local folder)."""
+    from molscale.datasets.shards import storage
+    fs, path = storage.get_fs(out_url)
+    if storage.is_local(fs) and os.path.abspath(path) == os.path.abspath(local_dir):
+        return
+    for name in sorted(os.listdir(local_dir)):
+        src = os.path.join(local_dir, name)
+        if os.path.isfile(src):
+            storage.retry(lambda: fs.put_file(src, storage.join(path, name)), f"uploading {name}")
+
+
 def run(args) -> int:
-    from evals.generate import connect_ray, generate, publish
-    from evals.metrics import compute_metrics
-    from evals.references import reference_histograms, reference_smiles
-    from evals.report import write_report
-    from evals.sdf import write_sdf
+    from molscale.evals.outputs.report import write_report
+    from molscale.evals.outputs.sdf import write_sdf
+    from molscale.evals.protocol.metrics import compute_metrics
+    from molscale.evals.protocol.references import (
+        reference_histograms,
+        reference_smiles,
+    )
+    from molscale.evals.ray_sampling import connect_ray, generate
     _check_args(args)
 
     # Everything that can be wrong with the inputs fails here, before Ray starts.
     if args.checkpoint:
-        from trainer.export import load_for_eval
+        from molscale.trainer.train.checkpoints import load_for_eval
         loaded = load_for_eval(args.checkpoint)
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
         reference_url = args.reference or loaded.dataset_url
@@ -151,7 +167,7 @@ def run(args) -> int:
         reference.split(args.reference_split)
     all_single = bool(set(vocab) - set(QM9_ATOM_VOCAB))  # GEOM protocol: all bonds single for validity
 
-    from datasets import storage
+    from molscale.datasets.shards import storage
     fs, out_path = storage.get_fs(args.out)
     local_out = out_path if storage.is_local(fs) else tempfile.mkdtemp(prefix="molscale-eval-")
     os.makedirs(local_out, exist_ok=True)
@@ -168,7 +184,7 @@ def run(args) -> int:
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))
     else:
-        from evals.molecules import load_split_molecules
+        from molscale.evals.protocol.molecules import load_split_molecules
         molecules = load_split_molecules(args.dataset, args.split)
 
     stats = _stats_over_ray(ray, molecules, all_single)

@@ -57,7 +57,7 @@ def s3():
 @pytest.fixture(scope="session")
 def qm9_small(tmp_path_factory):
     """The first 600 QM9 molecules as shards of 40 (several shards per split)."""
-    from datasets.build import build_qm9
+    from molscale.datasets.sources.qm9 import build_qm9
     out = str(tmp_path_factory.mktemp("qm9") / "qm9-600")
     build_qm9(out, limit=600, shard_size=40, workers=1, progress=False)
     return out

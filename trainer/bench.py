@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from trainer.diffusion import remove_mean
-from trainer.networks import GRAPH_LAYOUTS, ModelConfig, build_model
-from trainer.sampling import sample, sample_num_atoms, timestep_grid
+from molscale.trainer.model.diffusion import remove_mean
+from molscale.trainer.model.networks import GRAPH_LAYOUTS, ModelConfig, build_model
+from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
 
 MALLOC_TUNED = False  # set when run as a program, see tune_glibc_malloc
 LAYOUT_CHOICES = {"both": ["dense", "edge-list"], "all": ["dense", "edge-list", "edge-list-real"]}
@@ -45,7 +45,7 @@ def tune_glibc_malloc():
 
 
 def qm9_histogram():
-    from datasets.qm9 import train_atom_count_histogram
+    from molscale.datasets.sources.qm9 import train_atom_count_histogram
 
     return train_atom_count_histogram()
 

@@ -8,17 +8,20 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import logging
 import os
+import socket
 import sys
+import types
 
-# Run as a script, Python puts trainer/ first on sys.path; the project root is what we import from.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _ROOT
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    del sys.path[0]  # trainer/ holds molscale.trainer's modules, not top-level ones
+if importlib.util.find_spec("molscale") is None:  # a checkout without `pip install -e .`: serve it from here
+    sys.modules["molscale"] = types.ModuleType("molscale")
+    sys.modules["molscale"].__path__ = [os.path.dirname(_HERE)]
 
 
 def parse_args(argv=None):
@@ -33,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from the newest complete checkpoint in the run dir, if any; "
                         "or a checkpoint/run folder")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: train.max_steps)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -66,7 +70,7 @@ def init_distributed() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.config import ConfigError, load_config
+    from molscale.trainer.train.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -77,10 +81,10 @@ def main(argv=None) -> int:
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     if args.dry_run:
-        from trainer.plan import print_plan
+        from molscale.trainer.train.dry_run import print_plan
         return print_plan(cfg)
 
-    from datasets.manifest import ManifestError, load_manifest
+    from molscale.datasets.shards.manifest import ManifestError, load_manifest
     try:
         load_manifest(cfg.data.url, cfg.storage)  # a missing dataset fails here, before any process group
     except ManifestError as err:
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
 
     init_distributed()
     import torch.distributed as dist
-    from trainer.engine import NonFiniteLossError, Trainer, write_config
+
+    from molscale.trainer.train.engine import NonFiniteLossError, Trainer, write_config
     if dist.get_rank() == 0:
         write_config(cfg, cfg.train.run_dir)
     trainer = Trainer(cfg, cfg.train.run_dir, resume=args.resume)

@@ -8,16 +8,16 @@ import time
 import numpy as np
 import pytest
 
-from datasets import qm9
-from datasets.loader import LoaderConfig, StreamingLoader
-from datasets.manifest import load_manifest
-from datasets.samples import decode_sample
-from datasets.tario import read_shard_samples
+from molscale.datasets.shards.manifest import load_manifest
+from molscale.datasets.shards.samples import decode_sample
+from molscale.datasets.shards.tario import read_shard_samples
+from molscale.datasets.sources import qm9
+from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
 
 
 def all_samples(url, storage_options=None):
     """Every sample of every split, decoded, keyed by __key__ (reads the shards directly)."""
-    from datasets import storage
+    from molscale.datasets.shards import storage
     manifest = load_manifest(url, storage_options)
     fs, _ = storage.get_fs(url, storage_options)
     out = {}
@@ -73,7 +73,7 @@ def test_small_build_contents(qm9_small):
 
 
 def test_rebuild_is_a_noop_and_other_params_are_refused(qm9_small, capsys):
-    from datasets.build import build_qm9
+    from molscale.datasets.sources.qm9 import build_qm9
     before = os.stat(os.path.join(qm9_small, "manifest.json")).st_mtime_ns
     build_qm9(qm9_small, limit=600, shard_size=40, workers=1, progress=False)
     assert "nothing to do" in capsys.readouterr().out
@@ -83,7 +83,7 @@ def test_rebuild_is_a_noop_and_other_params_are_refused(qm9_small, capsys):
 
 
 def test_build_to_s3_reads_back_identical(qm9_small, s3):
-    from datasets.build import build_qm9
+    from molscale.datasets.sources.qm9 import build_qm9
     url = "s3://test-bucket/qm9-600"
     build_qm9(url, limit=600, shard_size=40, workers=2, progress=False)
     local, remote = all_samples(qm9_small), all_samples(url)
@@ -163,7 +163,7 @@ def test_full_qm9_build(tmp_path):
     perm = np.random.permutation(130831)
     gdb_ids = np.array([int(r["Index"]) for r in qm9.iter_rows()])
     expected_test = {f"qm9-{g:06d}" for g in gdb_ids[perm[117748:]]}
-    from datasets import storage
+    from molscale.datasets.shards import storage
     fs, _ = storage.get_fs(str(out))
     test_keys = {s["__key__"] for shard in m.shards("test")
                  for s in read_shard_samples(fs.cat_file(m.shard_url(shard)))}

@@ -12,14 +12,14 @@ import pytest
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
-from datasets.bonds import bonds_from_mol
-from datasets.elements import GEOM_ATOM_VOCAB
-from datasets.geom import assign_split, build_geom
-from datasets.loader import LoaderConfig, StreamingLoader
-from datasets.manifest import load_manifest
-from datasets.pcqm4mv2 import build_pcqm4mv2
-from datasets.samples import decode_sample
-from datasets.tario import read_shard_samples
+from molscale.datasets.chemistry.bonds import bonds_from_mol
+from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB
+from molscale.datasets.shards.manifest import load_manifest
+from molscale.datasets.shards.samples import decode_sample
+from molscale.datasets.shards.tario import read_shard_samples
+from molscale.datasets.sources.geom import assign_split, build_geom
+from molscale.datasets.sources.pcqm4mv2 import build_pcqm4mv2
+from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
 
 SMILES = ["CCO", "CCN", "CC(=O)O", "c1ccccc1O", "CC(C)C", "OCCO", "CCCl", "NCC(=O)O", "CC#N", "C1CCCC1",
           "COC", "CCCCO", "c1ccncc1", "CC(F)(F)F", "CCS", "CNC(=O)C", "C=CC=O", "OC1CCCC1", "CCBr", "CP"]
@@ -116,7 +116,7 @@ def check_geom(manifest, samples, k=K):
 
 
 def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
-    from datasets.__main__ import main
+    from molscale.datasets.cli import main
     out = str(tmp_path / "geom")
     assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
                  "--shard-size", "7", "--no-progress", "--workers", "1"]) == 0
@@ -171,7 +171,7 @@ def test_geom_parallel_workers_give_the_same_shards(tmp_path, msgpack_source):
 
 
 def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatch):
-    import datasets.geom as geom
+    import molscale.datasets.sources.geom as geom
     reference = build_geom(str(tmp_path / "ref"), msgpack_source, conformers=K, shard_size=7, progress=False)
     out = str(tmp_path / "partial")
     real = geom.add_molecule
@@ -211,7 +211,7 @@ def test_geom_parallel_build_on_s3_resumes(tmp_path, msgpack_source, s3, monkeyp
     """Worker processes write shards and part files straight to object storage; a rerun resumes there."""
     import fsspec
 
-    import datasets.geom as geom
+    import molscale.datasets.sources.geom as geom
     local = build_geom(str(tmp_path / "local"), msgpack_source, conformers=K, shard_size=7, progress=False)
     url = "s3://test-bucket/geom-parallel"
     real = geom.add_molecule
@@ -239,7 +239,7 @@ def test_geom_parallel_build_on_s3_resumes(tmp_path, msgpack_source, s3, monkeyp
 
 
 def test_pcqm4mv2_rerun_resumes(tmp_path, monkeypatch):
-    import datasets.pcqm4mv2 as pcqm
+    import molscale.datasets.sources.pcqm4mv2 as pcqm
     sdf, csv_path = write_pcqm(tmp_path, n_sdf=12, n_csv=14)
     reference = build_pcqm4mv2(str(tmp_path / "ref"), sdf, csv_path, shard_size=4, progress=False)
     out = str(tmp_path / "partial")

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.loader import LoaderConfig, StreamingLoader, TooManyBadShardsError
-from datasets.manifest import load_manifest
+from molscale.datasets.shards.manifest import load_manifest
+from molscale.datasets.stream.loader import (
+    LoaderConfig,
+    StreamingLoader,
+    TooManyBadShardsError,
+)
 
 BUDGET = dict(batch_size=None, pair_budget=24 * 18 * 18, bucket_bounds=(10, 14, 17, 20, 29))
 
@@ -130,7 +134,7 @@ def test_too_many_bad_shards_stop_with_a_clear_error(qm9_small, tmp_path):
 
 
 def test_unknown_split_and_property_are_clear_errors(qm9_small):
-    from datasets.manifest import ManifestError
+    from molscale.datasets.shards.manifest import ManifestError
     with pytest.raises(ManifestError, match="no split 'tset'"):
         StreamingLoader(LoaderConfig(url=qm9_small, split="tset"), rank=0, world_size=1)
     with pytest.raises(ValueError, match="properties .*'lumo_ev'"):
@@ -138,7 +142,7 @@ def test_unknown_split_and_property_are_clear_errors(qm9_small):
 
 
 def test_s3_outage_mid_stream_loses_and_repeats_nothing(qm9_small, s3):
-    from datasets.build import build_qm9
+    from molscale.datasets.sources.qm9 import build_qm9
     url = "s3://test-bucket/qm9-outage"
     build_qm9(url, limit=600, shard_size=40, workers=1, progress=False)
     cfg = LoaderConfig(url=url, batch_size=8, shuffle_buffer=1, seed=5, retries=8)
@@ -167,7 +171,7 @@ def test_s3_outage_mid_stream_loses_and_repeats_nothing(qm9_small, s3):
 
 
 def test_retry_backs_off_then_succeeds_and_gives_up_with_the_name():
-    from datasets.storage import retry
+    from molscale.datasets.shards.storage import retry
     calls = []
 
     def flaky():

@@ -8,9 +8,9 @@ import pytest
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
-from datasets.bonds import bonds_from_mol
-from datasets.geom import assign_split
-from datasets.smiles import build_smiles, moses_file, read_smiles
+from molscale.datasets.chemistry.bonds import bonds_from_mol
+from molscale.datasets.sources.geom import assign_split
+from molscale.datasets.sources.smiles import build_smiles, moses_file, read_smiles
 from tests.datasets.test_geom_pcqm import all_samples, loader_count, shard_bytes
 
 GOOD = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCN(CC)CC", "OC(=O)CCl", "C1CCOC1"]
@@ -68,7 +68,7 @@ def test_smiles_file_conformers(tmp_path, smiles_file):
 
 
 def test_smiles_over_ray_matches_processes(tmp_path, smiles_file):
-    from datasets.__main__ import main
+    from molscale.datasets.cli import main
     ray_out = str(tmp_path / "ray")
     assert main(["build", "smiles", "--input", smiles_file, "--out", ray_out, "--conformers", "2",
                  "--shard-size", "2", "--workers", "2", "--no-progress"]) == 0

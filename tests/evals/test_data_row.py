@@ -6,9 +6,9 @@ import os
 import fsspec
 import pytest
 
-import evals.references as references
-from evals.metrics import compute_metrics, molecule_stats
-from evals.molecules import load_split_molecules
+import molscale.evals.protocol.references as references
+from molscale.evals.protocol.metrics import compute_metrics, molecule_stats
+from molscale.evals.protocol.molecules import load_split_molecules
 
 
 def test_real_qm9_test_split_is_stable_and_valid(qm9_small):

@@ -94,7 +94,7 @@ def test_data_row_of_a_real_split(qm9_small, tmp_path):
                  "--no-wandb")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "data" / "metrics.json").read_text())
-    from datasets.manifest import load_manifest
+    from molscale.datasets.shards.manifest import load_manifest
     assert metrics["n_samples"] == load_manifest(qm9_small).count("test")
     assert metrics["atom_stability"] > 0.95 and metrics["validity"] > 0.9
     assert metrics["atom_type_tv"] < 0.1  # the test split against itself
@@ -135,7 +135,8 @@ def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
 def test_wandb_report_layout():
     """The Reports API object an online run saves (saving needs a W&B server, so only the build is tested)."""
     import wandb_workspaces.reports.v2 as wr
-    from evals.wandb_report import build_report
+
+    from molscale.evals.outputs.wandb_report import build_report
     report = build_report("team", "molscale-evals", "eval-7", {"n_samples": 10, "validity": 0.5, "mol_stability": None,
                                                                "atom_type_tv": 0.25, "mae_lumo": 31.5})
     assert isinstance(report, wr.Report) and report.project == "molscale-evals" and report.entity == "team"

@@ -2,10 +2,21 @@ import numpy as np
 import pytest
 import torch
 
-from evals.chemistry import novelty, uniqueness
-from evals.distribution import distribution_metrics, histograms_from_json, histograms_to_json, total_variation
-from evals.metrics import compute_metrics, evaluate, merge_stats, molecule_stats, reference_statistics
-from evals.molecules import as_molecule_list, from_padded
+from molscale.evals.protocol.chemistry import novelty, uniqueness
+from molscale.evals.protocol.distribution import (
+    distribution_metrics,
+    histograms_from_json,
+    histograms_to_json,
+    total_variation,
+)
+from molscale.evals.protocol.metrics import (
+    compute_metrics,
+    evaluate,
+    merge_stats,
+    molecule_stats,
+    reference_statistics,
+)
+from molscale.evals.protocol.molecules import as_molecule_list, from_padded
 
 from .helpers import embedded, kekule_benzene, star
 

@@ -4,9 +4,13 @@ import os
 
 import numpy as np
 
-from evals.metrics import compute_metrics, molecule_stats, reference_statistics
-from evals.report import write_report
-from evals.sdf import read_sdf, write_sdf
+from molscale.evals.outputs.report import write_report
+from molscale.evals.outputs.sdf import read_sdf, write_sdf
+from molscale.evals.protocol.metrics import (
+    compute_metrics,
+    molecule_stats,
+    reference_statistics,
+)
 
 from .helpers import embedded, kekule_benzene, star
 

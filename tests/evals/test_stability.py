@@ -1,9 +1,13 @@
 import numpy as np
 import pytest
 
-from evals.bond_tables import allowed_valences, bond_length_pm, bond_thresholds_angstrom
-from evals.metrics import analyse_molecule, evaluate
-from evals.stability import bond_order_matrix, molecule_stability
+from molscale.evals.protocol.bond_tables import (
+    allowed_valences,
+    bond_length_pm,
+    bond_thresholds_angstrom,
+)
+from molscale.evals.protocol.metrics import analyse_molecule, evaluate
+from molscale.evals.protocol.stability import bond_order_matrix, molecule_stability
 
 from .helpers import embedded, kekule_benzene, pair, star
 

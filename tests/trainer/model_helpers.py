@@ -2,8 +2,8 @@
 
 import torch
 
-from trainer.diffusion import remove_mean
-from trainer.networks import ModelConfig, build_model
+from molscale.trainer.model.diffusion import remove_mean
+from molscale.trainer.model.networks import ModelConfig, build_model
 
 
 def make_batch(num_atoms, n_max=None, dtype=torch.float64, seed=0, num_types=5, num_props=2):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from trainer.config import ConfigError, load_config
+from molscale.trainer.train.config import ConfigError, load_config
 
 
 def main_py(*args, **kw):
@@ -67,7 +67,7 @@ def test_dry_run_plans_64_gpus():
 def test_dry_run_counts_steps_per_epoch(qm9_small):
     r = main_py("--config", "cluster/cpu_smoke.json", "--set", f"data.url={qm9_small}", "--dry-run")
     assert r.returncode == 0, r.stderr
-    from datasets.manifest import load_manifest
+    from molscale.datasets.shards.manifest import load_manifest
     n_train = load_manifest(qm9_small).count("train")
     assert f"train_molecules            {n_train}" in r.stdout
     assert f"optimizer_steps_per_epoch  {-(-n_train // 32)}" in r.stdout

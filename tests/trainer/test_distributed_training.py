@@ -71,7 +71,7 @@ def log_tail(run_dir):
 
 @pytest.fixture(scope="module")
 def s3_data(qm9_small, s3):
-    from datasets.build import build_qm9
+    from molscale.datasets.sources.qm9 import build_qm9
     url = "s3://test-bucket/qm9-train"
     build_qm9(url, limit=600, shard_size=40, workers=1, progress=False)
     return url
@@ -143,7 +143,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(reference_run, s3_data, tmp_p
             break
         time.sleep(0.1)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if any("trainer/main.py" in part for part in p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+             if any("trainer/main.py" in part for part in p.cmdline())
+             and "deepspeed.launcher" not in " ".join(p.cmdline())]
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     for p in ranks:  # what SLURM or Kubernetes do on preemption: SIGTERM to every task
         p.send_signal(signal.SIGTERM)
@@ -159,8 +160,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(reference_run, s3_data, tmp_p
 
 def poison(src, dst, shards):
     """Copy a dataset, with every molecule of the named shards given NaN coordinates."""
-    from datasets.samples import decode_sample, encode_sample
-    from datasets.tario import read_shard_samples
+    from molscale.datasets.shards.samples import decode_sample, encode_sample
+    from molscale.datasets.shards.tario import read_shard_samples
     shutil.copytree(src, dst)
     for name in shards:
         path = os.path.join(dst, name)
@@ -175,7 +176,7 @@ def poison(src, dst, shards):
 
 
 def test_nan_losses_are_skipped_and_counted(qm9_small, tmp_path):
-    from datasets.manifest import load_manifest
+    from molscale.datasets.shards.manifest import load_manifest
     train = [s["name"] for s in load_manifest(qm9_small).shards("train")]
     url = poison(qm9_small, tmp_path / "some-nan", train[::2])
     run_dir = tmp_path / "nan-some"
@@ -190,7 +191,7 @@ def test_nan_losses_are_skipped_and_counted(qm9_small, tmp_path):
 
 
 def test_only_nan_losses_stop_the_run_with_a_checkpoint(qm9_small, tmp_path):
-    from datasets.manifest import load_manifest
+    from molscale.datasets.shards.manifest import load_manifest
     train = [s["name"] for s in load_manifest(qm9_small).shards("train")]
     url = poison(qm9_small, tmp_path / "all-nan", train)
     run_dir = tmp_path / "nan-all"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer import bench
+from molscale.trainer import bench
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
+from molscale.trainer.model.diffusion import (
+    com_free_noise,
+    draw_unigem_t,
+    model_loss,
+    remove_mean,
+)
 from tests.trainer.model_helpers import make_batch, tiny_model
-from trainer.diffusion import com_free_noise, draw_unigem_t, model_loss, remove_mean
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

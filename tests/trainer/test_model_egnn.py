@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from molscale.trainer.model.diffusion import model_loss
+from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
 from tests.trainer.model_helpers import make_batch, random_orthogonal, tiny_model
-from trainer.diffusion import model_loss
-from trainer.egnn import DenseGraph, EGNNBlock
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

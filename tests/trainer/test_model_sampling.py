@@ -3,8 +3,14 @@
 import pytest
 import torch
 
+from molscale.trainer.model.sampling import (
+    ancestral_step,
+    predict_properties,
+    sample,
+    sample_num_atoms,
+    timestep_grid,
+)
 from tests.trainer.model_helpers import make_batch, tiny_model
-from trainer.sampling import ancestral_step, predict_properties, sample, sample_num_atoms, timestep_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.schedule import NoiseSchedule, clip_step_ratios
+from molscale.trainer.model.schedule import NoiseSchedule, clip_step_ratios
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

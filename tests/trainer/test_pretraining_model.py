@@ -5,9 +5,14 @@ import time
 import pytest
 import torch
 
+from molscale.trainer.model.networks import ModelConfig, UniGEM
+from molscale.trainer.model.pretraining import (
+    TRUNK_PREFIXES,
+    MoleculeJAE,
+    PretrainConfig,
+    trunk_state_dict,
+)
 from tests.trainer.model_helpers import make_batch, random_orthogonal
-from trainer.networks import ModelConfig, UniGEM
-from trainer.pretraining import TRUNK_PREFIXES, MoleculeJAE, PretrainConfig, trunk_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

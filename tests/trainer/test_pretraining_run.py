@@ -34,14 +34,14 @@ def test_pretraining_loss_falls(pretrained):
 
 
 def test_a_pretraining_checkpoint_is_not_a_generator(pretrained):
-    from trainer.export import CheckpointError, load_for_eval
+    from molscale.trainer.train.checkpoints import CheckpointError, load_for_eval
     with pytest.raises(CheckpointError, match="moleculejae pretraining checkpoint"):
         load_for_eval(str(pretrained))
 
 
 def test_init_from_loads_the_trunk_and_reports(pretrained):
-    from trainer.init_from import checkpoint_weights, initialise
-    from trainer.networks import ModelConfig, UniGEM
+    from molscale.trainer.model.networks import ModelConfig, UniGEM
+    from molscale.trainer.train.init_from import checkpoint_weights, initialise
     model = UniGEM(ModelConfig(hidden=32, layers=3, shared_blocks=1, properties=["lumo"]))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     report = initialise(model, str(pretrained))

@@ -1,0 +1,138 @@
+"""``manifest.json``: what a dataset holds. Written last by a build, so its presence means complete.
+
+Layout (all counts are molecules/conformers):
+    format, source {name, version}, command, build {params that decide the content}, created,
+    atom_vocab [Z...], properties {name: {unit}}, property_stats {name: {mean, mad}} (train split),
+    splits {name: {count, shards [{name, count, bytes, num_atoms [...]}], atom_count_histogram}},
+    rejected {total, reasons {reason: count}, examples [...]}, notes {counter: count}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from molscale.datasets.shards import storage
+
+FORMAT = "molscale-shards/1"
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Manifest:
+    url: str
+    data: dict
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def atom_vocab(self) -> list[int]:
+        return list(self.data["atom_vocab"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def split(self, name: str) -> dict:
+        if name not in self.data["splits"]:
+            raise ManifestError(f"{self.url}: no split {name!r}; the dataset has {', '.join(self.splits)}")
+        return self.data["splits"][name]
+
+    def shards(self, split: str) -> list[dict]:
+        return self.split(split)["shards"]
+
+    def shard_url(self, shard: dict) -> str:
+        return storage.join(self.url, shard["name"])
+
+    def count(self, split: str) -> int:
+        return int(self.split(split)["count"])
+
+    def atom_count_histogram(self, split: str = "train") -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.split(split)["atom_count_histogram"].items()}
+
+    def property_stats(self) -> dict[str, dict[str, float]]:
+        return dict(self.data.get("property_stats", {}))
+
+    @property
+    def max_atoms(self) -> int:
+        return max(max(self.atom_count_histogram(s)) for s in self.splits if self.count(s))
+
+
+def validate(data: dict, where: str) -> None:
+    """Raise ManifestError naming the first missing or inconsistent field."""
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{where}: format is {data.get('format')!r}, expected {FORMAT!r}")
+    for field in ("source", "atom_vocab", "splits", "rejected"):
+        if field not in data:
+            raise ManifestError(f"{where}: missing field {field!r}")
+    for name, split in data["splits"].items():
+        total = sum(int(s["count"]) for s in split["shards"])
+        if total != split["count"]:
+            raise ManifestError(f"{where}: split {name!r} says {split['count']} samples but its shards "
+                                f"hold {total}")
+        for shard in split["shards"]:
+            if len(shard.get("num_atoms", ())) != shard["count"]:
+                raise ManifestError(f"{where}: shard {shard['name']} lists {len(shard.get('num_atoms', ()))} "
+                                    f"atom counts for {shard['count']} samples")
+
+
+def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    fs, path = storage.get_fs(url, storage_options)
+    manifest_path = storage.join(path, MANIFEST_NAME)
+    where = storage.join(url, MANIFEST_NAME)
+    try:
+        raw = storage.read_bytes(fs, manifest_path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ManifestError(f"{where} not found: {url} is not a complete dataset (a build that was "
+                            f"interrupted writes no manifest). Build it with `python -m datasets build ...`; "
+                            f"rerunning an "
+                            f"interrupted geom, pcqm4mv2 or smiles build resumes it.") \
+            from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{where} is not valid JSON: {err}") from None
+    validate(data, where)
+    return Manifest(url=url.rstrip("/"), data=data)
+
+
+def save_manifest(fs, path: str, data: dict) -> None:
+    validate(data, path)
+    storage.write_bytes(fs, storage.join(path, MANIFEST_NAME), json.dumps(data, indent=1).encode())
+
+
+def verify_shards(manifest: Manifest, storage_options: dict | None = None) -> list[str]:
+    """Problems with the shards on storage versus the manifest: missing files or wrong sizes."""
+    fs, path = storage.get_fs(manifest.url, storage_options)
+    fs.invalidate_cache(path)  # s3fs caches listings; a check must see the store as it is now
+    try:
+        by_basename = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size")
+                       for entry in fs.ls(path, detail=True)}
+    except FileNotFoundError:
+        by_basename = {}
+    problems = []
+    for split in manifest.splits:
+        for shard in manifest.shards(split):
+            size = by_basename.get(shard["name"])
+            if size is None:
+                problems.append(f"{shard['name']}: missing")
+            elif shard.get("bytes") is not None and int(size) != int(shard["bytes"]):
+                problems.append(f"{shard['name']}: {size} bytes on storage, manifest says {shard['bytes']}")
+    return problems
+
+
+def histogram(num_atoms) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(list(num_atoms), dtype=np.int64), return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+def mean_mad(values) -> dict[str, float]:
+    """Mean and mean absolute deviation (the normalisation of FACTS.md)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    return {"mean": mean, "mad": float(np.abs(values - mean).mean())}

@@ -1,0 +1,204 @@
+"""Any SMILES list (or the drug-like MOSES set) -> 3D conformers -> shards, fanned out over Ray.
+
+Each molecule: RDKit parses the SMILES, adds hydrogens, embeds K conformers with ETKDGv3 (seeded per
+molecule, so the result does not depend on which worker builds it), optimises each with MMFF94, and keeps
+them all, ordered by MMFF energy. Sample key ``smiles-{molecule index:08d}-{rank:02d}`` (index = position in
+the input, rejected molecules included), ``props.json`` ``{"mmff_energy": E (kcal/mol), "energy_rank": r}``,
+``bonds.npy`` from the RDKit molecule (aromatic = 4), ``smiles.txt`` the input SMILES. Atom vocabulary:
+GEOM-Drugs' 16 types, so these shards and GEOM shards fit the same models. Split 80/10/10 by molecule from a
+seeded hash of the canonical SMILES (duplicates land in the same split).
+
+Rejected and counted, by reason: unparsable SMILES, unsupported element, embedding failure, missing MMFF
+parameters, non-finite coordinates. Inputs: a text file with one SMILES per line (first whitespace-separated
+token; blank lines and lines starting with # skipped; .gz allowed), a CSV with a ``smiles`` column, or
+``moses`` / ``moses:test`` / ``moses:test_scaffolds``: the splits shipped in the PyPI package molsets
+(install it with ``pip install --no-deps molsets``: only its data files are read).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import io
+import itertools
+import os
+
+import numpy as np
+from rdkit import Chem, RDLogger
+from rdkit.Chem import AllChem
+
+from molscale.datasets.chemistry.bonds import bonds_from_mol
+from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
+from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
+from molscale.datasets.shards.manifest import FORMAT, load_manifest
+from molscale.datasets.shards.samples import encode_sample
+from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
+
+RDLogger.DisableLog("rdApp.*")
+
+DEFAULT_CONFORMERS = 5
+DEFAULT_CHUNK_MOLECULES = 200
+MOSES_SPLITS = ("train", "test", "test_scaffolds")
+MMFF_MAX_ITERS = 500
+_VOCAB = frozenset(GEOM_ATOM_VOCAB)
+
+
+def moses_file(name: str) -> str:
+    """Path of a MOSES split's csv.gz inside the installed molsets package (found without importing it)."""
+    split = name.split(":", 1)[1] if ":" in name else "train"
+    if split not in MOSES_SPLITS:
+        raise SystemExit(f"error: --input {name}: MOSES has the splits {', '.join(MOSES_SPLITS)} "
+                         f"(moses, moses:test, moses:test_scaffolds).")
+    spec = importlib.util.find_spec("moses")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: --input moses needs the MOSES data of the PyPI package molsets: "
+                         "`pip install --no-deps molsets` (its other dependencies are not needed).")
+    path = os.path.join(spec.submodule_search_locations[0], "dataset", "data", f"{split}.csv.gz")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: the installed molsets package has no {path}; reinstall molsets 0.3.1.")
+    return path
+
+
+def read_smiles(path: str):
+    """SMILES strings of a text or CSV file (plain or gzip), in file order."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    text = io.TextIOWrapper(gzip.open(path, "rb") if gzipped else open(path, "rb"), encoding="utf-8",
+                            newline="")
+    with text:
+        first = text.readline()
+        header = next(csv.reader([first]), [])
+        column = next((i for i, name in enumerate(header) if name.strip().lower() == "smiles"), None)
+        if column is not None:  # a CSV with a smiles column
+            for row in csv.reader(text):
+                if row:
+                    yield row[column].strip() if column < len(row) else ""
+            return
+        for line in itertools.chain([first], text):  # no header: the first line is data
+            if line.strip() and not line.startswith("#"):
+                yield line.split()[0]
+
+
+def smiles_chunks(path: str, chunk_molecules: int, limit: int | None):
+    chunk, first, items = 0, 0, []
+    for index, smiles in enumerate(read_smiles(path)):
+        if limit is not None and index >= limit:
+            break
+        items.append(smiles)
+        if len(items) == chunk_molecules:
+            yield chunk, (first, items), len(items)
+            chunk, first, items = chunk + 1, first + len(items), []
+    if items:
+        yield chunk, (first, items), len(items)
+
+
+def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int]]:
+    """Embed up to k ETKDGv3 conformers and MMFF-optimise them: [(energy kcal/mol, conformer id)] sorted."""
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed
+    params.numThreads = 1
+    ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=k, params=params))
+    if not ids:  # hard cases (large rings, cages) often embed from random coordinates
+        params.useRandomCoords = True
+        ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=k, params=params))
+    if not ids:
+        return []
+    results = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=MMFF_MAX_ITERS)
+    return sorted((energy, conf_id) for conf_id, (_, energy) in zip(ids, results))
+
+
+def add_molecule(sink, index: int, smiles: str, params: dict) -> None:
+    rejected, record = sink.rejected, f"smiles {index} ({smiles})"
+    mol = Chem.MolFromSmiles(smiles) if smiles else None
+    if mol is None:
+        rejected.add(record, "unparsable smiles")
+        return
+    bad = sorted({a.GetAtomicNum() for a in mol.GetAtoms()} - _VOCAB)
+    if bad:
+        rejected.add(record, f"unsupported element: {', '.join(Z_TO_SYMBOL.get(z, f'Z={z}') for z in bad)}")
+        return
+    mol = Chem.AddHs(mol)
+    if not AllChem.MMFFHasAllMoleculeParams(mol):
+        rejected.add(record, "no MMFF parameters")
+        return
+    ranked = conformers(mol, params["conformers"], params["seed"] * 1_000_003 + index)
+    if not ranked:
+        rejected.add(record, "embedding failed")
+        return
+    sink.notes["conformers_short"] += params["conformers"] - len(ranked)
+    z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    bonds = bonds_from_mol(mol)
+    split = assign_split(params["seed"], Chem.MolToSmiles(mol))
+    for rank, (energy, conf_id) in enumerate(ranked):
+        pos = mol.GetConformer(conf_id).GetPositions()
+        if not (np.all(np.isfinite(pos)) and np.isfinite(energy)):
+            rejected.add(f"{record} conformer {conf_id}", "non-finite coordinate")
+            continue
+        pos = pos - pos.mean(axis=0, keepdims=True)
+        sample = encode_sample(f"smiles-{index:08d}-{rank:02d}", pos, z,
+                               {"mmff_energy": float(energy), "energy_rank": rank}, bonds, smiles)
+        sink.write(split, sample, z, {"mmff_energy": float(energy)})
+
+
+def smiles_chunk(sink, payload, params: dict) -> None:
+    """Worker (a Ray task): every molecule of one chunk."""
+    first, items = payload
+    for offset, smiles in enumerate(items):
+        sink.notes["molecules_read"] += 1
+        add_molecule(sink, first + offset, smiles, params)
+
+
+def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, limit: int | None = None,
+                 shard_size: int | None = None, seed: int = 0, workers: int = 1, backend: str = "ray",
+                 storage_options: dict | None = None, command: str = "", progress: bool = True):
+    """SMILES file or MOSES -> conformer shards + manifest; chunks of ``shard_size`` molecules are built by
+    Ray tasks (``backend="ray"``, a local Ray of ``workers`` CPUs unless $RAY_ADDRESS names a cluster) or
+    worker processes; a rerun resumes a killed build."""
+    shard_size = DEFAULT_CHUNK_MOLECULES if shard_size is None else shard_size
+    if not source:
+        raise SystemExit("error: smiles needs --input FILE (one SMILES per line, or a CSV with a smiles "
+                         "column) or --input moses.")
+    if conformers < 1:
+        raise SystemExit(f"error: --conformers must be at least 1 (got {conformers}).")
+    if limit is not None and limit < 1:
+        raise SystemExit(f"error: --limit must be at least 1 (got {limit}); leave it out for all molecules.")
+    if shard_size < 1:
+        raise SystemExit(f"error: --shard-size must be at least 1 (got {shard_size}).")
+    if backend not in ("ray", "process"):
+        raise SystemExit(f"error: --backend must be ray or process (got {backend!r}).")
+    if source == "moses" or source.startswith("moses:"):
+        path, name = moses_file(source), source
+    else:
+        path = os.path.abspath(source)
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --input {source} does not exist (give a SMILES file or 'moses').")
+        name = path
+    params = {"source": "smiles", "input": name, "conformers": conformers, "seed": seed, "limit": limit,
+              "shard_size": shard_size, "format": FORMAT,
+              "rdkit": Chem.rdBase.rdkitVersion, "method": "ETKDGv3 + MMFF94"}
+    done, merged, finalize = chunked_build(out_url, params, storage_options,
+                                           lambda: smiles_chunks(path, shard_size, limit), smiles_chunk,
+                                           SPLIT_NAMES, workers, progress, "smiles -> conformers",
+                                           backend=backend, unit_total=limit)
+    if done is not None:
+        return done
+    notes = merged["notes"]
+    manifest = chunked_manifest(
+        merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,
+        source={"name": "moses" if name.startswith("moses") else "smiles", "input": name, "path": path},
+        properties={"mmff_energy": {"unit": "kcal/mol"}},
+        notes={
+            "molecules_read": {"total": notes["molecules_read"], "meaning": "SMILES read from the input"},
+            "conformers_short": {"total": notes["conformers_short"],
+                                 "meaning": f"conformers fewer than {conformers} because ETKDG embedded fewer"},
+        },
+        details={
+            "conformers_per_molecule": conformers,
+            "method": f"RDKit {Chem.rdBase.rdkitVersion}: AddHs, ETKDGv3 (randomSeed = seed * 1000003 + index), "
+                      f"MMFF94 optimisation (maxIters {MMFF_MAX_ITERS}); conformers ranked by MMFF energy",
+            "split": {"by": "molecule", "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
+                      "method": "blake2b(seed:canonical smiles) -> uniform [0,1) -> 80/10/10"},
+        })
+    finalize(manifest)
+    return load_manifest(out_url, storage_options)

@@ -1,0 +1,284 @@
+"""Streaming loader: shards on any fsspec URL -> padded, CoM-free batches for training.
+
+    loader = StreamingLoader(LoaderConfig(url="s3://bucket/qm9", batch_size=64), rank=r, world_size=w)
+    for batch in loader:            # the rest of the current epoch; then loader.epoch advances
+        ...
+    state = loader.state_dict()     # resume later at exactly the next batch
+
+What each rank and worker reads is planned from the manifest (datasets/plan.py). Workers fetch a
+whole shard at a time (retried with backoff on transient storage errors), keep only the samples
+their remaining batches need, and emit batches in plan order. A corrupt or missing shard is
+logged, counted and skipped; more than ``max_bad_shards`` of them stop the run with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from molscale.datasets.shards import storage
+from molscale.datasets.shards.manifest import Manifest, load_manifest
+from molscale.datasets.shards.samples import decode_sample
+from molscale.datasets.shards.tario import CorruptShardError, read_shard_samples
+from molscale.datasets.stream.plan import Batching, plan_epoch
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadShardsError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoaderConfig:
+    url: str
+    split: str = "train"
+    batch_size: int | None = 64            # molecules per batch (the papers use 64) ...
+    pair_budget: int | None = None         # ... or an atom-pair budget per batch (sum B * N_max^2)
+    bucket_bounds: tuple[int, ...] = ()    # atom-count bucket upper bounds for budget batching
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    num_workers: int = 0
+    prefetch_factor: int = 4
+    max_bad_shards: int | None = None      # default: 1% of the split's shards, at least 1
+    retries: int = 6                       # attempts per shard read on transient errors
+    properties: tuple[str, ...] | None = None  # props columns; default: every property in the manifest
+    with_bonds: bool = False
+    storage: dict | None = field(default=None, repr=False)
+
+    def batching(self) -> Batching:
+        return Batching(self.batch_size, self.pair_budget, tuple(self.bucket_bounds), self.shuffle,
+                        self.shuffle_buffer)
+
+
+def vocab_lookup(atom_vocab) -> np.ndarray:
+    """[256] table: atomic number -> index in the dataset's atom vocabulary (0 elsewhere)."""
+    table = np.zeros(256, dtype=np.int64)
+    table[list(atom_vocab)] = np.arange(len(atom_vocab))
+    return table
+
+
+def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str, ...],
+            with_bonds: bool) -> dict:
+    """Pad decoded samples to [B, N_max]; positions CoM-free over real atoms (float32).
+
+    pos [B, N, 3] float32, node_mask [B, N] bool, z and atom_type [B, N] int64 (0 at padding),
+    num_atoms [B] int64, props [B, P] float32 in dataset units, keys [B] str,
+    bond_order [B, N, N] int8 and has_bonds [B] bool (with_bonds; aromatic = 4).
+    """
+    sizes = [len(s["z"]) for s in samples]
+    B, N = len(samples), max(sizes)
+    pos = np.zeros((B, N, 3), dtype=np.float32)
+    z = np.zeros((B, N), dtype=np.int64)
+    mask = np.zeros((B, N), dtype=bool)
+    for b, s in enumerate(samples):
+        n = sizes[b]
+        pos[b, :n] = s["pos"]
+        z[b, :n] = s["z"]
+        mask[b, :n] = True
+    num_atoms = np.asarray(sizes, dtype=np.int64)
+    pos -= (pos.sum(axis=1, keepdims=True) / num_atoms[:, None, None]) * mask[..., None]
+    # numpy, not torch: worker processes pickle numpy through the pipe far faster than torch
+    # moves small tensors through shared memory; StreamingLoader converts (zero-copy).
+    batch = {
+        "pos": pos,
+        "node_mask": mask,
+        "z": z,
+        "atom_type": vocab_index[z] * mask,
+        "num_atoms": num_atoms,
+        "props": np.asarray([[s["props"][p] for p in properties] for s in samples],
+                            dtype=np.float32).reshape(B, len(properties)),
+        "keys": [s["key"] for s in samples],
+    }
+    if with_bonds:
+        order = np.zeros((B, N, N), dtype=np.int8)
+        has_bonds = np.zeros(B, dtype=bool)
+        for b, s in enumerate(samples):
+            if s["bonds"] is not None:
+                has_bonds[b] = True
+                if len(s["bonds"]):
+                    i, j, o = s["bonds"].T
+                    order[b, i, j] = o
+                    order[b, j, i] = o
+        batch["bond_order"] = order
+        batch["has_bonds"] = has_bonds  # False: bonds unknown (e.g. perception failed), not "no bonds"
+    return batch
+
+
+class _EpochStream(IterableDataset):
+    """The batches of one rank for one epoch, from the batch numbers in ``skip`` on, per worker."""
+
+    def __init__(self, cfg: LoaderConfig, manifest: Manifest, rank: int, world_size: int, epoch: int,
+                 skip: list[int], properties: tuple[str, ...]):
+        self.cfg, self.manifest, self.rank, self.world_size = cfg, manifest, rank, world_size
+        self.epoch, self.skip, self.properties = epoch, skip, properties
+        self.vocab_index = vocab_lookup(manifest.atom_vocab)
+        self.shards = manifest.shards(cfg.split)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        streams = max(1, self.cfg.num_workers)
+        plan = plan_epoch([s["count"] for s in self.shards], [s["num_atoms"] for s in self.shards],
+                          self.cfg.batching(), self.epoch, self.cfg.seed, self.world_size, streams)
+        wplan = plan[self.rank][worker]
+        fs, _ = storage.get_fs(self.manifest.url, self.cfg.storage)
+        yield from self._run(wplan, worker, fs)
+
+    def _read_shard(self, fs, shard_id: int) -> list[dict] | None:
+        shard = self.shards[shard_id]
+        url = self.manifest.shard_url(shard)
+        path = storage.get_fs(url, self.cfg.storage)[1]
+        try:
+            data = storage.retry(lambda: fs.cat_file(path), f"reading {url}", attempts=self.cfg.retries)
+            samples = read_shard_samples(data)
+            if len(samples) != shard["count"]:
+                raise CorruptShardError(f"{len(samples)} samples, manifest says {shard['count']}")
+            return [decode_sample(s, self.cfg.with_bonds) for s in samples]
+        except (CorruptShardError, FileNotFoundError, ValueError, KeyError, OSError) as err:
+            log.error("skipping shard %s: %s", url, err)
+            return None
+
+    def _run(self, wplan, worker: int, fs):
+        first = self.skip[worker] if worker < len(self.skip) else 0
+        batches = wplan.batches[first:]
+        loaded: dict[int, dict | None] = {}    # stream position -> sample (None: its shard was bad)
+        needed = set(np.concatenate(batches).tolist()) if batches else set()
+        read_upto = 0                          # stream positions < read_upto have been read
+        bad_shards: list[str] = []
+        owed = 0                               # batches lost entirely to bad shards, repeated later
+        n = len(wplan.shard_ids)
+        for k, batch in enumerate(batches, start=first):
+            last = int(batch.max())
+            while read_upto <= last:
+                shard_id = int(wplan.shard_ids[read_upto])
+                end = read_upto
+                while end < n and wplan.shard_ids[end] == shard_id:
+                    end += 1
+                wanted = [p for p in range(read_upto, end) if p in needed]
+                if wanted:
+                    samples = self._read_shard(fs, shard_id)
+                    if samples is None:
+                        bad_shards.append(self.shards[shard_id]["name"])
+                        self._check_bad(bad_shards)
+                    for p in wanted:
+                        loaded[p] = None if samples is None else samples[int(wplan.index_in_shard[p])]
+                read_upto = end
+            got = [loaded.pop(int(p)) for p in batch]
+            got = [s for s in got if s is not None]
+            if not got:
+                owed += 1
+                continue
+            out = collate(got, self.vocab_index, self.properties, self.cfg.with_bonds)
+            out.update(worker=worker, batch_index=k, bad_shards=list(bad_shards))
+            for _ in range(1 + owed):  # keep the rank's batch count equal to the plan
+                yield dict(out)
+            owed = 0
+        if owed:
+            raise TooManyBadShardsError(f"worker {worker} of rank {self.rank} lost all of its last {owed} "
+                                        f"batch(es) to bad shards: {bad_shards}")
+
+    def _check_bad(self, bad: list[str]) -> None:
+        limit = self.cfg.max_bad_shards
+        if limit is None:
+            limit = max(1, len(self.shards) // 100)
+        if len(bad) > limit:
+            raise TooManyBadShardsError(
+                f"{len(bad)} corrupt or missing shards in {self.manifest.url} split {self.cfg.split!r} "
+                f"(limit data.max_bad_shards = {limit}): {', '.join(bad)}. Rebuild the dataset or raise the limit.")
+
+
+def _as_is(batch):
+    # Batches are collated in the worker already; the default would walk every key string again.
+    return batch
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingLoader:
+    """Epoch-based iteration over a split with exact, resumable position (see module docstring)."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
+                 manifest: Manifest | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.manifest = manifest or load_manifest(cfg.url, cfg.storage)
+        self.manifest.split(cfg.split)  # a clear error for an unknown split, before any work
+        cfg.batching()                  # likewise for a bad batching setup
+        known = tuple(self.manifest.data.get("properties", {}))
+        self.properties = tuple(cfg.properties) if cfg.properties is not None else known
+        missing = [p for p in self.properties if p not in known]
+        if missing:
+            raise ValueError(f"properties {missing} are not in {cfg.url} (it has {list(known)})")
+        if self.manifest.count(cfg.split) < world_size * max(1, cfg.num_workers):
+            raise ValueError(f"split {cfg.split!r} of {cfg.url} has {self.manifest.count(cfg.split)} samples, "
+                             f"fewer than ranks x workers = {world_size * max(1, cfg.num_workers)}")
+        self.epoch = 0
+        self._consumed = [0] * max(1, cfg.num_workers)   # batches handed out, per worker stream
+        self._bad_shards: set[str] = set()
+        self._len = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        if self._len is None:
+            shards = self.manifest.shards(self.cfg.split)
+            plan = plan_epoch([s["count"] for s in shards], [s["num_atoms"] for s in shards],
+                              self.cfg.batching(), self.epoch, self.cfg.seed, self.world_size,
+                              max(1, self.cfg.num_workers))
+            self._len = sum(len(p.batches) for p in plan[self.rank])
+        return self._len
+
+    @property
+    def bad_shards(self) -> list[str]:
+        return sorted(self._bad_shards)
+
+    def __iter__(self):
+        stream = _EpochStream(self.cfg, self.manifest, self.rank, self.world_size, self.epoch,
+                              list(self._consumed), self.properties)
+        workers = self.cfg.num_workers
+        # A generator of its own: DataLoader draws a base seed per iterator from it, and drawing from
+        # the global RNG would shift the training noise of a resumed run.
+        dl = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                        persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed))
+        for batch in dl:
+            self._consumed[batch.pop("worker")] = batch.pop("batch_index") + 1
+            self._bad_shards.update(batch.pop("bad_shards"))
+            yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        self.epoch += 1
+        self._consumed = [0] * max(1, workers)
+        self._len = None
+
+    # --- exact resume -----------------------------------------------------------------------
+    def _identity(self) -> dict:
+        c = self.cfg
+        return {"url": c.url.rstrip("/"), "split": c.split, "world_size": self.world_size,
+                "num_workers": max(1, c.num_workers), "seed": c.seed,
+                "batching": [c.batch_size, c.pair_budget, list(c.bucket_bounds), c.shuffle, c.shuffle_buffer]}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": list(self._consumed), "bad_shards": self.bad_shards,
+                **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._identity()
+        changed = [k for k in mine if k != "url" and state.get(k) != mine[k]]
+        if changed:
+            raise ValueError("cannot resume the data loader exactly: " + ", ".join(
+                f"{k} was {state.get(k)!r}, now {mine[k]!r}" for k in changed) +
+                ". Resume with the same world size, data.num_workers, seed and batching.")
+        self.epoch = int(state["epoch"])
+        self._consumed = list(state["consumed"])
+        self._bad_shards = set(state.get("bad_shards", []))
+        self._len = None

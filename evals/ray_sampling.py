@@ -1,0 +1,86 @@
+"""Sampling over Ray: actors that hold a checkpoint's EMA model and sample chunks of molecules.
+
+Each chunk's seed comes from --seed and the chunk's index, so the molecules depend on the seed and not
+on how many workers there are.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def connect_ray(num_cpus: int | None):
+    import ray
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def sampler_actor_class(ray):
+    @ray.remote
+    class Sampler:
+        """Holds the EMA model of one checkpoint; samples chunks of molecules."""
+
+        def __init__(self, checkpoint: str):
+            import torch
+
+            from molscale.trainer.train.checkpoints import load_for_eval
+            if not torch.cuda.is_available():
+                torch.set_num_threads(1)  # one actor per core
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.loaded = load_for_eval(checkpoint, self.device)
+
+        def sample(self, num_atoms: list[int], seed: int, stride: int) -> dict:
+            import torch
+
+            from molscale.trainer.model.sampling import sample
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            out = sample(self.loaded.model, torch.tensor(num_atoms), stride=stride, generator=generator,
+                         device=self.device)
+            return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
+                    "num_atoms": out["num_atoms"].cpu().numpy()}
+
+    return Sampler
+
+
+def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, batch: int):
+    """[(chunk seed, molecule indices, atom counts)]: counts drawn from the histogram, chunks of
+    similar sizes (sorted), each chunk's seed fixed by --seed and its index."""
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray(sorted(histogram), dtype=np.int64)
+    probs = np.asarray([histogram[s] for s in sizes], dtype=np.float64)
+    counts = rng.choice(sizes, size=n_samples, p=probs / probs.sum())
+    order = np.argsort(counts, kind="stable")
+    plan = []
+    for c, start in enumerate(range(0, n_samples, batch)):
+        idx = order[start:start + batch]
+        plan.append((int(seed) * 1_000_003 + c, idx, counts[idx]))
+    return plan
+
+
+def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed: int, workers: int,
+             histogram: dict[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Molecules as (z [N] uint8, pos [N, 3] float32), in the order the atom counts were drawn."""
+    from ray.util import ActorPool
+    from tqdm import tqdm
+    gpus = ray.cluster_resources().get("GPU", 0)
+    Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if gpus else \
+        sampler_actor_class(ray).options(num_cpus=1)
+    plan = chunk_plan(n_samples, histogram, seed, batch)
+    actors = [Sampler.remote(checkpoint) for _ in range(max(1, min(workers, len(plan))))]
+    pool = ActorPool(actors)
+    molecules: list = [None] * n_samples
+    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], stride), plan)
+    for (_, idx, counts), out in tqdm(zip(plan, results), total=len(plan), desc="sampling", unit="chunk"):
+        for row, i in enumerate(idx):
+            n = int(out["num_atoms"][row])
+            molecules[i] = (out["z"][row, :n], out["pos"][row, :n])
+    for actor in actors:
+        ray.kill(actor)
+    return molecules

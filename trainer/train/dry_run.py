@@ -1,0 +1,92 @@
+"""``--dry-run``: the resolved plan of a run, printed before any process group or GPU is touched."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from molscale.trainer.train.config import RunConfig
+
+EDGE_TENSORS_PER_BLOCK = 8  # rough count of [pairs, hidden] tensors one EGNN block keeps for backward
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2 ** 30:.2f} GiB"
+
+
+def plan(cfg: RunConfig) -> dict:
+    from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+    from molscale.datasets.shards.manifest import load_manifest
+    from molscale.trainer.train.engine import build_run_model, model_config
+
+    world = int(os.environ.get("WORLD_SIZE", cfg.cluster.nodes * cfg.cluster.gpus_per_node))
+    out: dict = {"world_size": world, "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node}
+    manifest, note = None, None
+    try:
+        manifest = load_manifest(cfg.data.url, cfg.storage)
+    except Exception as err:  # a dry run must work where the data is not reachable (a laptop, say)
+        note = f"dataset not reachable from here ({type(err).__name__}: {str(err)[:160]})"
+    vocab = cfg.model.atom_vocab or (manifest.atom_vocab if manifest else list(QM9_ATOM_VOCAB))
+    model = build_run_model(cfg, model_config(cfg, vocab), [0.0] * len(cfg.model.properties) or None,
+                            [1.0] * len(cfg.model.properties) or None)
+    params = sum(p.numel() for p in model.parameters())
+    ga = cfg.deepspeed.gradient_accumulation_steps
+    micro = cfg.data.batch_size
+    max_atoms = manifest.max_atoms if manifest else None
+    if micro:
+        out["global_batch_molecules"] = micro * ga * world
+        pairs = micro * (max_atoms or 29) ** 2
+    else:
+        out["global_batch"] = f"atom-pair budget {cfg.data.pair_budget:,} per micro-batch x {ga} x {world}"
+        pairs = cfg.data.pair_budget
+    if manifest:
+        from molscale.datasets.stream.loader import StreamingLoader
+        from molscale.trainer.train.engine import loader_config
+        batches = len(StreamingLoader(loader_config(cfg, cfg.data.split), rank=0, world_size=world,
+                                      manifest=manifest))
+        out["train_molecules"] = manifest.count(cfg.data.split)
+        out["optimizer_steps_per_epoch"] = math.ceil(batches / ga)
+        out["epochs_in_max_steps"] = round(cfg.train.max_steps / max(1, math.ceil(batches / ga)), 2)
+    else:
+        out["optimizer_steps_per_epoch"] = f"unknown: {note}"
+    zero = cfg.deepspeed.zero_stage
+    shard = world if zero >= 1 else 1
+    weights, grads = 4 * params, 4 * params / (world if zero >= 2 else 1)
+    adam = (12 if cfg.optimizer.amsgrad else 8) * params / shard
+    ema = 4 * params if cfg.optimizer.ema_decay > 0 else 0
+    path_blocks = cfg.model.layers
+    act_bytes = 2 if cfg.deepspeed.bf16 else 4
+    activations = pairs * cfg.model.hidden * act_bytes * EDGE_TENSORS_PER_BLOCK * path_blocks
+    out.update({
+        "objective": cfg.objective + (" (pretraining: trunk = embed, shared, nucleation; 3D + 2D scores, "
+                                      f"contrastive weight {cfg.pretrain.contrastive_weight})"
+                                      if cfg.objective == "moleculejae" else ""),
+        "init_from": cfg.init_from,
+        "model": (f"moleculejae: UniGEM trunk of {cfg.model.shared_blocks} shared + "
+                  f"{cfg.model.layers - cfg.model.shared_blocks} blocks, clean encoder of "
+                  f"{cfg.pretrain.encoder_blocks}") if cfg.objective == "moleculejae" else
+                 f"{cfg.model.kind}: {cfg.model.layers} blocks on each path "
+                 f"({cfg.model.shared_blocks} shared + 2 x {cfg.model.layers - cfg.model.shared_blocks})"
+                 if cfg.model.kind == "unigem" else f"edm: {cfg.model.layers} blocks",
+        "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,
+        "parameters": params, "precision": "bf16 autocast, float32 weights" if cfg.deepspeed.bf16 else "float32",
+        "zero_stage": zero, "max_steps": cfg.train.max_steps,
+        "memory_per_rank_estimate": {
+            "weights+grads+optimizer+ema": _gib(weights + grads + adam + ema),
+            "activations (rough, largest micro-batch)": _gib(activations),
+        },
+        "data": cfg.data.url, "run_dir": cfg.train.run_dir,
+    })
+    return out
+
+
+def print_plan(cfg: RunConfig) -> int:
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    p = plan(cfg)
+    width = max(len(k) for k in p)
+    print("dry run: nothing is trained\n")
+    for k, v in p.items():
+        print(f"  {k:<{width}}  {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return 0
