@@ -7,7 +7,8 @@ try:
 except ModuleNotFoundError as err:
     if err.name != "molscale":
         raise
-    sys.exit("error: molscale is not installed in this Python; run `make install` (or `pip install -e .`) "
-             "in the checkout first.")
+    print("error: molscale is not installed in this Python; run `make install` (or `pip install -e .`) "
+          "in the checkout first.", file=sys.stderr)
+    sys.exit(2)  # bad setup, found before any work (datasets/errors.py: EXIT_BAD_INPUT)
 
 sys.exit(main())

@@ -1,4 +1,10 @@
-"""Command line: ``python -m datasets {build,inspect,bench} ...`` (see --help of each)."""
+"""Command line: ``python -m datasets {build,inspect,bench} ...`` (see --help of each).
+
+Exit codes (datasets/errors.py): 0 done; 2 bad input (arguments, unknown source, a destination that
+cannot be written, a missing or malformed source file or dataset), printed as one ``error:`` line;
+1 a failure while running (storage that kept failing, too many corrupt shards) and ``inspect`` finding
+missing or wrong-size shards.
+"""
 
 from __future__ import annotations
 
@@ -76,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from molscale.datasets.shards.manifest import ManifestError
+    from molscale.datasets.errors import InputError, MolscaleError, report
     try:
         if args.cmd == "build":
             from molscale.datasets.shards.build import command_line
@@ -101,8 +107,7 @@ def main(argv=None) -> int:
                                                          seed=args.seed, backend=args.backend or "ray", **kw),
             }
             if args.source not in builders:
-                print(f"error: unknown source {args.source!r}; choose one of: {', '.join(builders)}", file=sys.stderr)
-                return 2
+                raise InputError(f"unknown source {args.source!r}; choose one of: {', '.join(builders)}")
             manifest = builders[args.source](args.out, limit=args.limit, shard_size=args.shard_size,
                                              workers=args.workers, command=command_line(),
                                              progress=not args.no_progress)
@@ -113,13 +118,12 @@ def main(argv=None) -> int:
             manifest = load_manifest(args.url)
             print(summary(manifest, check_shards=not args.no_check))
             if not args.no_check and verify_shards(manifest):
-                return 1
+                return 1  # the summary printed the problems: a check that failed, not bad input
         elif args.cmd == "bench":
             from molscale.datasets.bench import main as bench_main
             return bench_main(args)
-    except ManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except MolscaleError as err:  # 2: bad input (arguments, source, destination, dataset); 1: failed while running
+        return report(err)
     return 0
 
 

@@ -35,7 +35,28 @@ class RunError(MolscaleError):
     exit_code = EXIT_FAILED
 
 
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line.
+
+    An error raised in a worker process and raised again in the parent (a torch DataLoader worker, a Ray
+    task) carries the worker's traceback as its message; its last line is the original ``module.Type: message``,
+    and that message is what the user needs (Ray also keeps the original error as ``cause``). Any other message
+    of several lines is joined.
+    """
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, MolscaleError) and cause is not err:
+        return one_line(cause)
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        head, sep, message = lines[-1].partition(": ")
+        return message if sep and " " not in head else lines[-1]
+    return " ".join(lines)
+
+
 def report(err: MolscaleError, prefix: str = "error") -> int:
     """Print ``err`` as one line on stderr; its exit code."""
-    print(f"{prefix}: {err}", file=sys.stderr)
+    print(f"{prefix}: {one_line(err)}", file=sys.stderr)
     return err.exit_code

@@ -51,22 +51,24 @@ def parse_args(argv=None):
                    help="dataset for novelty and the distribution metrics (default: the checkpoint's dataset)")
     p.add_argument("--reference-split", default="test", help="split the distribution metrics compare with")
     p.add_argument("--property", action="store_true",
-                   help="also evaluate the property MAE on the --reference-split (UniGEM with properties)")
+                   help="also report property MAEs: with --checkpoint, the model's (UniGEM with properties) on the "
+                        "--reference-split; with --dataset, the train-mean baseline on --split. Either way in "
+                        "dataset units, next to that baseline")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
-    p.add_argument("--wandb-project", default="molscale-evals")
+    p.add_argument("--wandb-project", default=None, help="default: WANDB_PROJECT, the training run's, molscale-evals")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from molscale.datasets.errors import MolscaleError, report
     from molscale.evals.pipeline import run
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MolscaleError as err:  # 2: bad arguments, dataset or checkpoint; 1: failed while running
+        return report(err)        # anything else is a bug and keeps its traceback
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import time
 import numpy as np
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.datasets.errors import InputError, MolscaleError
 from molscale.datasets.shards.manifest import ManifestError, load_manifest
+from molscale.evals.outputs.wandb_log import log_eval as _log_wandb
 
 log = logging.getLogger("evals.generate")
 STATS_CHUNK = 500  # molecules per metric task
@@ -22,13 +24,25 @@ STATS_CHUNK = 500  # molecules per metric task
 
 def _check_args(args) -> None:
     if args.n_samples < 1:
-        raise ValueError(f"--n-samples must be at least 1 (got {args.n_samples})")
+        raise InputError(f"--n-samples must be at least 1 (got {args.n_samples})")
     if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1 (got {args.batch})")
+        raise InputError(f"--batch must be at least 1 (got {args.batch})")
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+        raise InputError(f"--steps must be at least 1 (got {args.steps})")
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
+        raise InputError(f"--workers must be at least 1 (got {args.workers})")
+
+
+def _ray_get(ray, refs):
+    """ray.get; a MolscaleError raised in a task comes back as itself (one line at the entry point), not
+    wrapped in Ray's RayTaskError with the remote traceback."""
+    from ray.exceptions import RayTaskError
+    try:
+        return ray.get(refs)
+    except RayTaskError as err:
+        if isinstance(err.cause, MolscaleError):
+            raise err.cause from None
+        raise
 
 
 def _reference_manifest(url: str):
@@ -45,72 +59,75 @@ def _stats_over_ray(ray, molecules, all_single: bool) -> dict:
     from molscale.evals.protocol.metrics import merge_stats, molecule_stats
     task = ray.remote(molecule_stats)
     refs = [task.remote(molecules[i:i + STATS_CHUNK], all_single) for i in range(0, len(molecules), STATS_CHUNK)]
-    return merge_stats(ray.get(refs))
+    return merge_stats(_ray_get(ray, refs))
 
 
-def _property_mae(ray, checkpoint: str, names: list[str], url: str, split: str) -> dict:
-    """Mean |prediction - truth| per property over a split, one Ray task per shard, dataset units."""
-    manifest = load_manifest(url)
+def property_names(manifest, names=None) -> list[str]:
+    """The properties of a dataset that have train-split statistics (manifest "properties" and
+    "property_stats"); with ``names``, those names, and InputError for any the dataset lacks."""
+    stats = manifest.property_stats()
+    known = [n for n in manifest.data.get("properties", {}) if n in stats]
+    if names is None:
+        if not known:
+            raise InputError(f"--property: {manifest.url} has no properties with train-split statistics "
+                             f"(manifest 'properties' and 'property_stats'); nothing to evaluate")
+        return known
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"--property: the model predicts {missing}, which {manifest.url} does not hold with "
+                         f"train-split statistics (it has {known}); pass --reference with those properties")
+    return list(names)
+
+
+def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str | None = None) -> dict:
+    """Mean |prediction - truth| per property over a split, in dataset units, one Ray task per shard.
+
+    The baseline is the trivial predictor "train-split mean" (manifest property_stats): its MAE is the mean
+    absolute deviation of the split's values from the train mean, the number any property model must beat.
+    Without ``checkpoint`` the rows are that baseline; with one they are the model's MAE plus ``baseline_mae``.
+    """
+    means = np.asarray([manifest.property_stats()[n]["mean"] for n in names], dtype=np.float64)
 
     @ray.remote(num_cpus=1)
-    def shard_errors(shard: dict):
+    def shard_errors(index: int):
+        from molscale.datasets.stream.split_reader import iter_split_samples
+        samples = list(iter_split_samples(manifest, split, shards=[index]))
+        truth = np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64)
+        baseline = np.abs(truth.reshape(-1, len(names)) - means).sum(0)
+        if checkpoint is None:
+            return None, baseline, len(samples)
         import torch
 
-        from molscale.datasets.shards import storage
-        from molscale.datasets.shards.samples import decode_sample
-        from molscale.datasets.shards.tario import read_shard_samples
         from molscale.datasets.stream.loader import collate, vocab_lookup
         from molscale.trainer.model.sampling import predict_properties
         from molscale.trainer.train.checkpoints import load_for_eval
         torch.set_num_threads(1)
         loaded = load_for_eval(checkpoint)
-        props = tuple(loaded.model.cfg.properties)
-        fs, path = storage.get_fs(manifest.shard_url(shard))
-        samples = [decode_sample(s, with_bonds=False) for s in read_shard_samples(storage.read_bytes(fs, path))]
         vocab_index = vocab_lookup(manifest.atom_vocab)
-        sums, n = np.zeros(len(props)), 0
+        sums = np.zeros(len(names))
         for i in range(0, len(samples), 128):
             batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                     for k, v in collate(samples[i:i + 128], vocab_index, props, False).items()}
+                     for k, v in collate(samples[i:i + 128], vocab_index, tuple(names), False).items()}
             pred = predict_properties(loaded.model, batch)
             sums += (pred - batch["props"]).abs().sum(0).double().numpy()
-            n += len(batch["keys"])
-        return sums, n
+        return sums, baseline, len(samples)
 
-    results = ray.get([shard_errors.remote(s) for s in manifest.shards(split)])
-    total = sum(r[0] for r in results)
-    count = sum(r[1] for r in results)
+    results = _ray_get(ray, [shard_errors.remote(i) for i in range(len(manifest.shards(split)))])
+    count = sum(r[2] for r in results)
+    if not count:
+        raise InputError(f"--property: split {split!r} of {manifest.url} holds no molecules")
+    baseline = sum(r[1] for r in results) / count
+    model = sum(r[0] for r in results) / count if checkpoint is not None else None
     units = manifest.data.get("properties", {})
-    return {name: {"mae": float(total[i] / count), "unit": units.get(name, {}).get("unit", ""), "n": int(count)}
-            for i, name in enumerate(names)}
-
-
-def _log_wandb(out_dir: str, metrics: dict, molecules_sdf: str, project: str, config: dict) -> None:
-    import wandb
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project=project, job_type="eval", dir=out_dir, mode=mode, config=config)
-    run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-    for name in sorted(os.listdir(out_dir)):
-        if name.endswith(".png"):
-            run.log({f"plots/{name[:-4]}": wandb.Image(os.path.join(out_dir, name))})
-    table = wandb.Table(columns=["index", "smiles", "valid", "mol_stable", "molecule"])
-    from rdkit import Chem
-    for i, mol in enumerate(Chem.SDMolSupplier(molecules_sdf, sanitize=False, removeHs=False)):
-        if i >= 32 or mol is None:
-            break
-        props = mol.GetPropsAsDict()
-        try:
-            view = wandb.Molecule.from_rdkit(mol, convert_to_3d_and_optimize=False)
-        except Exception:  # a molecule RDKit cannot write as PDB still gets its row
-            view = None
-        table.add_data(i, props.get("smiles", ""), bool(props.get("valid", False)),
-                       bool(props.get("mol_stable", False)), view)
-    run.log({"molecules": table})
-    from molscale.evals.outputs.wandb_report import publish_report
-    url = publish_report(run, metrics)
-    if url:
-        print(f"W&B report: {url}")
-    run.finish()
+    rows = {}
+    for i, name in enumerate(names):
+        row = {"unit": units.get(name, {}).get("unit", ""), "n": int(count)}
+        if model is None:
+            row.update(mae=float(baseline[i]), predictor="train mean")
+        else:
+            row.update(mae=float(model[i]), predictor="model", baseline_mae=float(baseline[i]))
+        rows[name] = row
+    return rows
 
 
 def _json_safe(value):
@@ -145,32 +162,47 @@ def run(args) -> int:
         reference_smiles,
     )
     from molscale.evals.ray_sampling import connect_ray, generate
+    from molscale.trainer.train.checkpoints import load_for_eval
     _check_args(args)
 
     # Everything that can be wrong with the inputs fails here, before Ray starts.
     if args.checkpoint:
-        from molscale.trainer.train.checkpoints import load_for_eval
         loaded = load_for_eval(args.checkpoint)
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
         reference_url = args.reference or loaded.dataset_url
         source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
         if args.property and not loaded.model.cfg.properties:
-            raise ValueError("--property: this checkpoint's model predicts no properties")
+            raise InputError("--property: this checkpoint's model predicts no properties")
     else:
         manifest = load_manifest(args.dataset)
         manifest.split(args.split)
         vocab = manifest.atom_vocab
         reference_url = args.reference or args.dataset
         source = {"dataset": args.dataset, "split": args.split}
-    reference = _reference_manifest(reference_url)
+    if not args.checkpoint and reference_url == args.dataset:
+        reference = manifest
+    elif args.reference:  # asked for by name: it must be there
+        reference = load_manifest(args.reference)
+    else:  # the checkpoint's own dataset may not be reachable from here: evaluate without it
+        reference = _reference_manifest(reference_url)
     if reference is not None:
         reference.split(args.reference_split)
+    # --property: with a checkpoint, its model's MAE on the reference split (and the train-mean baseline);
+    # with --dataset there is no model, so the baseline alone, on the evaluated split.
+    props_to_eval = None
+    if args.property and args.checkpoint and reference is not None:
+        props_to_eval = property_names(reference, loaded.model.cfg.properties)
+    elif args.property and not args.checkpoint:
+        props_to_eval = property_names(manifest)
     all_single = bool(set(vocab) - set(QM9_ATOM_VOCAB))  # GEOM protocol: all bonds single for validity
 
     from molscale.datasets.shards import storage
-    fs, out_path = storage.get_fs(args.out)
-    local_out = out_path if storage.is_local(fs) else tempfile.mkdtemp(prefix="molscale-eval-")
-    os.makedirs(local_out, exist_ok=True)
+    try:
+        fs, out_path = storage.get_fs(args.out)
+        local_out = out_path if storage.is_local(fs) else tempfile.mkdtemp(prefix="molscale-eval-")
+        os.makedirs(local_out, exist_ok=True)
+    except (ValueError, ImportError, OSError) as err:  # an unknown protocol, s3fs missing, a folder not writable
+        raise InputError(f"--out {args.out} cannot be written: {err}") from None
 
     ray = connect_ray(args.num_cpus)
     started = time.perf_counter()
@@ -185,20 +217,25 @@ def run(args) -> int:
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))
     else:
         from molscale.evals.protocol.molecules import load_split_molecules
-        molecules = load_split_molecules(args.dataset, args.split)
+        molecules = load_split_molecules(manifest, args.split)
 
     stats = _stats_over_ray(ray, molecules, all_single)
     train_smiles = ref_hist = None
     if reference is not None:
         ref_smiles_task = ray.remote(reference_smiles).remote(reference_url, "train", all_single)
         ref_hist = reference_histograms(reference_url, args.reference_split, all_single)
-        train_smiles = ray.get(ref_smiles_task) if "train" in reference.splits else None
+        train_smiles = _ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
-    if args.property and reference is not None:
-        metrics["property_mae"] = _property_mae(ray, args.checkpoint, loaded.model.cfg.properties, reference_url,
-                                                 args.reference_split)
-        for name, row in metrics["property_mae"].items():
+    if props_to_eval:
+        if args.checkpoint:
+            rows = _property_mae(ray, reference, args.reference_split, props_to_eval, args.checkpoint)
+        else:
+            rows = _property_mae(ray, manifest, args.split, props_to_eval)
+        metrics["property_mae"] = rows
+        for name, row in rows.items():
             metrics[f"mae_{name}"] = row["mae"]
+            if "baseline_mae" in row:
+                metrics[f"baseline_mae_{name}"] = row["baseline_mae"]
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["source"] = source
     metrics["reference"] = {"dataset": reference_url if reference is not None else None,
@@ -216,7 +253,8 @@ def run(args) -> int:
     if not args.no_wandb:
         try:
             _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project,
-                       {**source, "out": args.out})
+                       {**source, "out": args.out}, training=loaded.wandb if args.checkpoint else None,
+                       training_step=source.get("step"))
         except Exception as err:  # the metrics are on disk already; W&B trouble must not lose them
             log.error("W&B logging failed: %s", err)
     if local_out != out_path:
@@ -227,6 +265,7 @@ def run(args) -> int:
             "atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1")
     print("\n".join(f"{k:>16}: {metrics.get(k)}" for k in keys if k in metrics))
     for name, row in metrics.get("property_mae", {}).items():
-        print(f"{'MAE ' + name:>16}: {row['mae']:.4g} {row['unit']}")
+        baseline = f", train-mean baseline {row['baseline_mae']:.4g}" if "baseline_mae" in row else ""
+        print(f"{'MAE ' + name:>16}: {row['mae']:.4g} {row['unit']} ({row['predictor']}{baseline})")
     print(f"\n{n_written} molecules, metrics, plots and report.html in {args.out}")
     return 0

@@ -16,7 +16,13 @@ def connect_ray(num_cpus: int | None):
     if ray.is_initialized():
         return ray
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        except ConnectionError as err:  # no cluster there: bad configuration, not a failure of the run
+            from molscale.datasets.errors import InputError
+            address, why = os.environ["RAY_ADDRESS"], str(err).rstrip(".")
+            raise InputError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {why}. Start it "
+                             f"(`ray start --head`), fix RAY_ADDRESS, or unset it for a local Ray.") from None
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray

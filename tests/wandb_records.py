@@ -25,7 +25,7 @@ def payloads(path: str):
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        if kind == 0 and length == 0:
+        if kind == 0 and length == 0 or pos + HEADER + length > len(data):  # the end, or a record being written
             break
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
@@ -40,15 +40,47 @@ def payloads(path: str):
             pending = b""
 
 
-def history(path: str) -> dict[int, dict]:
-    """{step: {key: value}} of every ``wandb.log`` call in the run file."""
+def records(path: str):
+    """Every protobuf ``Record`` of the run file, in order."""
     from wandb.proto import wandb_internal_pb2
-    out = {}
     for payload in payloads(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
+        yield record
+
+
+def _items(items) -> dict:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def history(path: str, key: str = "_step") -> dict[int, dict]:
+    """{row[key]: row} of every ``wandb.log`` call in the run file (rows without ``key`` are left out)."""
+    out = {}
+    for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                     for item in record.history.item}
-            out[int(items.get("_step", len(out)))] = items
+            items = _items(record.history.item)
+            if key in items:
+                out[int(items[key])] = items
     return out
+
+
+def run_info(path: str) -> dict:
+    """The run record: id, entity, project, group, job_type, name, and the config (with later updates)."""
+    info = None
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run" and info is None:
+            r = record.run
+            info = {"id": r.run_id, "entity": r.entity, "project": r.project, "group": r.run_group,
+                    "job_type": r.job_type, "name": r.display_name, "config": _items(r.config.update)}
+        elif kind == "config" and info is not None:
+            info["config"].update(_items(record.config.update))
+    return info
+
+
+def artifacts(path: str) -> list[dict]:
+    """Every logged artifact: name, type, aliases, metadata and the paths of its files."""
+    return [{"name": a.name, "type": a.type, "aliases": list(a.aliases),
+             "metadata": json.loads(a.metadata) if a.metadata else {},
+             "files": sorted(entry.path for entry in a.manifest.contents)}
+            for a in (r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact")]

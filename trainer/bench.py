@@ -22,8 +22,10 @@ import time
 
 import torch
 
+from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model.diffusion import remove_mean
-from molscale.trainer.model.networks import GRAPH_LAYOUTS, ModelConfig, build_model
+from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
 
 MALLOC_TUNED = False  # set when run as a program, see tune_glibc_malloc
@@ -45,8 +47,6 @@ def tune_glibc_malloc():
 
 
 def qm9_histogram():
-    from molscale.datasets.sources.qm9 import train_atom_count_histogram
-
     return train_atom_count_histogram()
 
 
@@ -87,7 +87,7 @@ def step_functions(model, batch, layout, args):
     autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True)
-    stride = model.cfg.num_steps // args.sample_steps
+    stride = model.num_steps // args.sample_steps
 
     def train_step():
         model.cfg.layout = layout
@@ -111,7 +111,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=["unigem", "edm"], default="unigem")
+    parser.add_argument("--model", choices=list(MODEL_CLASSES), default="unigem")
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
@@ -128,7 +128,9 @@ def main(argv=None):
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=["gap"])
+    cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers,
+                      properties=["gap"] if MODEL_CLASSES[args.model].predicts_properties else [],
+                      atom_vocab=list(QM9_ATOM_VOCAB))
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     num_atoms = sample_num_atoms(qm9_histogram(), args.batch, generator)
@@ -138,7 +140,7 @@ def main(argv=None):
     steps = {layout: step_functions(model, batch, layout, args) for layout in layouts}
     train_s = interleaved_medians({k: v[0] for k, v in steps.items()}, device, args.warmup, args.iters)
     sample_s = interleaved_medians({k: v[1] for k, v in steps.items()}, device, 1, args.sample_iters)
-    evaluations = len(timestep_grid(cfg.num_steps, cfg.num_steps // args.sample_steps))  # grid steps + t = 0
+    evaluations = len(timestep_grid(model.num_steps, model.num_steps // args.sample_steps))  # grid steps + t = 0
     results = {}
     for layout in layouts:
         sample_step_s = sample_s[layout] / evaluations
@@ -146,7 +148,7 @@ def main(argv=None):
             "train_step_ms": 1e3 * train_s[layout],
             "train_molecules_per_s": args.batch / train_s[layout],
             "sample_step_ms": 1e3 * sample_step_s,
-            "sample_molecules_per_s": args.batch / (sample_step_s * (cfg.num_steps + 1)),
+            "sample_molecules_per_s": args.batch / (sample_step_s * (model.num_steps + 1)),
         }
     report = {
         "model": args.model, "layers": args.layers, "hidden": args.hidden, "batch": args.batch,

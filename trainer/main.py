@@ -2,7 +2,7 @@
 
     python trainer/main.py --config cluster/cpu_smoke.json                      # one process
     deepspeed --num_accelerators 2 trainer/main.py --config cluster/cpu_smoke.json
-    deepspeed --hostfile cluster/hostfile trainer/main.py --config cluster/geom_64gpu.json
+    deepspeed --hostfile cluster/hostfile.example trainer/main.py --config cluster/geom_64gpu.json
     torchrun --nproc_per_node 8 trainer/main.py --config cluster/qm9_8gpu.json
 """
 
@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import socket
 import sys
 import types
 
@@ -43,72 +42,75 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def load_inputs(args):
+    """(config, manifest or None, note) of a start; every rank reads the same inputs and meets the same errors."""
+    from molscale.datasets.errors import InputError
+    from molscale.datasets.shards.manifest import ManifestError, load_manifest
+    from molscale.trainer.train.config import load_config
 
-
-def init_distributed() -> None:
-    """One process group for every launch mode: plain python gets a world of one."""
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    import deepspeed
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from molscale.trainer.train.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.run_dir:
         cfg.train.run_dir = args.run_dir
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     if args.dry_run:
-        from molscale.trainer.train.dry_run import print_plan
-        return print_plan(cfg)
-
-    from molscale.datasets.shards.manifest import ManifestError, load_manifest
+        try:
+            return cfg, load_manifest(cfg.data.url, cfg.storage), None
+        except Exception as err:  # a dry run must work where the data is not reachable (a laptop, say)
+            return cfg, None, f"dataset not reachable from here ({type(err).__name__}: {str(err)[:160]})"
+    # The one read of the manifest in this process: the trainer, its loaders and validation get this object.
     try:
-        load_manifest(cfg.data.url, cfg.storage)  # a missing dataset fails here, before any process group
+        return cfg, load_manifest(cfg.data.url, cfg.storage), None
     except ManifestError as err:
         hint = ""
         if cfg.data.url.rstrip("/").endswith("qm9-smoke"):
             hint = f"\nMake it with: python -m datasets build qm9 --limit 2000 --out {cfg.data.url}"
-        print(f"error: dataset {cfg.data.url} is not available: {err}{hint}", file=sys.stderr)
-        return 2
+        raise InputError(f"dataset {cfg.data.url} is not available: {err}{hint}") from None
 
+
+def run(args) -> int:
+    from molscale.datasets.errors import MolscaleError
+    try:
+        cfg, manifest, note = load_inputs(args)
+    except MolscaleError as err:
+        err.all_ranks = True  # before any process group: the same on every rank
+        raise
+    if args.dry_run:
+        from molscale.trainer.train.dry_run import print_plan
+        return print_plan(cfg, manifest, note)
+
+    from molscale.trainer.train.distributed import init_distributed
     init_distributed()
     import torch.distributed as dist
 
-    from molscale.trainer.train.engine import NonFiniteLossError, Trainer, write_config
+    from molscale.trainer.train.engine import Trainer, write_config
     if dist.get_rank() == 0:
         write_config(cfg, cfg.train.run_dir)
-    trainer = Trainer(cfg, cfg.train.run_dir, resume=args.resume)
-    try:
-        code = trainer.train(cfg.train.max_steps)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 3
+    trainer = Trainer(cfg, cfg.train.run_dir, manifest, resume=args.resume)
+    code = trainer.train(cfg.train.max_steps)
     dist.barrier()
     dist.destroy_process_group()
     return code
+
+
+def main(argv=None) -> int:
+    """Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input or config, 1 a failure
+    while running. An error every rank meets (config, dataset, resume, ...) is printed once, by rank 0; one
+    that a single rank meets (a storage failure, say) by that rank."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from molscale.datasets.errors import MolscaleError, report
+    from molscale.trainer.train.config import ConfigError
+    from molscale.trainer.train.distributed import launch_rank
+    try:
+        return run(args)
+    except MolscaleError as err:
+        rank = launch_rank()
+        if getattr(err, "all_ranks", False):
+            if rank != 0:
+                return err.exit_code
+            return report(err, "config error" if isinstance(err, ConfigError) else "error")
+        return report(err, f"error (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error")
 
 
 if __name__ == "__main__":

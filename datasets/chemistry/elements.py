@@ -1,7 +1,7 @@
 """Atom vocabularies: the one place that maps element symbols to atomic numbers.
 
 A dataset's vocabulary is an ordered list of atomic numbers; a model's one-hot channel i means
-``vocab[i]``. The vocabularies below are the ones of FACTS.md.
+``vocab[i]``. The vocabularies below are those of the EDM/UniGEM protocol (docs/data.md).
 """
 
 SYMBOL_TO_Z = {

@@ -1,4 +1,4 @@
-"""Molecular properties: names, source columns and units (FACTS.md is the reference).
+"""Molecular properties: names, source columns and units (as the EDM/UniGEM papers report them; docs/data.md).
 
 Energies are stored in meV (Hartree x 27211.4), as the papers report HOMO/LUMO/gap; the other
 properties keep their natural units. ``props.json`` of every QM9 sample holds all twelve.

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections import Counter
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards import storage
 from molscale.datasets.shards.manifest import (
     ManifestError,
@@ -53,9 +54,9 @@ def existing_build(out_url: str, params: dict, storage_options: dict | None):
     except ManifestError as err:
         if "not found" in str(err):
             return None
-        raise SystemExit(f"error: {err}. Remove {out_url} or build into another --out.") from None
+        raise InputError(f"{err}. Remove {out_url} or build into another --out.") from None
     if manifest.data.get("build") != params:
-        raise SystemExit(f"error: {out_url} already holds a complete dataset built with {manifest.data.get('build')}, "
+        raise InputError(f"{out_url} already holds a complete dataset built with {manifest.data.get('build')}, "
                          f"not {params}. Build into another --out, or delete it first.")
     return manifest
 

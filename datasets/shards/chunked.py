@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards import storage
 from molscale.datasets.shards.build import Rejections, split_entry, start_build
 from molscale.datasets.shards.manifest import FORMAT, mean_mad
@@ -131,7 +132,7 @@ def _claim(fs, out_path: str, out_url: str, params: dict) -> None:
     except FileNotFoundError:
         previous = None
     if previous is not None and previous != params:
-        raise SystemExit(f"error: {out_url} holds a partial build with other parameters ({previous}), not "
+        raise InputError(f"{out_url} holds a partial build with other parameters ({previous}), not "
                          f"{params}. Rerun that command to finish it, or delete {out_url} first.")
     if previous is None:
         storage.write_bytes(fs, path, json.dumps(params).encode())
@@ -150,6 +151,19 @@ class _InProcess:
         pass
 
 
+def staged_package() -> str:
+    """A temporary ``molscale`` folder holding a copy of molscale.datasets, for Ray's ``py_modules`` upload: the
+    cluster's workers import the chunk builders from it, whether or not molscale is installed on their nodes."""
+    import shutil
+    import tempfile
+
+    import molscale.datasets
+    stage = os.path.join(tempfile.mkdtemp(prefix="molscale-ray-"), "molscale")
+    shutil.copytree(os.path.dirname(molscale.datasets.__file__), os.path.join(stage, "datasets"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return stage
+
+
 class _RayExecutor:
     """Ray tasks behind the executor interface: one task per chunk, on a local Ray or $RAY_ADDRESS."""
 
@@ -160,7 +174,7 @@ class _RayExecutor:
         if self.started:
             if os.environ.get("RAY_ADDRESS"):
                 # the cluster's workers import this package from an upload of it
-                ray.init(log_to_driver=False, runtime_env={"py_modules": [os.path.dirname(__file__)]})
+                ray.init(log_to_driver=False, runtime_env={"py_modules": [staged_package()]})
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         # as many chunks in flight as the cluster has CPUs (a local Ray: --workers)
@@ -264,7 +278,7 @@ def chunked_build(out_url: str, params: dict, storage_options: dict | None, chun
     """Run a chunked build; returns (manifest, None) when already complete, else (None, merged, finalize)
     where ``finalize(manifest_dict)`` saves the manifest and removes the part files."""
     if workers < 1:
-        raise SystemExit(f"error: --workers must be at least 1 (got {workers}).")
+        raise InputError(f"--workers must be at least 1 (got {workers}).")
     complete, fs, out_path = start_build(out_url, params, storage_options)
     if complete is not None:
         return complete, None, None

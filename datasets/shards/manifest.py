@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards import storage
 
 FORMAT = "molscale-shards/1"
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(InputError, ValueError):
+    """A dataset that is missing, incomplete or inconsistent, or a split it lacks: bad input (exit code 2).
+    Still a ValueError for callers that caught it as one."""
 
 
 @dataclass
@@ -132,7 +134,7 @@ def histogram(num_atoms) -> dict[str, int]:
 
 
 def mean_mad(values) -> dict[str, float]:
-    """Mean and mean absolute deviation (the normalisation of FACTS.md)."""
+    """Mean and mean absolute deviation (the property normalisation, docs/numerics.md)."""
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean())
     return {"mean": mean, "mad": float(np.abs(values - mean).mean())}

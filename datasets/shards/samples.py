@@ -1,4 +1,4 @@
-"""One molecule <-> the files of one WebDataset sample (the data contract of DESIGN.md).
+"""One molecule <-> the files of one WebDataset sample (the data contract of docs/data.md).
 
 ``__key__`` stable id; ``pos.npy`` float32 [N, 3] Angstrom; ``z.npy`` uint8 [N];
 ``props.json`` named properties; optional ``bonds.npy`` int32 [E, 3] (i, j, order; aromatic = 4)

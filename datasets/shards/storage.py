@@ -18,6 +18,8 @@ import time
 import fsspec
 from fsspec.core import url_to_fs
 
+from molscale.datasets.errors import InputError, RunError
+
 log = logging.getLogger(__name__)
 
 # Errors worth retrying: network trouble, throttling, a server that is restarting.
@@ -26,6 +28,19 @@ _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 # botocore's answers that waiting will not change (matched by name: botocore is optional here).
 _FINAL_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError", "InvalidBucketName", "NoSuchBucket",
                       "ParamValidationError", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+class StorageError(RunError, OSError):
+    """Storage that kept failing through every retry while the work ran.
+
+    An OSError, so code that tolerates storage trouble (optional caches, skipped shards) keeps catching it;
+    a RunError, so an entry point reports it as one line and exit code 1.
+    """
+
+
+class StorageAccessError(InputError, OSError):
+    """Storage answered that the request can never succeed (no credentials, a bucket that does not exist):
+    bad input (exit code 2), and still an OSError like StorageError."""
 
 
 def storage_options(url: str, storage: dict | None = None) -> dict:
@@ -69,7 +84,8 @@ def join(url: str, *names: str) -> str:
 def retry(fn, what: str, attempts: int = 6, base_delay_s: float = 0.5, max_delay_s: float = 8.0):
     """Call ``fn()``; on a transient error wait (exponential backoff with jitter) and try again.
 
-    ``what`` names the object in log lines and in the final error.
+    ``what`` names the object in log lines and in the final error: StorageAccessError for an answer that
+    waiting will not change (credentials, bucket), StorageError when every attempt failed. Both are OSErrors.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -78,9 +94,9 @@ def retry(fn, what: str, attempts: int = 6, base_delay_s: float = 0.5, max_delay
             raise
         except Exception as err:  # s3fs/aiohttp/botocore raise many types for the same network fault
             if type(err).__name__ in _FINAL_ERROR_NAMES:
-                raise OSError(f"{what}: {err}") from err
+                raise StorageAccessError(f"{what}: {err}") from err
             if attempt == attempts:
-                raise OSError(f"{what}: still failing after {attempts} attempts: {err!r}") from err
+                raise StorageError(f"{what}: still failing after {attempts} attempts: {err!r}") from err
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("%s: %r; retrying in %.1f s (attempt %d of %d)", what, err, delay, attempt, attempts)
             time.sleep(delay)
@@ -133,9 +149,28 @@ def check_writable(fs, path: str, url: str) -> None:
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except Exception as err:
-        raise SystemExit(f"error: cannot write to {url}: {err}. Check the path, bucket name and credentials "
+        raise InputError(f"cannot write to {url}: {err}. Check the path, bucket name and credentials "
                          f"(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).") from None
 
 
-__all__ = ["get_fs", "storage_options", "join", "retry", "write_bytes", "put_file", "read_bytes",
-           "check_writable", "is_local", "fsspec"]
+# Option names that hold credentials (s3fs/botocore spell them key, secret, token, aws_secret_access_key,
+# aws_session_token, ...): matched by substring so nested client_kwargs / config_kwargs are covered too.
+_SECRET_PARTS = ("key", "secret", "token", "password", "passwd", "credential")
+REDACTED = "***"
+
+
+def redact(options):
+    """A copy of storage options with every credential-like value replaced by ``***``, at any depth.
+
+    For anything that writes or logs a configuration (RUN_DIR/config.json, the W&B run config, log lines).
+    """
+    if isinstance(options, dict):
+        return {k: (REDACTED if isinstance(k, str) and any(p in k.lower() for p in _SECRET_PARTS)
+                    and v not in (None, "") else redact(v)) for k, v in options.items()}
+    if isinstance(options, (list, tuple)):
+        return type(options)(redact(v) for v in options)
+    return options
+
+
+__all__ = ["StorageError", "StorageAccessError", "get_fs", "storage_options", "join", "retry", "write_bytes",
+           "put_file", "read_bytes", "check_writable", "is_local", "fsspec"]

@@ -1,17 +1,16 @@
 """Reading a whole shard (bytes in memory) into samples.
 
 The fast path parses plain ustar members directly (512-byte headers), which is several times
-faster than ``tarfile`` for the small members molecules have; any other member kind (PAX or GNU
-long names, links) falls back to webdataset's own tar iterator. A truncated or malformed shard
-raises CorruptShardError.
+faster than ``tarfile`` for the small members molecules have; an archive with any other member kind
+(PAX headers, GNU long names, links, directories) is read with Python's ``tarfile`` instead, keeping
+regular files only (links and directories carry no sample data). Both paths group members into
+samples the same way. A truncated or malformed shard raises CorruptShardError.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 
 class CorruptShardError(ValueError):
@@ -28,10 +27,10 @@ def _fast_members(data: bytes):
         # typeflag '0' or NUL is a regular file; a non-empty ustar prefix (offset 345) means a long name.
         if data[offset + 156] not in (48, 0) or data[offset + 345] != 0:
             return None
-        name = data[offset:offset + 100].split(b"\0", 1)[0].decode()
         try:
+            name = data[offset:offset + 100].split(b"\0", 1)[0].decode()
             size = int(data[offset + 124:offset + 135], 8)
-        except ValueError:
+        except ValueError:  # also UnicodeDecodeError
             raise CorruptShardError(f"bad tar header at byte {offset}") from None
         start = offset + 512
         if start + size > end:
@@ -56,14 +55,31 @@ def _group(members):
         yield sample
 
 
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, payload) of each regular member, parsed by ``tarfile`` (any format it reads)."""
+    members = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile() or info.issparse():  # links, directories, devices: no sample data
+                    continue
+                payload = tar.extractfile(info).read()
+                if len(payload) != info.size:
+                    raise CorruptShardError(f"member {info.name} runs past the end of the file (truncated shard)")
+                members.append((info.name, payload))
+            end = tar.offset  # tarfile stops quietly at a header it cannot read; a complete shard has a zero block
+    except CorruptShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise CorruptShardError(f"unreadable tar archive: {err}") from None
+    if data[end:end + 512] != bytes(512):
+        raise CorruptShardError(f"no end-of-archive marker at byte {end} (truncated or damaged shard)")
+    return members
+
+
 def read_shard_samples(data: bytes) -> list[dict]:
     """Samples (``__key__`` plus extension -> bytes) of one shard, in file order."""
     members = _fast_members(data)
-    if members is not None:
-        return list(_group(members))
-    try:
-        stream = tarfile.open(fileobj=io.BytesIO(data), mode="r|")
-        return [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
-                for s in group_by_keys(tar_file_iterator(stream))]
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        raise CorruptShardError(str(err)) from None
+    if members is None:
+        members = _tarfile_members(data)
+    return list(_group(members))

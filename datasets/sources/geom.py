@@ -1,6 +1,6 @@
 """GEOM-Drugs -> shards: the K lowest-energy conformers of every molecule (EDM/UniGEM protocol).
 
-Two source layouts (FACTS.md, GEOM-Drugs):
+Two source layouts (GEOM, Axelrod and Gomez-Bombarelli 2022; docs/data.md):
 
 * ``drugs_crude.msgpack``: a msgpack stream of dicts ``smiles -> {"conformers": [{"totalenergy": E,
   "xyz": [[Z, x, y, z], ...]}, ...], ...}``. Read object by object with ``msgpack.Unpacker``, so memory
@@ -20,7 +20,7 @@ Split 80/10/10 at random by molecule (default: no molecule in two splits) or by 
 protocol, kept for comparability), from a seeded hash of the SMILES (and rank), so a molecule's split
 does not depend on --limit or on the order of the source. The driver cuts the source into chunks of
 --shard-size molecules (msgpack: whole top-level objects, located without decoding them); worker processes
-build each chunk into one shard per split, and a rerun resumes a killed build (datasets/chunked.py).
+build each chunk into one shard per split, and a rerun resumes a killed build (datasets/shards/chunked.py).
 Shards hold molecules in source order; the loader's shard-order shuffle and shuffle buffer mix them.
 Rejected records: molecule-level reasons count molecules, conformer-level reasons count conformers
 (``notes.rejected_units`` says which is which).
@@ -40,6 +40,7 @@ from rdkit import Chem, RDLogger
 
 from molscale.datasets.chemistry.bonds import bonds_from_mol
 from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
@@ -96,7 +97,7 @@ def msgpack_chunks(path: str, chunk_molecules: int, limit: int | None):
             except msgpack.OutOfData:
                 break
             except ValueError:
-                raise SystemExit(f"error: {path} is not a GEOM msgpack stream: the top-level object at byte "
+                raise InputError(f"{path} is not a GEOM msgpack stream: the top-level object at byte "
                                  f"{offset} is not a dict smiles -> molecule") from None
             for _ in range(2 * entries):
                 unpacker.skip()
@@ -247,31 +248,31 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
     """GEOM-Drugs (msgpack stream or rdkit_folder at ``source``) -> shards + manifest at ``out_url``.
 
     ``shard_size``: molecules per chunk (default DEFAULT_CHUNK_MOLECULES); each chunk is built by one of
-    ``workers`` processes into one shard per split (datasets/chunked.py), and a rerun resumes.
+    ``workers`` processes into one shard per split (datasets/shards/chunked.py), and a rerun resumes.
     """
     shard_size = DEFAULT_CHUNK_MOLECULES if shard_size is None else shard_size
     if not source:
-        raise SystemExit("error: geom needs --source PATH (drugs_crude.msgpack or an rdkit_folder).")
+        raise InputError("geom needs --source PATH (drugs_crude.msgpack or an rdkit_folder).")
     if conformers < 1:
-        raise SystemExit(f"error: --conformers must be at least 1 (got {conformers}).")
+        raise InputError(f"--conformers must be at least 1 (got {conformers}).")
     if split_by not in ("molecule", "conformer"):
-        raise SystemExit(f"error: --split-by must be molecule or conformer (got {split_by!r}).")
+        raise InputError(f"--split-by must be molecule or conformer (got {split_by!r}).")
     if limit is not None and limit < 1:
-        raise SystemExit(f"error: --limit must be at least 1 (got {limit}); leave it out for all molecules.")
+        raise InputError(f"--limit must be at least 1 (got {limit}); leave it out for all molecules.")
     if shard_size < 1:
-        raise SystemExit(f"error: --shard-size must be at least 1 (got {shard_size}).")
+        raise InputError(f"--shard-size must be at least 1 (got {shard_size}).")
     source = os.path.abspath(source)
     if os.path.isdir(source):
         layout, summary_path = "rdkit_folder", os.path.join(source, SUMMARY_NAME)
         if not os.path.exists(summary_path):
-            raise SystemExit(f"error: {source} is a folder without {SUMMARY_NAME}; pass the rdkit_folder "
+            raise InputError(f"{source} is a folder without {SUMMARY_NAME}; pass the rdkit_folder "
                              f"(holding {SUMMARY_NAME} and drugs/) or drugs_crude.msgpack.")
         if not trust_pickle:
-            raise SystemExit(f"error: {source} {PICKLE_WARNING}")
+            raise InputError(f"{source} {PICKLE_WARNING}")
     elif os.path.isfile(source):
         layout, summary_path = "msgpack", None
     else:
-        raise SystemExit(f"error: --source {source} does not exist.")
+        raise InputError(f"--source {source} does not exist.")
 
     params = {"source": "geom", "path": source, "layout": layout, "conformers": conformers,
               "split_by": split_by, "seed": seed, "limit": limit, "shard_size": shard_size, "format": FORMAT}

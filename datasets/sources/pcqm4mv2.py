@@ -1,9 +1,9 @@
 """PCQM4Mv2 -> shards: DFT geometries of ``pcqm4m-v2-train.sdf`` with the HOMO-LUMO gap of ``data.csv.gz``.
 
-SDF record i aligns with CSV row i (FACTS.md). Both files are streamed in lockstep by the driver (SDF
+SDF record i aligns with CSV row i (OGB-LSC). Both files are streamed in lockstep by the driver (SDF
 record texts, plain or gzip; CSV row by row), so memory does not grow with the dataset; worker processes
 parse chunks of records with ``Chem.MolFromMolBlock(sanitize=False, removeHs=False)`` and write one shard
-per split each; a rerun resumes a killed build (datasets/chunked.py).
+per split each; a rerun resumes a killed build (datasets/shards/chunked.py).
 The CSV ``idx`` column must equal the record position, else the build stops (the files do not belong together).
 
 Count mismatch: the real CSV has more rows than the SDF (valid/test molecules have no released 3D
@@ -31,6 +31,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 
 from molscale.datasets.chemistry.bonds import bonds_from_mol
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.build import Rejections
 from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
@@ -57,7 +58,7 @@ def _csv_rows(path: str):
     missing = {"idx", "smiles", "homolumogap"} - set(reader.fieldnames or ())
     if missing:
         text.close()
-        raise SystemExit(f"error: {path} lacks column(s) {sorted(missing)}; expected idx, smiles, homolumogap "
+        raise InputError(f"{path} lacks column(s) {sorted(missing)}; expected idx, smiles, homolumogap "
                          f"(PCQM4Mv2 data.csv.gz), got {reader.fieldnames}")
     return text, reader
 
@@ -142,9 +143,9 @@ def lockstep_chunks(sdf: str, csv_path: str, chunk_size: int, limit: int | None,
                 try:
                     idx = int(row["idx"])
                 except (TypeError, ValueError):
-                    raise SystemExit(f"error: {csv_path} row {i} has idx {row['idx']!r}, not an integer.") from None
+                    raise InputError(f"{csv_path} row {i} has idx {row['idx']!r}, not an integer.") from None
                 if idx != i:
-                    raise SystemExit(f"error: {csv_path} row {i} has idx {idx}; SDF record i must align with CSV "
+                    raise InputError(f"{csv_path} row {i} has idx {idx}; SDF record i must align with CSV "
                                      f"row i of idx i. Are these the matching PCQM4Mv2 files?")
             payload.append((i, block, row))
             if len(payload) == chunk_size:
@@ -168,17 +169,17 @@ def build_pcqm4mv2(out_url: str, sdf: str, csv_path: str, limit: int | None = No
                    seed: int = 0, workers: int = 1, backend: str = "process",
                    storage_options: dict | None = None, command: str = "", progress: bool = True):
     """PCQM4Mv2 SDF + CSV -> shards + manifest; ``shard_size`` SDF records per chunk, built in parallel by
-    ``workers`` processes into one shard per split each; a rerun resumes (datasets/chunked.py)."""
+    ``workers`` processes into one shard per split each; a rerun resumes (datasets/shards/chunked.py)."""
     shard_size = DEFAULT_CHUNK_RECORDS if shard_size is None else shard_size
     if not sdf or not csv_path:
-        raise SystemExit("error: pcqm4mv2 needs --sdf pcqm4m-v2-train.sdf[.gz] and --csv data.csv.gz.")
+        raise InputError("pcqm4mv2 needs --sdf pcqm4m-v2-train.sdf[.gz] and --csv data.csv.gz.")
     for label, path in (("--sdf", sdf), ("--csv", csv_path)):
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {label} {path} does not exist.")
+            raise InputError(f"{label} {path} does not exist.")
     if limit is not None and limit < 1:
-        raise SystemExit(f"error: --limit must be at least 1 (got {limit}); leave it out for all molecules.")
+        raise InputError(f"--limit must be at least 1 (got {limit}); leave it out for all molecules.")
     if shard_size < 1:
-        raise SystemExit(f"error: --shard-size must be at least 1 (got {shard_size}).")
+        raise InputError(f"--shard-size must be at least 1 (got {shard_size}).")
     sdf, csv_path = os.path.abspath(sdf), os.path.abspath(csv_path)
     _csv_rows(csv_path)[0].close()  # a CSV without the needed columns fails before any work
     params = {"source": "pcqm4mv2", "sdf": sdf, "csv": csv_path, "seed": seed, "limit": limit,

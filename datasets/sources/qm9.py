@@ -2,7 +2,7 @@
 
 The package's ``import`` needs pkg_resources, which newer setuptools no longer ship, so the CSV
 files are read from the installed package folder directly. Molecules come in gdb-id order; the
-standard split (FACTS.md) is a seeded permutation over that order.
+standard split (EDM: qm9/data/prepare/qm9.py, gen_splits_gdb9) is a seeded permutation over that order.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from molscale.datasets.chemistry.bonds import perceive_bonds
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB, symbols_to_z
 from molscale.datasets.chemistry.properties import QM9_PROPERTIES
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.build import Rejections, finish_splits, start_build
 from molscale.datasets.shards.manifest import (
     FORMAT,
@@ -40,7 +41,7 @@ _CSV_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 def qm9pack_data_dir() -> str:
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the PyPI package 'qm9pack' is not installed; run `pip install qm9pack` "
+        raise InputError("the PyPI package 'qm9pack' is not installed; run `pip install qm9pack` "
                          "(or `make test`, which installs everything).")
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
@@ -160,12 +161,12 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
               storage_options: dict | None = None, command: str = "", progress: bool = True):
     """QM9 (qm9pack) -> shards; the standard split; ``limit`` keeps the first N molecules by gdb id."""
     if limit is not None and limit < 1:
-        raise SystemExit(f"error: --limit must be at least 1 (got {limit}); leave it out for all "
+        raise InputError(f"--limit must be at least 1 (got {limit}); leave it out for all "
                          f"{QM9_NUM_MOLECULES} molecules.")
     if shard_size < 1:
-        raise SystemExit(f"error: --shard-size must be at least 1 (got {shard_size}).")
+        raise InputError(f"--shard-size must be at least 1 (got {shard_size}).")
     if workers < 1:
-        raise SystemExit(f"error: --workers must be at least 1 (got {workers}).")
+        raise InputError(f"--workers must be at least 1 (got {workers}).")
     params = {"source": "qm9", "limit": limit, "shard_size": shard_size, "format": FORMAT}
     done, fs, out_path = start_build(out_url, params, storage_options)
     if done is not None:
@@ -183,7 +184,7 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
             rejected.add(f"qm9 row {position}", f"unreadable row: {err}")
     n_read = len(positions) + rejected.as_dict()["total"]
     if limit is None and n_read != QM9_NUM_MOLECULES:
-        raise SystemExit(f"error: qm9pack gave {n_read} molecules, expected {QM9_NUM_MOLECULES}; "
+        raise InputError(f"qm9pack gave {n_read} molecules, expected {QM9_NUM_MOLECULES}; "
                          f"the standard split is defined over exactly that many. Reinstall qm9pack.")
 
     # Split and order come from the full permutation, so a --limit build puts each molecule in the

@@ -30,6 +30,7 @@ from rdkit.Chem import AllChem
 
 from molscale.datasets.chemistry.bonds import bonds_from_mol
 from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB, Z_TO_SYMBOL
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
@@ -48,15 +49,15 @@ def moses_file(name: str) -> str:
     """Path of a MOSES split's csv.gz inside the installed molsets package (found without importing it)."""
     split = name.split(":", 1)[1] if ":" in name else "train"
     if split not in MOSES_SPLITS:
-        raise SystemExit(f"error: --input {name}: MOSES has the splits {', '.join(MOSES_SPLITS)} "
+        raise InputError(f"--input {name}: MOSES has the splits {', '.join(MOSES_SPLITS)} "
                          f"(moses, moses:test, moses:test_scaffolds).")
     spec = importlib.util.find_spec("moses")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: --input moses needs the MOSES data of the PyPI package molsets: "
+        raise InputError("--input moses needs the MOSES data of the PyPI package molsets: "
                          "`pip install --no-deps molsets` (its other dependencies are not needed).")
     path = os.path.join(spec.submodule_search_locations[0], "dataset", "data", f"{split}.csv.gz")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: the installed molsets package has no {path}; reinstall molsets 0.3.1.")
+        raise InputError(f"the installed molsets package has no {path}; reinstall molsets 0.3.1.")
     return path
 
 
@@ -157,22 +158,22 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
     worker processes; a rerun resumes a killed build."""
     shard_size = DEFAULT_CHUNK_MOLECULES if shard_size is None else shard_size
     if not source:
-        raise SystemExit("error: smiles needs --input FILE (one SMILES per line, or a CSV with a smiles "
+        raise InputError("smiles needs --input FILE (one SMILES per line, or a CSV with a smiles "
                          "column) or --input moses.")
     if conformers < 1:
-        raise SystemExit(f"error: --conformers must be at least 1 (got {conformers}).")
+        raise InputError(f"--conformers must be at least 1 (got {conformers}).")
     if limit is not None and limit < 1:
-        raise SystemExit(f"error: --limit must be at least 1 (got {limit}); leave it out for all molecules.")
+        raise InputError(f"--limit must be at least 1 (got {limit}); leave it out for all molecules.")
     if shard_size < 1:
-        raise SystemExit(f"error: --shard-size must be at least 1 (got {shard_size}).")
+        raise InputError(f"--shard-size must be at least 1 (got {shard_size}).")
     if backend not in ("ray", "process"):
-        raise SystemExit(f"error: --backend must be ray or process (got {backend!r}).")
+        raise InputError(f"--backend must be ray or process (got {backend!r}).")
     if source == "moses" or source.startswith("moses:"):
         path, name = moses_file(source), source
     else:
         path = os.path.abspath(source)
         if not os.path.isfile(path):
-            raise SystemExit(f"error: --input {source} does not exist (give a SMILES file or 'moses').")
+            raise InputError(f"--input {source} does not exist (give a SMILES file or 'moses').")
         name = path
     params = {"source": "smiles", "input": name, "conformers": conformers, "seed": seed, "limit": limit,
               "shard_size": shard_size, "format": FORMAT,

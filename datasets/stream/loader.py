@@ -1,11 +1,11 @@
 """Streaming loader: shards on any fsspec URL -> padded, CoM-free batches for training.
 
-    loader = StreamingLoader(LoaderConfig(url="s3://bucket/qm9", batch_size=64), rank=r, world_size=w)
+    loader = StreamingLoader(LoaderConfig(url="s3://bucket/qm9", batch_size=64), seed=0, rank=r, world_size=w)
     for batch in loader:            # the rest of the current epoch; then loader.epoch advances
         ...
     state = loader.state_dict()     # resume later at exactly the next batch
 
-What each rank and worker reads is planned from the manifest (datasets/plan.py). Workers fetch a
+What each rank and worker reads is planned from the manifest (datasets/stream/plan.py). Workers fetch a
 whole shard at a time (retried with backoff on transient storage errors), keep only the samples
 their remaining batches need, and emit batches in plan order. A corrupt or missing shard is
 logged, counted and skipped; more than ``max_bad_shards`` of them stop the run with a clear error.
@@ -21,40 +21,54 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards import storage
 from molscale.datasets.shards.manifest import Manifest, load_manifest
-from molscale.datasets.shards.samples import decode_sample
-from molscale.datasets.shards.tario import CorruptShardError, read_shard_samples
 from molscale.datasets.stream.plan import Batching, plan_epoch
+from molscale.datasets.stream.split_reader import BAD_SHARD_ERRORS, TooManyBadShardsError, read_shard
 
 log = logging.getLogger(__name__)
-
-
-class TooManyBadShardsError(RuntimeError):
-    pass
+# TooManyBadShardsError (a RunError) is defined in split_reader and raised here too; import it from either.
 
 
 @dataclass
 class LoaderConfig:
-    url: str
+    """How a dataset is streamed: the ``data`` section of a run config, and the loader's own settings.
+
+    What the run decides elsewhere (the seed, the property columns its model needs, whether bonds are
+    read, storage credentials, shuffling) is passed to StreamingLoader, not repeated here.
+    """
+    url: str = "data/qm9-smoke"
     split: str = "train"
-    batch_size: int | None = 64            # molecules per batch (the papers use 64) ...
+    valid_split: str = "valid"             # the split a training run validates on
+    batch_size: int | None = 64            # molecules per batch (EDM/UniGEM train with 64) ...
     pair_budget: int | None = None         # ... or an atom-pair budget per batch (sum B * N_max^2)
     bucket_bounds: tuple[int, ...] = ()    # atom-count bucket upper bounds for budget batching
-    shuffle: bool = True
     shuffle_buffer: int = 1000
-    seed: int = 0
     num_workers: int = 0
     prefetch_factor: int = 4
     max_bad_shards: int | None = None      # default: 1% of the split's shards, at least 1
     retries: int = 6                       # attempts per shard read on transient errors
-    properties: tuple[str, ...] | None = None  # props columns; default: every property in the manifest
-    with_bonds: bool = False
-    storage: dict | None = field(default=None, repr=False)
 
-    def batching(self) -> Batching:
-        return Batching(self.batch_size, self.pair_budget, tuple(self.bucket_bounds), self.shuffle,
-                        self.shuffle_buffer)
+    def __post_init__(self):
+        self.bucket_bounds = tuple(self.bucket_bounds)
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of these settings; messages name the run config's ``data.*`` keys."""
+        if (self.batch_size is None) == (self.pair_budget is None):
+            raise InputError("set exactly one of data.batch_size and data.pair_budget (the other null)")
+        for name in ("batch_size", "pair_budget"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"data.{name} must be at least 1 (got {value})")
+        if self.num_workers < 0 or self.retries < 1 or self.prefetch_factor < 1:
+            raise InputError("data.num_workers must be >= 0, data.retries and data.prefetch_factor >= 1")
+        if self.max_bad_shards is not None and self.max_bad_shards < 0:
+            raise InputError(f"data.max_bad_shards must be >= 0 (got {self.max_bad_shards})")
+
+    def batching(self, shuffle: bool = True) -> Batching:
+        return Batching(self.batch_size, self.pair_budget, self.bucket_bounds, shuffle, self.shuffle_buffer)
 
 
 def vocab_lookup(atom_vocab) -> np.ndarray:
@@ -114,35 +128,31 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
 class _EpochStream(IterableDataset):
     """The batches of one rank for one epoch, from the batch numbers in ``skip`` on, per worker."""
 
-    def __init__(self, cfg: LoaderConfig, manifest: Manifest, rank: int, world_size: int, epoch: int,
-                 skip: list[int], properties: tuple[str, ...]):
-        self.cfg, self.manifest, self.rank, self.world_size = cfg, manifest, rank, world_size
-        self.epoch, self.skip, self.properties = epoch, skip, properties
+    def __init__(self, cfg: LoaderConfig, reading: Reading, manifest: Manifest, rank: int, world_size: int,
+                 epoch: int, skip: list[int]):
+        self.cfg, self.reading, self.manifest, self.rank, self.world_size = cfg, reading, manifest, rank, world_size
+        self.epoch, self.skip, self.properties = epoch, skip, reading.properties
         self.vocab_index = vocab_lookup(manifest.atom_vocab)
-        self.shards = manifest.shards(cfg.split)
+        self.shards = manifest.shards(reading.split)
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
         streams = max(1, self.cfg.num_workers)
         plan = plan_epoch([s["count"] for s in self.shards], [s["num_atoms"] for s in self.shards],
-                          self.cfg.batching(), self.epoch, self.cfg.seed, self.world_size, streams)
+                          self.cfg.batching(self.reading.shuffle), self.epoch, self.reading.seed, self.world_size,
+                          streams)
         wplan = plan[self.rank][worker]
-        fs, _ = storage.get_fs(self.manifest.url, self.cfg.storage)
+        fs, _ = storage.get_fs(self.manifest.url, self.reading.storage)
         yield from self._run(wplan, worker, fs)
 
     def _read_shard(self, fs, shard_id: int) -> list[dict] | None:
         shard = self.shards[shard_id]
-        url = self.manifest.shard_url(shard)
-        path = storage.get_fs(url, self.cfg.storage)[1]
         try:
-            data = storage.retry(lambda: fs.cat_file(path), f"reading {url}", attempts=self.cfg.retries)
-            samples = read_shard_samples(data)
-            if len(samples) != shard["count"]:
-                raise CorruptShardError(f"{len(samples)} samples, manifest says {shard['count']}")
-            return [decode_sample(s, self.cfg.with_bonds) for s in samples]
-        except (CorruptShardError, FileNotFoundError, ValueError, KeyError, OSError) as err:
-            log.error("skipping shard %s: %s", url, err)
+            return read_shard(self.manifest, shard, self.reading.storage, self.reading.with_bonds, fs=fs,
+                              attempts=self.cfg.retries)
+        except BAD_SHARD_ERRORS as err:  # the shard's url is in the message
+            log.error("skipping shard: %s", err)
             return None
 
     def _run(self, wplan, worker: int, fs):
@@ -175,7 +185,7 @@ class _EpochStream(IterableDataset):
             if not got:
                 owed += 1
                 continue
-            out = collate(got, self.vocab_index, self.properties, self.cfg.with_bonds)
+            out = collate(got, self.vocab_index, self.properties, self.reading.with_bonds)
             out.update(worker=worker, batch_index=k, bad_shards=list(bad_shards))
             for _ in range(1 + owed):  # keep the rank's batch count equal to the plan
                 yield dict(out)
@@ -190,7 +200,7 @@ class _EpochStream(IterableDataset):
             limit = max(1, len(self.shards) // 100)
         if len(bad) > limit:
             raise TooManyBadShardsError(
-                f"{len(bad)} corrupt or missing shards in {self.manifest.url} split {self.cfg.split!r} "
+                f"{len(bad)} corrupt or missing shards in {self.manifest.url} split {self.reading.split!r} "
                 f"(limit data.max_bad_shards = {limit}): {', '.join(bad)}. Rebuild the dataset or raise the limit.")
 
 
@@ -205,25 +215,44 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class StreamingLoader:
-    """Epoch-based iteration over a split with exact, resumable position (see module docstring)."""
+@dataclass(frozen=True)
+class Reading:
+    """What a user of the loader decides beyond LoaderConfig (a run: its seed, model and storage)."""
+    split: str
+    seed: int
+    shuffle: bool
+    properties: tuple[str, ...]
+    with_bonds: bool
+    storage: dict | None = field(default=None, repr=False)
 
-    def __init__(self, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
-                 manifest: Manifest | None = None):
+
+class StreamingLoader:
+    """Epoch-based iteration over a split with exact, resumable position (see module docstring).
+
+    split: default ``cfg.split``; properties: the ``props`` columns (default: every property of the
+    dataset); with_bonds: also read ``bond_order``/``has_bonds``; storage: fsspec/S3 options;
+    manifest: the dataset's manifest when the caller has read it already (it is read once per process).
+    """
+
+    def __init__(self, cfg: LoaderConfig, *, split: str | None = None, seed: int = 0, shuffle: bool = True,
+                 properties=None, with_bonds: bool = False, storage: dict | None = None,
+                 rank: int | None = None, world_size: int | None = None, manifest: Manifest | None = None):
         if rank is None or world_size is None:
             rank, world_size = _dist_rank_world()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.manifest = manifest or load_manifest(cfg.url, cfg.storage)
-        self.manifest.split(cfg.split)  # a clear error for an unknown split, before any work
-        cfg.batching()                  # likewise for a bad batching setup
+        split = split or cfg.split
+        self.manifest = manifest or load_manifest(cfg.url, storage)
+        self.manifest.split(split)  # a clear error for an unknown split, before any work
         known = tuple(self.manifest.data.get("properties", {}))
-        self.properties = tuple(cfg.properties) if cfg.properties is not None else known
-        missing = [p for p in self.properties if p not in known]
+        properties = tuple(properties) if properties is not None else known
+        missing = [p for p in properties if p not in known]
         if missing:
-            raise ValueError(f"properties {missing} are not in {cfg.url} (it has {list(known)})")
-        if self.manifest.count(cfg.split) < world_size * max(1, cfg.num_workers):
-            raise ValueError(f"split {cfg.split!r} of {cfg.url} has {self.manifest.count(cfg.split)} samples, "
+            raise InputError(f"properties {missing} are not in {cfg.url} (it has {list(known)})")
+        if self.manifest.count(split) < world_size * max(1, cfg.num_workers):
+            raise InputError(f"split {split!r} of {cfg.url} has {self.manifest.count(split)} samples, "
                              f"fewer than ranks x workers = {world_size * max(1, cfg.num_workers)}")
+        self.reading = Reading(split, seed, shuffle, properties, with_bonds, storage)
+        self.properties = properties
         self.epoch = 0
         self._consumed = [0] * max(1, cfg.num_workers)   # batches handed out, per worker stream
         self._bad_shards: set[str] = set()
@@ -232,10 +261,10 @@ class StreamingLoader:
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
         if self._len is None:
-            shards = self.manifest.shards(self.cfg.split)
+            shards = self.manifest.shards(self.reading.split)
             plan = plan_epoch([s["count"] for s in shards], [s["num_atoms"] for s in shards],
-                              self.cfg.batching(), self.epoch, self.cfg.seed, self.world_size,
-                              max(1, self.cfg.num_workers))
+                              self.cfg.batching(self.reading.shuffle), self.epoch, self.reading.seed,
+                              self.world_size, max(1, self.cfg.num_workers))
             self._len = sum(len(p.batches) for p in plan[self.rank])
         return self._len
 
@@ -244,14 +273,14 @@ class StreamingLoader:
         return sorted(self._bad_shards)
 
     def __iter__(self):
-        stream = _EpochStream(self.cfg, self.manifest, self.rank, self.world_size, self.epoch,
-                              list(self._consumed), self.properties)
+        stream = _EpochStream(self.cfg, self.reading, self.manifest, self.rank, self.world_size, self.epoch,
+                              list(self._consumed))
         workers = self.cfg.num_workers
         # A generator of its own: DataLoader draws a base seed per iterator from it, and drawing from
         # the global RNG would shift the training noise of a resumed run.
         dl = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                        persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed))
+                        persistent_workers=False, generator=torch.Generator().manual_seed(self.reading.seed))
         for batch in dl:
             self._consumed[batch.pop("worker")] = batch.pop("batch_index") + 1
             self._bad_shards.update(batch.pop("bad_shards"))
@@ -262,10 +291,10 @@ class StreamingLoader:
 
     # --- exact resume -----------------------------------------------------------------------
     def _identity(self) -> dict:
-        c = self.cfg
-        return {"url": c.url.rstrip("/"), "split": c.split, "world_size": self.world_size,
-                "num_workers": max(1, c.num_workers), "seed": c.seed,
-                "batching": [c.batch_size, c.pair_budget, list(c.bucket_bounds), c.shuffle, c.shuffle_buffer]}
+        c, r = self.cfg, self.reading
+        return {"url": c.url.rstrip("/"), "split": r.split, "world_size": self.world_size,
+                "num_workers": max(1, c.num_workers), "seed": r.seed,
+                "batching": [c.batch_size, c.pair_budget, list(c.bucket_bounds), r.shuffle, c.shuffle_buffer]}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": list(self._consumed), "bad_shards": self.bad_shards,
@@ -275,7 +304,7 @@ class StreamingLoader:
         mine = self._identity()
         changed = [k for k in mine if k != "url" and state.get(k) != mine[k]]
         if changed:
-            raise ValueError("cannot resume the data loader exactly: " + ", ".join(
+            raise InputError("cannot resume the data loader exactly: " + ", ".join(
                 f"{k} was {state.get(k)!r}, now {mine[k]!r}" for k in changed) +
                 ". Resume with the same world size, data.num_workers, seed and batching.")
         self.epoch = int(state["epoch"])

@@ -23,20 +23,13 @@ class Batching:
     With a budget, a batch of B molecules padded to N atoms costs B * N^2 (the fully connected
     EGNN's edge count); molecules are grouped by bucket (upper bounds in ``bucket_bounds``) so
     that padding stays small, and a batch is closed before it would exceed ``pair_budget``.
+    Built from a validated LoaderConfig (``LoaderConfig.batching``), which checks these values.
     """
     batch_size: int | None = 64
     pair_budget: int | None = None
     bucket_bounds: tuple[int, ...] = ()
     shuffle: bool = True
     shuffle_buffer: int = 1000
-
-    def __post_init__(self):
-        if (self.batch_size is None) == (self.pair_budget is None):
-            raise ValueError("data batching: set exactly one of batch_size and pair_budget")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1 (got {self.batch_size})")
-        if self.pair_budget is not None and self.pair_budget < 1:
-            raise ValueError(f"data.pair_budget must be at least 1 (got {self.pair_budget})")
 
 
 @dataclass

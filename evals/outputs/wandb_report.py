@@ -10,7 +10,8 @@ HEADLINE = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_
 DISTRIBUTION = ("atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1")
 
 
-def build_report(entity: str, project: str, run_name: str, metrics: dict):
+def build_report(entity: str, project: str, run_name: str, metrics: dict, group: str | None = None):
+    """The report; with ``group`` (the training run's, which the evaluation joins) also the training curves."""
     import wandb_workspaces.reports.v2 as wr
 
     def fmt(value):
@@ -31,6 +32,13 @@ def build_report(entity: str, project: str, run_name: str, metrics: dict):
             wr.MediaBrowser(media_keys=["plots/atom_counts", "plots/bond_lengths", "plots/bond_angles"]),
         ]),
     ]
+    if group:
+        training = wr.Runset(entity=entity, project=project, name="training run",
+                             filters=f"Metric('Group') == {group!r}")
+        report.blocks += [wr.H2("Training run"), wr.PanelGrid(runsets=[training], panels=[
+            wr.LinePlot(title="loss", x="trainer/step", y=["loss"]),
+            wr.LinePlot(title="validation loss", x="trainer/step", y=["valid/loss"]),
+        ])]
     return report
 
 
@@ -38,6 +46,6 @@ def publish_report(run, metrics: dict) -> str | None:
     """Save the report when ``run`` is online; returns its URL, or None for an offline run."""
     if run.offline:
         return None
-    report = build_report(run.entity, run.project, run.name, metrics)
+    report = build_report(run.entity, run.project, run.name, metrics, group=run.group or None)
     report.save()
     return report.url

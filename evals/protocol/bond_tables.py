@@ -1,6 +1,6 @@
 """EDM-protocol bond tables and allowed valences: the one source of truth for the evaluation.
 
-Numbers from FACTS.md ("Evaluation protocol"): typical bond lengths in picometres for single (b1),
+Numbers from EDM's released code (qm9/bond_analyze.py): typical bond lengths in picometres for single (b1),
 double (b2) and triple (b3) bonds per element pair, the margins added to them, and the valences an atom
 may have to count as stable. Everything else in ``evals`` looks bonds and valences up here.
 """

@@ -12,7 +12,7 @@ saved as JSON:
 Bond kinds are the distance-inferred orders, except that bonds RDKit perceives as aromatic in a molecule
 that sanitises are kind 4.
 
-Distances (MiDi definitions, FACTS.md): atom-type and bond-type TV = sum |p_gen - p_ref| (no 1/2);
+Distances (MiDi definitions, Vignac et al. 2023): atom-type and bond-type TV = sum |p_gen - p_ref| (no 1/2);
 valency W1 per atom type weighted by the reference atom-type frequency; bond-length W1 (Angstrom) per
 bond kind weighted by the reference bond-kind frequency; bond-angle W1 (degrees) per central atom type
 weighted by the reference share of angles around that type. A type the generated set lacks contributes

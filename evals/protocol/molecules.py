@@ -58,27 +58,23 @@ def as_molecule_list(molecules) -> list[Molecule]:
     return out
 
 
-def iter_split_molecules(url: str, split: str, storage_options: dict | None = None,
+def iter_split_molecules(dataset, split: str, storage_options: dict | None = None,
                          limit: int | None = None) -> Iterator[Molecule]:
-    """(z, pos) of the molecules of one split of a dataset (manifest + shards), in shard order."""
-    from molscale.datasets.shards import storage
-    from molscale.datasets.shards.manifest import load_manifest
-    from molscale.datasets.shards.samples import decode_sample
-    from molscale.datasets.shards.tario import read_shard_samples
+    """(z, pos) of the molecules of one split of a dataset, in shard order.
 
-    manifest = load_manifest(url, storage_options)
-    fs, _ = storage.get_fs(url, storage_options)
-    seen = 0
-    for shard in manifest.shards(split):
-        path = storage.get_fs(manifest.shard_url(shard), storage_options)[1]
-        for files in read_shard_samples(storage.read_bytes(fs, path)):
-            if limit is not None and seen >= limit:
-                return
-            sample = decode_sample(files, with_bonds=False)
-            yield sample["z"].astype(np.int64), sample["pos"]
-            seen += 1
+    ``dataset``: its Manifest, or its URL (the manifest is then read once). Reads through the datasets
+    package's split reader (molscale.datasets.stream.split_reader), which stops with TooManyBadShardsError
+    (a RunError) at a corrupt or missing shard: evaluation numbers come from the whole split.
+    """
+    from molscale.datasets.shards.manifest import Manifest, load_manifest
+    from molscale.datasets.stream.split_reader import iter_split_samples
+
+    manifest = dataset if isinstance(dataset, Manifest) else load_manifest(dataset, storage_options)
+    for sample in iter_split_samples(manifest, split, storage_options, limit=limit):
+        yield sample["z"].astype(np.int64), sample["pos"]
 
 
-def load_split_molecules(url: str, split: str, storage_options: dict | None = None,
+def load_split_molecules(dataset, split: str, storage_options: dict | None = None,
                          limit: int | None = None) -> list[Molecule]:
-    return list(iter_split_molecules(url, split, storage_options, limit))
+    """``iter_split_molecules`` as a list; ``dataset`` is a Manifest or a URL."""
+    return list(iter_split_molecules(dataset, split, storage_options, limit))

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.shards.samples import decode_sample
 from molscale.datasets.shards.tario import read_shard_samples
@@ -78,7 +79,7 @@ def test_rebuild_is_a_noop_and_other_params_are_refused(qm9_small, capsys):
     build_qm9(qm9_small, limit=600, shard_size=40, workers=1, progress=False)
     assert "nothing to do" in capsys.readouterr().out
     assert os.stat(os.path.join(qm9_small, "manifest.json")).st_mtime_ns == before
-    with pytest.raises(SystemExit, match="already holds a complete dataset"):
+    with pytest.raises(InputError, match="already holds a complete dataset"):
         build_qm9(qm9_small, limit=601, shard_size=40, workers=1, progress=False)
 
 
@@ -116,20 +117,20 @@ def test_killed_build_leaves_no_complete_dataset(tmp_path):
     assert any(p.suffix == ".tar" for p in out.iterdir()), "the build never wrote a shard"
     assert not (out / "manifest.json").exists()
     r = run_cli("inspect", str(out))
-    assert r.returncode == 1 and "not a complete dataset" in r.stderr
+    assert r.returncode == 2 and "not a complete dataset" in r.stderr  # a missing dataset is bad input
     with pytest.raises(ValueError, match="not a complete dataset"):
         StreamingLoader(LoaderConfig(url=str(out)), rank=0, world_size=1)
 
 
 def test_bad_input_gives_clear_messages(tmp_path, qm9_small):
     r = run_cli("build", "zinc", "--out", str(tmp_path / "x"))
-    assert r.returncode != 0 and "unknown source 'zinc'" in r.stderr
+    assert r.returncode == 2 and "unknown source 'zinc'" in r.stderr
     r = run_cli("build", "qm9", "--limit", "0", "--out", str(tmp_path / "x"))
-    assert r.returncode != 0 and "--limit must be at least 1" in r.stderr
+    assert r.returncode == 2 and "--limit must be at least 1" in r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     r = run_cli("build", "qm9", "--limit", "5", "--out", str(blocker / "sub"))
-    assert r.returncode != 0 and "cannot write to" in r.stderr
+    assert r.returncode == 2 and "cannot write to" in r.stderr
     # a manifest that does not match its shards
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", qm9_small, str(broken)], check=True)
@@ -140,7 +141,7 @@ def test_bad_input_gives_clear_messages(tmp_path, qm9_small):
     manifest["splits"]["train"]["count"] += 1
     (broken / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("inspect", str(broken))
-    assert r.returncode == 1 and "split 'train' says" in r.stderr
+    assert r.returncode == 2 and "split 'train' says" in r.stderr  # an inconsistent manifest is bad input
 
 
 def test_inspect_prints_the_summary(qm9_small):

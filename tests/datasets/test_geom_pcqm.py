@@ -14,6 +14,7 @@ from rdkit.Chem import AllChem
 
 from molscale.datasets.chemistry.bonds import bonds_from_mol
 from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.shards.samples import decode_sample
 from molscale.datasets.shards.tario import read_shard_samples
@@ -152,7 +153,7 @@ def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
     # rerun with the same parameters: no-op; other parameters: refused
     assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
                  "--shard-size", "7", "--no-progress"]) == 0
-    with pytest.raises(SystemExit, match="already holds"):
+    with pytest.raises(InputError, match="already holds"):
         build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
 
 
@@ -190,7 +191,7 @@ def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatc
     assert sorted(os.listdir(os.path.join(out, "_parts"))) == ["build.json", "chunk-000000.json"]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # the broken chunk left no temporary
     # other parameters may not finish this partial build
-    with pytest.raises(SystemExit, match="partial build with other parameters"):
+    with pytest.raises(InputError, match="partial build with other parameters"):
         build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
     # what a SIGKILLed worker leaves: a half-written shard under its temporary name
     with open(os.path.join(out, ".tmp-train-000001.tar-killed"), "wb") as f:
@@ -299,7 +300,7 @@ def rdkit_folder(tmp_path_factory, mols):
 
 def test_geom_rdkit_folder_needs_trust_pickle(tmp_path, rdkit_folder, mols):
     out = str(tmp_path / "geomr")
-    with pytest.raises(SystemExit, match="(?s)pickle.*execute"):
+    with pytest.raises(InputError, match="(?s)pickle.*execute"):
         build_geom(out, rdkit_folder, progress=False)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     build_geom(out, rdkit_folder, conformers=K, trust_pickle=True, progress=False)
@@ -382,5 +383,5 @@ def test_pcqm4mv2_misaligned_idx(tmp_path):
     sdf, csv_path = write_pcqm(tmp_path, n_sdf=3, n_csv=3)
     with gzip.open(csv_path, "wt", newline="") as f:
         f.write("idx,smiles,homolumogap\n5,CCO,3.0\n")
-    with pytest.raises(SystemExit, match="idx 5"):
+    with pytest.raises(InputError, match="idx 5"):
         build_pcqm4mv2(str(tmp_path / "bad"), sdf, csv_path, progress=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.stream.loader import (
     LoaderConfig,
@@ -29,8 +30,8 @@ def test_two_ranks_two_workers_see_every_sample_once(qm9_small, batching):
     expected = manifest.count("train")
     per_rank = []
     for rank in range(2):
-        cfg = LoaderConfig(url=qm9_small, num_workers=2, seed=3, **batching)
-        loader = StreamingLoader(cfg, rank=rank, world_size=2)
+        cfg = LoaderConfig(url=qm9_small, num_workers=2, **batching)
+        loader = StreamingLoader(cfg, seed=3, rank=rank, world_size=2)
         batches, keys = epoch_keys(loader)
         assert len(batches) == len(loader)
         per_rank.append((batches, keys))
@@ -43,7 +44,7 @@ def test_two_ranks_two_workers_see_every_sample_once(qm9_small, batching):
 
 
 def test_batches_are_padded_and_com_free(qm9_small):
-    loader = StreamingLoader(LoaderConfig(url=qm9_small, batch_size=8, properties=("lumo", "mu")),
+    loader = StreamingLoader(LoaderConfig(url=qm9_small, batch_size=8), properties=("lumo", "mu"),
                              rank=0, world_size=1)
     batch = next(iter(loader))
     pos, mask = batch["pos"], batch["node_mask"]
@@ -59,7 +60,7 @@ def test_batches_are_padded_and_com_free(qm9_small):
 
 def test_epochs_reshuffle_and_are_reproducible(qm9_small):
     def two_epochs(seed):
-        loader = StreamingLoader(LoaderConfig(url=qm9_small, batch_size=16, seed=seed), rank=0, world_size=1)
+        loader = StreamingLoader(LoaderConfig(url=qm9_small, batch_size=16), seed=seed, rank=0, world_size=1)
         return epoch_keys(loader)[1], epoch_keys(loader)[1]
     a1, a2 = two_epochs(0)
     b1, b2 = two_epochs(0)
@@ -69,19 +70,19 @@ def test_epochs_reshuffle_and_are_reproducible(qm9_small):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_yields_exactly_the_rest(qm9_small, workers):
-    cfg = dict(url=qm9_small, num_workers=workers, seed=1, **BUDGET)
-    full = StreamingLoader(LoaderConfig(**cfg), rank=1, world_size=2)
+    cfg = dict(url=qm9_small, num_workers=workers, **BUDGET)
+    full = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
     reference, _ = epoch_keys(full)
     second_epoch, _ = epoch_keys(full)
     cut = len(reference) // 2 + 1
 
-    first = StreamingLoader(LoaderConfig(**cfg), rank=1, world_size=2)
+    first = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
     it = iter(first)
     seen = [next(it)["keys"] for _ in range(cut)]
     state = first.state_dict()
     del it
 
-    resumed = StreamingLoader(LoaderConfig(**cfg), rank=1, world_size=2)
+    resumed = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
     resumed.load_state_dict(state)
     rest, _ = epoch_keys(resumed)
     if workers == 0:
@@ -96,7 +97,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(qm9_small, workers):
 def test_resume_refuses_a_different_world_size(qm9_small):
     a = StreamingLoader(LoaderConfig(url=qm9_small), rank=0, world_size=2)
     b = StreamingLoader(LoaderConfig(url=qm9_small), rank=0, world_size=1)
-    with pytest.raises(ValueError, match="world_size was 2, now 1"):
+    with pytest.raises(InputError, match="world_size was 2, now 1"):
         b.load_state_dict(a.state_dict())
 
 
@@ -127,7 +128,7 @@ def test_truncated_shard_is_skipped_and_counted(qm9_small, tmp_path):
 
 def test_too_many_bad_shards_stop_with_a_clear_error(qm9_small, tmp_path):
     url = corrupt_copy(qm9_small, tmp_path / "c", truncate=["train-000001.tar"], delete=["train-000003.tar"])
-    loader = StreamingLoader(LoaderConfig(url=url, batch_size=16, max_bad_shards=1, shuffle=False),
+    loader = StreamingLoader(LoaderConfig(url=url, batch_size=16, max_bad_shards=1), shuffle=False,
                              rank=0, world_size=1)
     with pytest.raises(TooManyBadShardsError, match=r"2 corrupt or missing shards .*max_bad_shards = 1"):
         epoch_keys(loader)
@@ -137,18 +138,18 @@ def test_unknown_split_and_property_are_clear_errors(qm9_small):
     from molscale.datasets.shards.manifest import ManifestError
     with pytest.raises(ManifestError, match="no split 'tset'"):
         StreamingLoader(LoaderConfig(url=qm9_small, split="tset"), rank=0, world_size=1)
-    with pytest.raises(ValueError, match="properties .*'lumo_ev'"):
-        StreamingLoader(LoaderConfig(url=qm9_small, properties=("lumo_ev",)), rank=0, world_size=1)
+    with pytest.raises(InputError, match="properties .*'lumo_ev'"):
+        StreamingLoader(LoaderConfig(url=qm9_small), properties=("lumo_ev",), rank=0, world_size=1)
 
 
 def test_s3_outage_mid_stream_loses_and_repeats_nothing(qm9_small, s3):
     from molscale.datasets.sources.qm9 import build_qm9
     url = "s3://test-bucket/qm9-outage"
     build_qm9(url, limit=600, shard_size=40, workers=1, progress=False)
-    cfg = LoaderConfig(url=url, batch_size=8, shuffle_buffer=1, seed=5, retries=8)
-    reference = epoch_keys(StreamingLoader(cfg, rank=0, world_size=1))[1]
+    cfg = LoaderConfig(url=url, batch_size=8, shuffle_buffer=1, retries=8)
+    reference = epoch_keys(StreamingLoader(cfg, seed=5, rank=0, world_size=1))[1]
 
-    loader = StreamingLoader(cfg, rank=0, world_size=1)
+    loader = StreamingLoader(cfg, seed=5, rank=0, world_size=1)
     keys, outage_done = [], threading.Event()
 
     def outage():

@@ -9,6 +9,7 @@ from rdkit import Chem
 from rdkit.Chem import AllChem
 
 from molscale.datasets.chemistry.bonds import bonds_from_mol
+from molscale.datasets.errors import InputError
 from molscale.datasets.sources.geom import assign_split
 from molscale.datasets.sources.smiles import build_smiles, moses_file, read_smiles
 from tests.datasets.test_geom_pcqm import all_samples, loader_count, shard_bytes
@@ -97,13 +98,13 @@ def test_moses_input(tmp_path):
     assert manifest.data["notes"]["molecules_read"]["total"] == 4
     assert sorted(s["smiles"] for _, s in samples.values()) == sorted(first)
     assert manifest.data["source"]["name"] == "moses"
-    with pytest.raises(SystemExit, match="splits train, test"):
+    with pytest.raises(InputError, match="splits train, test"):
         moses_file("moses:valid")
 
 
 def test_smiles_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         build_smiles(str(tmp_path / "x"), str(tmp_path / "missing.smi"), progress=False)
-    with pytest.raises(SystemExit, match="--conformers"):
+    with pytest.raises(InputError, match="--conformers"):
         build_smiles(str(tmp_path / "x"), "moses", conformers=0, progress=False)
     assert not os.path.exists(tmp_path / "x")

@@ -84,6 +84,7 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert read_sdf_coords(tmp_path / "one" / "samples.sdf") == mols
     lumo = json.loads((tmp_path / "one" / "metrics.json").read_text())["property_mae"]["lumo"]
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
+    assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
     r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--out", str(tmp_path / "other"))
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols

@@ -2,6 +2,7 @@
 
 import torch
 
+from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.networks import ModelConfig, build_model
 
@@ -20,8 +21,10 @@ def make_batch(num_atoms, n_max=None, dtype=torch.float64, seed=0, num_types=5, 
 
 def tiny_model(kind="unigem", hidden=16, layers=3, dtype=torch.float64, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = ModelConfig(kind=kind, hidden=hidden, layers=layers, properties=["gap", "mu"], **overrides)
-    model = build_model(cfg, prop_mean=[1.0, 2.0], prop_mad=[3.0, 0.5])
+    unigem = kind == "unigem"  # only UniGEM has a property head
+    cfg = ModelConfig(kind=kind, hidden=hidden, layers=layers, properties=["gap", "mu"] if unigem else [],
+                      atom_vocab=list(QM9_ATOM_VOCAB), **overrides)
+    model = build_model(cfg, prop_mean=[1.0, 2.0] if unigem else None, prop_mad=[3.0, 0.5] if unigem else None)
     return model.to(dtype)
 
 

@@ -108,7 +108,7 @@ def test_wandb_offline_run_holds_the_metrics(reference_run):
     from tests.wandb_records import history
     files = glob.glob(str(reference_run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
-    logged = history(files[0])
+    logged = history(files[0], key="trainer/step")
     expected = {r["step"]: r["loss"] for r in metrics(reference_run)}
     assert {step: row["loss"] for step, row in logged.items() if "loss" in row} == expected
 

@@ -6,7 +6,6 @@ import torch
 from molscale.trainer.model.diffusion import (
     com_free_noise,
     draw_unigem_t,
-    model_loss,
     remove_mean,
 )
 from tests.trainer.model_helpers import make_batch, tiny_model
@@ -47,7 +46,7 @@ def test_unigem_loss_terms_and_prediction_losses_vanish_after_t_n():
     model = tiny_model("unigem")
     batch = make_batch(NUM_ATOMS)
     gen = torch.Generator().manual_seed(0)
-    terms = model_loss(model, batch, generator=gen)
+    terms = model(batch, generator=gen)
     expected = {"loss", "eps", "eps_nucleation", "eps_growth", "atom_type", "prop_gap", "prop_mu"}
     assert set(terms) == expected
     assert all(terms[k] > 0 for k in expected)
@@ -56,7 +55,7 @@ def test_unigem_loss_terms_and_prediction_losses_vanish_after_t_n():
     torch.testing.assert_close(terms["eps"], (terms["eps_nucleation"] + terms["eps_growth"]) / 2)
 
     late = torch.tensor([11, 500, 1000, 12, 999, 40])  # all t > t_n = 10
-    terms = model_loss(model, batch, generator=gen, t=late)
+    terms = model(batch, generator=gen, t=late)
     for name in ("atom_type", "prop_gap", "prop_mu", "eps_growth"):
         assert terms[name] == 0
     torch.testing.assert_close(terms["loss"], terms["eps_nucleation"])
@@ -68,7 +67,7 @@ def test_unigem_loss_terms_and_prediction_losses_vanish_after_t_n():
 
 def _params_with_gradient(model, t):
     model.zero_grad(set_to_none=True)
-    terms = model_loss(model, make_batch(NUM_ATOMS, seed=1), generator=torch.Generator().manual_seed(0), t=t)
+    terms = model(make_batch(NUM_ATOMS, seed=1), generator=torch.Generator().manual_seed(0), t=t)
     terms["loss"].backward()
     return {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
 
@@ -84,7 +83,7 @@ def test_each_phase_reaches_only_its_own_branch():
 def test_edm_loss_is_normalised_per_dimension():
     model = tiny_model("edm")
     batch = make_batch(NUM_ATOMS)
-    terms = model_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    terms = model(batch, generator=torch.Generator().manual_seed(0))
     assert set(terms) == {"loss", "eps", "eps_pos", "eps_h"}
     dims_h = model.h_channels
     assert dims_h == 6  # 5 one-hot channels + charge
@@ -96,9 +95,9 @@ def test_edm_loss_is_normalised_per_dimension():
 def test_losses_are_reproducible_with_a_generator(kind):
     model = tiny_model(kind)
     batch = make_batch(NUM_ATOMS)
-    a = model_loss(model, batch, generator=torch.Generator().manual_seed(5))
-    b = model_loss(model, batch, generator=torch.Generator().manual_seed(5))
-    c = model_loss(model, batch, generator=torch.Generator().manual_seed(6))
+    a = model(batch, generator=torch.Generator().manual_seed(5))
+    b = model(batch, generator=torch.Generator().manual_seed(5))
+    c = model(batch, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a["loss"], b["loss"]) and not torch.equal(a["loss"], c["loss"])
 
 
@@ -110,7 +109,7 @@ def test_tiny_model_overfits_one_batch(kind):
     history = []
     for _ in range(150):
         optimizer.zero_grad()
-        terms = model_loss(model, batch, generator=torch.Generator().manual_seed(0))
+        terms = model(batch, generator=torch.Generator().manual_seed(0))
         terms["loss"].backward()
         optimizer.step()
         history.append({name: value.item() for name, value in terms.items()})

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from molscale.trainer.model.diffusion import model_loss
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
+from molscale.trainer.model.networks import UniGEM
 from tests.trainer.model_helpers import make_batch, random_orthogonal, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -15,7 +15,7 @@ TIMES = torch.tensor([4, 600, 10, 999])
 
 def run(model, pos, batch, t=TIMES):
     """Network outputs for noised coordinates pos; UniGEM through the growth branch with its heads."""
-    if model.cfg.kind == "unigem":
+    if isinstance(model, UniGEM):
         return model.denoise(pos, batch["node_mask"], t, "growth", heads=True)
     h = model.atom_features(batch["atom_type"], batch["node_mask"], pos.dtype) + 0.1
     return model.denoise(pos, h * batch["node_mask"][..., None], batch["node_mask"], t)
@@ -105,7 +105,7 @@ def test_size_chunks_do_not_change_the_loss_or_gradients(kind):
     results = []
     for cost in (None, 0):  # one padded batch vs one chunk per distinct size
         model = tiny_model(kind, chunk_cost_pairs=cost)
-        terms = model_loss(model, batch, generator=torch.Generator().manual_seed(3))
+        terms = model(batch, generator=torch.Generator().manual_seed(3))
         terms["loss"].backward()
         results.append((terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (terms_a, grads_a), (terms_b, grads_b) = results
@@ -122,7 +122,7 @@ def test_bf16_autocast_keeps_geometry_float32(kind):
     exact = run(model, batch["pos"], batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run(model, batch["pos"], batch)
-        loss = model_loss(model, batch, generator=torch.Generator().manual_seed(0))["loss"]
+        loss = model(batch, generator=torch.Generator().manual_seed(0))["loss"]
     assert low["eps"].dtype == torch.float32 and loss.dtype == torch.float32
     scale = exact["eps"].abs().max()
     assert (low["eps"] - exact["eps"]).abs().max() < 0.05 * scale

@@ -14,6 +14,8 @@ from molscale.trainer.model.pretraining import (
 )
 from tests.trainer.model_helpers import make_batch, random_orthogonal
 
+QM9_VOCAB = [1, 6, 7, 8, 9]
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_ATOMS = [3, 7, 5, 9, 4, 6]
@@ -39,12 +41,12 @@ def toy_batch(num_atoms=NUM_ATOMS, dtype=torch.float64, seed=0, has_bonds=None):
 
 def tiny_jae(hidden=16, layers=3, shared_blocks=1, dtype=torch.float64, seed=0, **pre):
     torch.manual_seed(seed)
-    cfg = ModelConfig(kind="unigem", hidden=hidden, layers=layers, shared_blocks=shared_blocks)
+    cfg = ModelConfig(kind="unigem", hidden=hidden, layers=layers, shared_blocks=shared_blocks, atom_vocab=QM9_VOCAB)
     return MoleculeJAE(cfg, PretrainConfig(**pre)).to(dtype)
 
 
 def test_trunk_parameters_match_unigem_by_name_and_shape():
-    cfg = ModelConfig(kind="unigem", hidden=24, layers=4, shared_blocks=2)
+    cfg = ModelConfig(kind="unigem", hidden=24, layers=4, shared_blocks=2, atom_vocab=QM9_VOCAB)
     jae = MoleculeJAE(cfg, PretrainConfig(encoder_blocks=3))
     unigem = UniGEM(cfg).state_dict()
     jae_state = jae.state_dict()
@@ -229,7 +231,7 @@ def test_a_few_adam_steps_reduce_the_loss():
 def test_pretrain_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         PretrainConfig(**{field: value}).validate()
-    cfg = ModelConfig(kind="unigem", hidden=8, layers=2)
+    cfg = ModelConfig(kind="unigem", hidden=8, layers=2, atom_vocab=QM9_VOCAB)
     with pytest.raises(ValueError, match=field):
         MoleculeJAE(cfg, PretrainConfig(**{field: value}))
 

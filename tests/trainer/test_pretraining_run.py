@@ -42,7 +42,7 @@ def test_a_pretraining_checkpoint_is_not_a_generator(pretrained):
 def test_init_from_loads_the_trunk_and_reports(pretrained):
     from molscale.trainer.model.networks import ModelConfig, UniGEM
     from molscale.trainer.train.init_from import checkpoint_weights, initialise
-    model = UniGEM(ModelConfig(hidden=32, layers=3, shared_blocks=1, properties=["lumo"]))
+    model = UniGEM(ModelConfig(hidden=32, layers=3, shared_blocks=1, properties=["lumo"], atom_vocab=[1, 6, 7, 8, 9]))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     report = initialise(model, str(pretrained))
     _, weights = checkpoint_weights(str(pretrained))  # EMA weights

@@ -1,4 +1,4 @@
-"""Diffusion maths for training: CoM-free noise, time drawing and the UniGEM / EDM losses (FACTS.md).
+"""Diffusion maths for training: CoM-free noise, time drawing and the UniGEM / EDM losses (docs/architecture.md).
 
 Random draws use `generator` (a CPU torch.Generator, for reproducible runs) and are moved to the data's
 device; with generator None the global RNG is used. Batches follow the loader contract: pos [B, N, 3]
@@ -85,7 +85,7 @@ def chunks_of(indices, counts, cost, n_max):
 
 
 def unigem_loss(model, batch, generator=None, t=None):
-    """UniGEM loss (FACTS.md): each molecule's eps MSE through the branch of its phase; atom-type and property
+    """UniGEM loss (UniGEM paper): each molecule's eps MSE through the branch of its phase; atom-type and property
     L1 on the normalised targets for growth-phase molecules (t <= t_n) only; all weights 1.
 
     Returns {'loss', 'eps', 'eps_nucleation', 'eps_growth', 'atom_type', 'prop_<name>', ...}: per-molecule means
@@ -94,7 +94,7 @@ def unigem_loss(model, batch, generator=None, t=None):
     cfg = model.cfg
     pos, node_mask = batch["pos"], batch["node_mask"]  # [B, N, 3], [B, N]
     batch_size, n_max = node_mask.shape
-    t = draw_unigem_t(batch_size, cfg.t_nucleation, cfg.num_steps, generator) if t is None else t.cpu()
+    t = draw_unigem_t(batch_size, cfg.t_nucleation, model.num_steps, generator) if t is None else t.cpu()
     t_dev = t.to(pos.device)
     eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
     alpha, sigma = model.schedule.alpha_sigma(t_dev, pos.dtype)
@@ -137,7 +137,7 @@ def edm_loss(model, batch, generator=None, t=None):
     t ~ U{0..T}. Returns {'loss', 'eps', 'eps_pos', 'eps_h'} (the last two per dimension of their part)."""
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size, n_max = node_mask.shape
-    t = randint(0, model.cfg.num_steps, batch_size, generator) if t is None else t.cpu()
+    t = randint(0, model.num_steps, batch_size, generator) if t is None else t.cpu()
     t_dev = t.to(pos.device)
     h = model.atom_features(batch["atom_type"], node_mask, pos.dtype)  # [B, N, C]
     eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
@@ -159,13 +159,3 @@ def edm_loss(model, batch, generator=None, t=None):
     loss = (sse_pos + sse_h) / (batch_size * (dims_pos + dims_h))
     return {"loss": loss, "eps": loss, "eps_pos": sse_pos / (batch_size * dims_pos),
             "eps_h": sse_h / (batch_size * dims_h)}
-
-
-def model_loss(model, batch, generator=None, t=None):
-    """Training loss dict of a UniGEM or EDM model; 'loss' is the total to back-propagate.
-
-    t [B] int64 fixes the time steps (tests); by default they are drawn as the paper prescribes.
-    """
-    if model.cfg.kind == "unigem":
-        return unigem_loss(model, batch, generator, t)
-    return edm_loss(model, batch, generator, t)

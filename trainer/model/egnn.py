@@ -1,4 +1,4 @@
-"""Dense E(n)-equivariant GNN block (EDM variant, see FACTS.md "EGNN").
+"""Dense E(n)-equivariant GNN block (EDM variant: released code egnn/egnn_new.py, EquivariantBlock).
 
 Molecules are padded to N atoms and every molecule is a fully connected graph without self-loops, so edge
 tensors are dense [B, N, N, ...] with an edge mask; no index lists, gathers or scatters. What makes it fast:
@@ -7,13 +7,13 @@ tensors are dense [B, N, N, ...] with an edge mask; no index lists, gathers or s
   projections, W [h_i; h_j; e_ij] + b = (W_i h_i + b) + W_j h_j + W_e e_ij, so the [B, N, N, 2H+2] concatenation
   and its (2H+2) x H product per edge are never formed: one H x H product per edge MLP remains.
 - Masks are applied to per-edge scalars (gate, coordinate weight), never to [B, N, N, H] tensors.
-- Padding is kept small by running a batch as chunks of similar-sized molecules (trainer/packing.py).
+- Padding is kept small by running a batch as chunks of similar-sized molecules (trainer/model/packing.py).
 
-Numerics (DESIGN.md): positions, differences, distances, the coordinate sum and the neighbour sum of messages
+Numerics (docs/numerics.md): positions, differences, distances, the coordinate sum and the neighbour sum of messages
 are float32 (the dtype of `pos`; float64 in tests) and never autocast; the Linear layers run in bf16 when the
 caller enables torch.autocast. The node features h stay in the dtype of `pos` between blocks.
 
-The edge-list reference (`trainer/egnn_edgelist.py`) runs the same parameters in the research code's layout.
+The edge-list reference (`trainer/model/reference_edgelist.py`) runs the same parameters in the research code's layout.
 """
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """The two models: UniGEM (multi-branch EGNN with prediction heads) and the EDM joint-diffusion baseline.
 
-Both run the same `EGNNBlock`s (trainer/egnn.py). `model(batch)` returns the training loss dict (see
-trainer/diffusion.py); `model.denoise(...)` is the network itself, used by the losses and the sampler.
+Both run the same `EGNNBlock`s (trainer/model/egnn.py). `model(batch)` returns the training loss dict (see
+trainer/model/diffusion.py); `model.denoise(...)` is the network itself, used by the losses and the sampler.
 """
 
 from dataclasses import dataclass, field
@@ -11,11 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model import diffusion
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
 from molscale.trainer.model.reference_edgelist import EdgeGraph
-from molscale.trainer.model.schedule import NoiseSchedule
+from molscale.trainer.model.schedule import DiffusionConfig
 
 GRAPH_LAYOUTS = {  # name -> builder(pos [B, N, 3], node_mask [B, N]) of the graph the blocks run on
     "dense": DenseGraph.build,
@@ -28,38 +27,42 @@ CHARGE_SCALE = 0.1
 
 @dataclass
 class ModelConfig:
+    """The network: the ``model`` section of a run config. ``kind`` picks the class (MODEL_CLASSES);
+    everything that differs between the kinds is decided by that class."""
     kind: str = "unigem"  # 'unigem' | 'edm'
     hidden: int = 256
-    layers: int = 9  # EGNN blocks on each molecule's path (QM9 9, GEOM 4)
+    layers: int = 9  # EGNN blocks on each molecule's path (UniGEM paper: QM9 9, GEOM 4)
     shared_blocks: int = 1  # UniGEM: blocks before the nucleation / growth branches
-    t_nucleation: int = 10  # growth phase: t <= t_nucleation
-    num_steps: int = 1000  # T
-    schedule: str = "polynomial_2"  # or 'cosine'
-    precision: float = 1e-5
-    atom_vocab: list[int] = field(default_factory=lambda: list(QM9_ATOM_VOCAB))  # atomic numbers, in order
+    t_nucleation: int = 10  # UniGEM: growth phase t <= t_nucleation
     properties: list[str] = field(default_factory=list)  # names of the batch["props"] columns to regress
     include_charges: bool = True  # EDM: diffuse Z/10 as an extra channel
+    atom_vocab: list[int] | None = None  # atomic numbers, in order; a run fills in its dataset's
     layout: str = "dense"  # 'dense', or the reference layouts 'edge-list' / 'edge-list-real' (benchmark)
-    chunk_cost_pairs: int | None | str = "auto"  # see trainer/packing.py; None: never split a batch
+    chunk_cost_pairs: int | None | str = "auto"  # see trainer/model/packing.py; None: never split a batch
 
     @property
     def branch_blocks(self):
         return self.layers - self.shared_blocks
 
-    def validate(self):
-        if self.kind not in ("unigem", "edm"):
-            raise ValueError(f"model kind must be 'unigem' or 'edm', got {self.kind!r}")
+    def model_class(self) -> type["DiffusionModel"]:
+        if self.kind not in MODEL_CLASSES:
+            kinds = ", ".join(repr(k) for k in MODEL_CLASSES)
+            raise ValueError(f"model.kind must be one of {kinds}, got {self.kind!r}")
+        return MODEL_CLASSES[self.kind]
+
+    def validate(self, diffusion: DiffusionConfig | None = None) -> None:
+        """The one check of a model configuration (with the noise process it runs on, when given)."""
+        model_class = self.model_class()
+        if self.layers < 1 or self.hidden < 1:
+            raise ValueError("model.layers and model.hidden must be at least 1")
         if self.layout not in GRAPH_LAYOUTS:
-            raise ValueError(f"layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
-        if self.kind == "unigem" and not 0 <= self.shared_blocks < self.layers:
-            raise ValueError(f"need 0 <= shared_blocks < layers, got {self.shared_blocks} and {self.layers}")
-        if not 0 <= self.t_nucleation < self.num_steps:
-            raise ValueError(f"t_nucleation {self.t_nucleation} must lie in [0, num_steps={self.num_steps})")
-        if len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab:
-            raise ValueError(f"atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
+            raise ValueError(f"model.layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
+        if self.atom_vocab is not None and (len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab):
+            raise ValueError(f"model.atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
         cost = self.chunk_cost_pairs
         if not (cost in ("auto", None) or (isinstance(cost, int) and cost >= 0)):
-            raise ValueError(f"chunk_cost_pairs must be 'auto', null or an integer >= 0, got {cost!r}")
+            raise ValueError(f"model.chunk_cost_pairs must be 'auto', null or an integer >= 0, got {cost!r}")
+        model_class.check_config(self, diffusion or DiffusionConfig())
 
 
 def mlp(d_in, d_hidden, d_out):
@@ -75,11 +78,18 @@ def time_channel(t, num_steps, like):
 class DiffusionModel(nn.Module):
     """What both models share: config, schedule, property normalisation, the loss as forward()."""
 
-    def __init__(self, cfg: ModelConfig, prop_mean=None, prop_mad=None):
+    predicts_properties = False  # a property head on the growth branch (UniGEM)
+
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.schedule = NoiseSchedule(cfg.num_steps, cfg.schedule, cfg.precision)
+        diffusion = diffusion or DiffusionConfig()
+        cfg.validate(diffusion)
+        if cfg.atom_vocab is None:
+            raise ValueError("model.atom_vocab is not set: a run takes its dataset's vocabulary; elsewhere pass the "
+                             "atomic numbers the model's atom-type channels stand for")
+        self.cfg, self.diffusion = cfg, diffusion
+        self.num_steps = diffusion.num_steps
+        self.schedule = diffusion.schedule_tables()
         n_props = len(cfg.properties)
         mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
         mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
@@ -100,16 +110,41 @@ class DiffusionModel(nn.Module):
             h, pos = graph.run(block, h, pos)
         return h, pos
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig, diffusion: DiffusionConfig) -> None:
+        """Checks of the fields this kind of model reads (ModelConfig.validate calls it)."""
+        if cfg.properties and not cls.predicts_properties:
+            raise ValueError(f"model.properties needs model.kind = 'unigem' ({cfg.kind} has no property head)")
+
     def forward(self, batch, generator=None, t=None):
-        """Training loss dict for a batch (see trainer/diffusion.py: model_loss)."""
-        return diffusion.model_loss(self, batch, generator=generator, t=t)
+        """Training loss dict for a batch; 'loss' is the total to back-propagate. t [B] int64 fixes the time
+        steps (tests); by default they are drawn as the model's paper prescribes (trainer/model/diffusion.py)."""
+        raise NotImplementedError
+
+    # The sampler (trainer/model/sampling.py) works on a dict of latents: 'pos' (CoM-free coordinates) and
+    # whatever else a model diffuses. Each model says what it diffuses and how atom types are read out.
+    def initial_latents(self, node_mask, generator, dtype) -> dict:
+        raise NotImplementedError
+
+    def predict_noise(self, latents: dict, node_mask, t: int, final: bool) -> dict:
+        """eps estimate per latent at integer time t for the whole batch; final (t = 0) adds the read-out."""
+        raise NotImplementedError
+
+    def atom_type_scores(self, latents: dict, out: dict, alpha0: float, sigma0: float):
+        """[B, N, K] scores whose argmax is the atom type, from the final step's latents and output."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.cfg.kind}: {self.cfg.layers} blocks"
 
 
 class UniGEM(DiffusionModel):
     """Shared blocks, then a nucleation and a growth branch; atom-type and property heads on the growth branch."""
 
-    def __init__(self, cfg: ModelConfig, prop_mean=None, prop_mad=None):
-        super().__init__(cfg, prop_mean, prop_mad)
+    predicts_properties = True
+
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
+        super().__init__(cfg, diffusion, prop_mean, prop_mad)
         hidden = cfg.hidden
         self.embed = nn.Linear(2, hidden)  # [constant 1 (atom types are not diffused), t/T]
         self.shared = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.shared_blocks))
@@ -119,8 +154,38 @@ class UniGEM(DiffusionModel):
         self.prop_node = mlp(hidden, hidden, hidden)
         self.prop_out = mlp(hidden, hidden, len(cfg.properties)) if cfg.properties else None
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig, diffusion: DiffusionConfig) -> None:
+        super().check_config(cfg, diffusion)
+        if not 0 <= cfg.shared_blocks < cfg.layers:
+            raise ValueError(f"model.shared_blocks must be in [0, model.layers) (got {cfg.shared_blocks}, "
+                             f"{cfg.layers})")
+        if not 0 <= cfg.t_nucleation < diffusion.num_steps:
+            raise ValueError(f"model.t_nucleation must be in [0, diffusion.num_steps) (got {cfg.t_nucleation})")
+
+    def forward(self, batch, generator=None, t=None):
+        return diffusion.unigem_loss(self, batch, generator=generator, t=t)
+
     def branch_of(self, t: int):
         return "growth" if t <= self.cfg.t_nucleation else "nucleation"
+
+    def initial_latents(self, node_mask, generator, dtype) -> dict:
+        b, n = node_mask.shape
+        return {"pos": diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)}
+
+    def predict_noise(self, latents, node_mask, t, final):
+        # the whole batch goes through the branch of the current phase; the heads are read at t = 0 only
+        t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+        branch = self.branch_of(t)
+        out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == "growth")
+        return {"pos": out["eps"], **({"atom_type": out["atom_type"]} if "atom_type" in out else {})}
+
+    def atom_type_scores(self, latents, out, alpha0, sigma0):
+        return out["atom_type"]
+
+    def describe(self) -> str:
+        c = self.cfg
+        return f"unigem: {c.layers} blocks on each path ({c.shared_blocks} shared + 2 x {c.branch_blocks})"
 
     def denoise(self, pos_t, node_mask, t, branch, heads=False):
         """pos_t [B, N, 3] noised coordinates, node_mask [B, N] bool, t [B] int64, all molecules in `branch`.
@@ -129,7 +194,7 @@ class UniGEM(DiffusionModel):
         and props [B, P] (normalised properties).
         """
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
-        node_in = torch.cat([mask, time_channel(t, self.cfg.num_steps, pos_t) * mask], dim=-1)
+        node_in = torch.cat([mask, time_channel(t, self.num_steps, pos_t) * mask], dim=-1)
         graph = self.build_graph(pos_t, node_mask)
         h = (self.embed(node_in) * mask).to(pos_t.dtype)
         h, pos = graph.nodes(h), graph.nodes(pos_t)
@@ -150,13 +215,30 @@ class UniGEM(DiffusionModel):
 class EDM(DiffusionModel):
     """Joint diffusion of coordinates and atom features h = [one-hot / 4, Z / 10] through one EGNN stack."""
 
-    def __init__(self, cfg: ModelConfig, prop_mean=None, prop_mad=None):
-        super().__init__(cfg, prop_mean, prop_mad)
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
+        super().__init__(cfg, diffusion, prop_mean, prop_mad)
         self.h_channels = self.num_atom_types + int(cfg.include_charges)
         self.embed = nn.Linear(self.h_channels + 1, cfg.hidden)  # [h_t, t/T]
         self.blocks = nn.ModuleList(EGNNBlock(cfg.hidden) for _ in range(cfg.layers))
         self.out = nn.Linear(cfg.hidden, self.h_channels)
         self.register_buffer("charges", torch.tensor(cfg.atom_vocab, dtype=torch.float32), persistent=False)
+
+    def forward(self, batch, generator=None, t=None):
+        return diffusion.edm_loss(self, batch, generator=generator, t=t)
+
+    def initial_latents(self, node_mask, generator, dtype) -> dict:
+        b, n = node_mask.shape
+        pos = diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)
+        return {"pos": pos, "h": diffusion.masked_noise((b, n, self.h_channels), node_mask, generator, dtype)}
+
+    def predict_noise(self, latents, node_mask, t, final):
+        t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+        out = self.denoise(latents["pos"], latents["h"], node_mask, t_batch)
+        return {"pos": out["eps"], "h": out["eps_h"]}
+
+    def atom_type_scores(self, latents, out, alpha0, sigma0):
+        # the clean estimate of h at t = 0; its one-hot channels score the types
+        return ((latents["h"] - sigma0 * out["h"]) / alpha0)[..., : self.num_atom_types]
 
     def atom_features(self, atom_type, node_mask, dtype):
         # atom_type [B, N] vocabulary index -> h [B, N, C] = [one-hot / 4, Z / 10], zero at padding
@@ -170,7 +252,7 @@ class EDM(DiffusionModel):
     def denoise(self, pos_t, h_t, node_mask, t):
         """pos_t [B, N, 3], h_t [B, N, C], node_mask [B, N], t [B] -> eps [B, N, 3] (CoM-free), eps_h [B, N, C]."""
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)
-        node_in = torch.cat([h_t, time_channel(t, self.cfg.num_steps, pos_t)], dim=-1) * mask
+        node_in = torch.cat([h_t, time_channel(t, self.num_steps, pos_t)], dim=-1) * mask
         graph = self.build_graph(pos_t, node_mask)
         h = (self.embed(node_in) * mask).to(pos_t.dtype)
         h, pos = self.run_blocks(self.blocks, graph.nodes(h), graph.nodes(pos_t), graph)
@@ -181,9 +263,10 @@ class EDM(DiffusionModel):
         }
 
 
-def build_model(cfg: ModelConfig, prop_mean=None, prop_mad=None) -> DiffusionModel:
+MODEL_CLASSES = {"unigem": UniGEM, "edm": EDM}
+
+
+def build_model(cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None,
+                prop_mad=None) -> DiffusionModel:
     """prop_mean / prop_mad: per-property train mean and MAD (dataset manifest), in the order of cfg.properties."""
-    model_cls = {"unigem": UniGEM, "edm": EDM}.get(cfg.kind)
-    if model_cls is None:
-        raise ValueError(f"model kind must be 'unigem' or 'edm', got {cfg.kind!r}")
-    return model_cls(cfg, prop_mean, prop_mad)
+    return cfg.model_class()(cfg, diffusion, prop_mean, prop_mad)

@@ -1,4 +1,4 @@
-"""MoleculeJAE-style pretraining of the UniGEM trunk (FACTS.md "MoleculeJAE-style pretraining").
+"""MoleculeJAE-style pretraining of the UniGEM trunk (after Du et al., "Molecule Joint Auto-Encoding", NeurIPS 2023).
 
 Objective. A molecule (coordinates x_0, bond graph A_0) is noised along a variance-exploding SDE,
 sigma(s) = sigma_min * (sigma_max / sigma_min) ** s with s = k / num_steps, k ~ U{1..num_steps}:
@@ -33,9 +33,9 @@ modules of `trainer.networks.UniGEM` for the same ModelConfig (fine-tuning also 
 `score_2d.*`, `proj_clean.*`, `proj_noised.*`) is pretraining-only and has no namesake in UniGEM; see
 `TRUNK_PREFIXES` / `trunk_state_dict`.
 
-Numerics follow trainer/egnn.py: positions, the bond channels, the losses and the node features between
+Numerics follow trainer/model/egnn.py: positions, the bond channels, the losses and the node features between
 blocks are in the dtype of `pos` (float32; float64 in tests); Linear layers run in bf16 under torch.autocast.
-Random draws use `generator` (CPU or device) and are moved to the data's device (trainer/diffusion.py).
+Random draws use `generator` (CPU or device) and are moved to the data's device (trainer/model/diffusion.py).
 """
 
 import math
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from molscale.trainer.model.diffusion import com_free_noise, randint, randn, remove_mean
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
-from molscale.trainer.model.networks import ModelConfig, mlp
+from molscale.trainer.model.networks import ModelConfig, UniGEM, mlp
 
 TRUNK_PREFIXES = ("embed.", "shared.", "nucleation.")  # parameters shared by name with networks.UniGEM
 BOND_AGG_SCALE = 0.1  # sum_j A_s[i, j] counts about N non-bonded pairs in channel 0: keep the trunk input O(1)
@@ -60,7 +60,7 @@ class PretrainConfig:
     sigma_min: float = 0.2  # VE SDE noise scale at s -> 0 (Angstrom for coordinates)
     sigma_max: float = 1.0  # ... at s = 1
     num_steps: int = 1000  # s = k / num_steps, k ~ U{1..num_steps}
-    contrastive_weight: float = 0.01  # lambda of the contrastive surrogate (1 hurt downstream, FACTS.md)
+    contrastive_weight: float = 0.01  # lambda of the contrastive surrogate (1 hurt downstream: Du et al.)
     temperature: float = 0.1  # InfoNCE temperature on cosine similarities
     encoder_blocks: int = 2  # EGNN blocks of the clean-molecule encoder
     bond_weight: float = 1.0  # weight of the 2D bond-channel score term
@@ -186,10 +186,10 @@ class MoleculeJAE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pre: PretrainConfig):
         super().__init__()
+        if cfg.model_class() is not UniGEM or cfg.atom_vocab is None:
+            raise ValueError("MoleculeJAE pretrains a UniGEM trunk: it needs model.kind 'unigem' and an atom_vocab")
         cfg.validate()
         pre.validate()
-        if not 0 <= cfg.shared_blocks < cfg.layers:
-            raise ValueError(f"need 0 <= shared_blocks < layers, got {cfg.shared_blocks} and {cfg.layers}")
         self.cfg, self.pre = cfg, pre
         hidden, num_types = cfg.hidden, len(cfg.atom_vocab)
         # transferable trunk: the same names and shapes as in networks.UniGEM
@@ -205,6 +205,11 @@ class MoleculeJAE(nn.Module):
         self.score_2d = EdgeScoreHead(hidden, pre.bond_channels)
         self.proj_clean = mlp(hidden, hidden, hidden)  # contrastive projection heads
         self.proj_noised = mlp(hidden, hidden, hidden)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"moleculejae: UniGEM trunk of {c.shared_blocks} shared + {c.branch_blocks} blocks, clean encoder "
+                f"of {self.pre.encoder_blocks}")
 
     # ----------------------------------------------------------------------------------------------- noise
     def bond_channels(self, batch, dtype):

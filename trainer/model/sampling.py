@@ -1,4 +1,4 @@
-"""Ancestral sampling (FACTS.md "Diffusion") and property prediction, for UniGEM and EDM models.
+"""Ancestral sampling (EDM's sample_p_zs_given_zt) and property prediction, for UniGEM and EDM models.
 
 The sampler visits a grid of time steps T = t_K > ... > t_1 > t_0 = 0 (all T steps, or every `stride`-th),
 takes the ancestral step t -> s between neighbours and ends with the prediction at t = 0:
@@ -54,7 +54,7 @@ def sample(model, num_atoms, stride=1, generator=None, device=None):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).cpu()
     batch_size, n_max = len(num_atoms), int(num_atoms.max())
-    grid = timestep_grid(model.cfg.num_steps, stride)
+    grid = timestep_grid(model.num_steps, stride)
     pos = torch.zeros(batch_size, n_max, 3, dtype=_state_dtype(model), device=device)
     atom_type = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)
     for idx, n_pad in plan_chunks(num_atoms.tolist(), chunk_cost(model, device)):
@@ -80,35 +80,19 @@ def ancestral_step(schedule, z_t, eps_hat, t: int, s: int, node_mask, generator=
 
 
 def _sample_chunk(model, node_mask, grid, generator, dtype):
-    # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]
-    b, n = node_mask.shape
-    is_edm = model.cfg.kind == "edm"
-    z_pos = com_free_noise((b, n, 3), node_mask, generator, dtype)
-    z_h = masked_noise((b, n, model.h_channels), node_mask, generator, dtype) if is_edm else None
+    # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
+    latents = model.initial_latents(node_mask, generator, dtype)
     for t, s in zip(grid[:-1], grid[1:]):
-        out = _denoise(model, z_pos, z_h, node_mask, t, heads=False)
-        z_pos = ancestral_step(model.schedule, z_pos, out["eps"], t, s, node_mask, generator, com_free=True)
-        if is_edm:
-            z_h = ancestral_step(model.schedule, z_h, out["eps_h"], t, s, node_mask, generator, com_free=False)
+        eps = model.predict_noise(latents, node_mask, t, final=False)
+        latents = {name: ancestral_step(model.schedule, z, eps[name], t, s, node_mask, generator,
+                                        com_free=name == "pos") for name, z in latents.items()}
     # final prediction at t = 0
-    out = _denoise(model, z_pos, z_h, node_mask, 0, heads=True)
+    out = model.predict_noise(latents, node_mask, 0, final=True)
     alpha0, sigma0 = (float(v) for v in model.schedule.alpha_sigma(torch.zeros((), dtype=torch.long), torch.float64))
-    pos = remove_mean((z_pos - sigma0 * out["eps"]) / alpha0, node_mask)
-    if is_edm:
-        h = (z_h - sigma0 * out["eps_h"]) / alpha0
-        type_scores = h[..., : model.num_atom_types]
-    else:
-        type_scores = out["atom_type"]
+    pos = remove_mean((latents["pos"] - sigma0 * out["pos"]) / alpha0, node_mask)
+    type_scores = model.atom_type_scores(latents, out, alpha0, sigma0)
     atom_type = torch.where(node_mask, type_scores.argmax(-1), 0)
     return pos, atom_type
-
-
-def _denoise(model, z_pos, z_h, node_mask, t, heads):
-    t_batch = torch.full((z_pos.shape[0],), t, dtype=torch.long, device=z_pos.device)
-    if model.cfg.kind == "edm":
-        return model.denoise(z_pos, z_h, node_mask, t_batch)
-    branch = model.branch_of(t)
-    return model.denoise(z_pos, node_mask, t_batch, branch, heads=heads and branch == "growth")
 
 
 @torch.no_grad()
@@ -117,7 +101,7 @@ def predict_properties(model, batch):
 
     batch: pos [B, N, 3], node_mask [B, N]. Returns [B, P] in the units of batch["props"].
     """
-    if model.cfg.kind != "unigem" or not model.cfg.properties:
+    if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("property prediction needs a UniGEM model configured with properties")
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size = pos.shape[0]

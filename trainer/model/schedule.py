@@ -1,14 +1,35 @@
-"""Noise schedules (FACTS.md "Diffusion"): tables over integer t = 0..T, computed in float64.
+"""Noise schedules (EDM code, equivariant_diffusion/en_diffusion.py): tables over integer t = 0..T, computed in float64.
 
 The tables are plain tensors, not module buffers, so `model.to(torch.bfloat16)` can never round them; every
 lookup returns the dtype the caller asks for (float32 in training and sampling, float64 in tests).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 SCHEDULES = ("polynomial_2", "cosine")
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise process: the ``diffusion`` section of a run config (EDM's defaults: T = 1000,
+    polynomial_2 with precision 1e-5)."""
+    num_steps: int = 1000                  # T
+    schedule: str = "polynomial_2"         # polynomial_2 | cosine
+    precision: float = 1e-5
+
+    def validate(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"diffusion.num_steps must be at least 1, got {self.num_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"diffusion.schedule must be 'polynomial_2' or 'cosine', got {self.schedule!r}")
+        if not 0.0 < self.precision < 0.5:
+            raise ValueError(f"diffusion.precision must be in (0, 0.5), got {self.precision}")
+
+    def schedule_tables(self) -> "NoiseSchedule":
+        return NoiseSchedule(self.num_steps, self.schedule, self.precision)
 
 
 def clip_step_ratios(alpha2, min_ratio=0.001):
@@ -62,7 +83,7 @@ class NoiseSchedule:
         return alpha2.sqrt().to(dtype), (1.0 - alpha2).sqrt().to(dtype)
 
     def step_coefficients(self, t, s, dtype=torch.float32):
-        """Ancestral step t -> s < t (FACTS.md): returns (1/alpha_{t|s}, eps coefficient, noise std), float64 math.
+        """Ancestral step t -> s < t (as EDM): returns (1/alpha_{t|s}, eps coefficient, noise std), float64 math.
 
         mean = z_t / alpha_{t|s} - sigma2_{t|s} / (alpha_{t|s} sigma_t) eps_hat;  std = sigma_{t|s} sigma_s / sigma_t.
         """

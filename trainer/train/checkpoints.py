@@ -19,9 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from molscale.datasets.errors import InputError
 from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.schedule import DiffusionConfig
 
 TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(InputError):
+    """A checkpoint (or --resume / --checkpoint / init_from path) that cannot be used; the message says why."""
 
 
 def tag_for(step: int) -> str:
@@ -63,11 +69,11 @@ def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     path = os.path.abspath(resume.rstrip("/"))
     if TAG_RE.match(os.path.basename(path)):
         if not os.path.exists(os.path.join(path, "complete")):
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no 'complete' marker)")
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no 'complete' marker)")
         return os.path.dirname(path), os.path.basename(path)
     tags = complete_tags(path)
     if not tags:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in that folder")
+        raise CheckpointError(f"--resume {resume}: no complete checkpoint in that folder")
     return path, tags[-1]
 
 
@@ -90,18 +96,14 @@ def load(engine, root: str, tag: str) -> tuple[dict, dict]:
     path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
     rank_file = os.path.join(root, tag, f"rank{dist.get_rank()}.pt")
     if not os.path.exists(rank_file):
-        raise FileNotFoundError(f"{rank_file} is missing: was the checkpoint written with another world size?")
+        raise CheckpointError(f"{rank_file} is missing: was the checkpoint written with another world size?")
     return client_state, torch.load(rank_file, weights_only=False)
 
 
 # --- reading a trained model (evaluation, init_from) ------------------------------------------------
-
-class CheckpointError(ValueError):
-    pass
-
 
 @dataclass
 class LoadedModel:
@@ -111,17 +113,15 @@ class LoadedModel:
     atom_count_histogram: dict[int, int]
     dataset_url: str
     used_ema: bool
+    wandb: dict | None = None  # the training run's W&B identity (entity, project, id, group, name, mode)
 
 
 def resolve_checkpoint(path: str) -> str:
     """The checkpoint folder for a run directory or checkpoint folder; a clear error otherwise."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        found = find_resume(path, "auto") if not TAG_RE.match(
-            os.path.basename(os.path.abspath(path))) else find_resume(path, path)
-    except FileNotFoundError as err:
-        raise CheckpointError(str(err)) from None
+    is_tag = TAG_RE.match(os.path.basename(os.path.abspath(path)))
+    found = find_resume(path, path) if is_tag else find_resume(path, "auto")
     if found is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' and no step*/complete); "
                               f"train first, or point --checkpoint at a run directory")
@@ -150,6 +150,17 @@ def model_weights(state: dict, use_ema: bool = True) -> tuple[dict, bool]:
     return weights, False
 
 
+def model_configs(state: dict) -> tuple[ModelConfig, DiffusionConfig]:
+    """The model and noise-process configs a checkpoint's states file describes (older checkpoints kept the
+    diffusion fields inside model_config)."""
+    model_fields = dict(state["model_config"])
+    diffusion_fields = dict(state.get("diffusion_config") or {})
+    for name in ("num_steps", "schedule", "precision"):
+        if name in model_fields:
+            diffusion_fields.setdefault(name, model_fields.pop(name))
+    return ModelConfig(**model_fields), DiffusionConfig(**diffusion_fields)
+
+
 def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
     folder, states, state = read_model_states(path)
     for key in ("model_config", "module"):
@@ -158,9 +169,9 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     if state.get("objective", "diffusion") != "diffusion":
         raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint: it does not generate "
                               f"molecules. Fine-tune from it (config init_from: {path}) and evaluate that run.")
-    cfg = ModelConfig(**state["model_config"])
+    cfg, diffusion = model_configs(state)
     stats = state.get("prop_stats") or {"mean": None, "mad": None}
-    model = build_model(cfg, stats["mean"] or None, stats["mad"] or None)
+    model = build_model(cfg, diffusion, stats["mean"] or None, stats["mad"] or None)
     weights, used_ema = model_weights(state, use_ema)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -169,4 +180,4 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     model.to(device).eval()
     return LoadedModel(model=model, step=int(state.get("step", 0)), checkpoint=folder,
                        atom_count_histogram={int(k): int(v) for k, v in state["atom_count_histogram"].items()},
-                       dataset_url=state.get("dataset_url", ""), used_ema=used_ema)
+                       dataset_url=state.get("dataset_url", ""), used_ema=used_ema, wandb=state.get("wandb"))

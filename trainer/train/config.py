@@ -1,5 +1,10 @@
 """Run configuration: one JSON file plus ``--set a.b=c`` overrides, validated into typed sections
 before any work starts. Unknown or ill-typed keys are reported by their dotted name.
+
+The sections are the components' own configs: ``data`` is the loader's LoaderConfig, ``model`` the
+network's ModelConfig, ``diffusion`` the noise process's DiffusionConfig, ``pretrain`` the pretraining
+objective's PretrainConfig; the rest configure the training loop itself. Each checks its own fields in
+one ``validate``; RunConfig.validate adds the checks that span sections.
 """
 
 from __future__ import annotations
@@ -10,43 +15,16 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from molscale.datasets.errors import InputError
+from molscale.datasets.shards.storage import redact
+from molscale.datasets.stream.loader import LoaderConfig
+from molscale.trainer.model.networks import ModelConfig, UniGEM
 from molscale.trainer.model.pretraining import PretrainConfig
+from molscale.trainer.model.schedule import DiffusionConfig
 
 
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass
-class DataSection:
-    url: str = "data/qm9-smoke"
-    split: str = "train"
-    valid_split: str = "valid"
-    batch_size: int | None = 64            # molecules per micro-batch per rank (the papers: 64) ...
-    pair_budget: int | None = None         # ... or an atom-pair budget per micro-batch
-    bucket_bounds: list[int] = field(default_factory=list)
-    shuffle_buffer: int = 1000
-    num_workers: int = 0
-    max_bad_shards: int | None = None
-
-
-@dataclass
-class ModelSection:
-    kind: str = "unigem"                   # unigem | edm
-    layers: int = 9
-    hidden: int = 256
-    shared_blocks: int = 1                 # UniGEM: shared blocks, then two branches of layers - shared
-    t_nucleation: int = 10
-    properties: list[str] = field(default_factory=list)
-    include_charges: bool = True
-    atom_vocab: list[int] | None = None    # default: the dataset manifest's
-
-
-@dataclass
-class DiffusionSection:
-    num_steps: int = 1000
-    schedule: str = "polynomial_2"         # polynomial_2 | cosine
-    precision: float = 1e-5
+class ConfigError(InputError):
+    """A config key is unknown, ill-typed or out of range; the message names it."""
 
 
 @dataclass
@@ -59,6 +37,12 @@ class OptimizerSection:
     clip_history: int = 50
     ema_decay: float = 0.9999              # 0 disables EMA
 
+    def validate(self) -> None:
+        _require(self.clip in ("adaptive", "none"), f"optimizer.clip must be 'adaptive' or 'none', got {self.clip!r}")
+        _require(0.0 <= self.ema_decay < 1.0, f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        _require(self.clip_history >= 1, "optimizer.clip_history must be at least 1")
+
 
 @dataclass
 class DeepSpeedSection:
@@ -67,20 +51,30 @@ class DeepSpeedSection:
     gradient_accumulation_steps: int = 1
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed config as given
 
+    def validate(self) -> None:
+        _require(self.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _require(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1")
+
 
 @dataclass
 class CheckpointSection:
     every_steps: int = 1000
     keep_last: int = 3
 
+    def validate(self) -> None:
+        _require(self.every_steps >= 1, "checkpoint.every_steps must be at least 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last must be at least 1")
+
 
 @dataclass
 class WandbSection:
     enabled: bool = True
-    project: str = "molscale"
-    entity: str | None = None
+    project: str | None = None             # None: WANDB_PROJECT, else "molscale"
+    entity: str | None = None              # None: WANDB_ENTITY, else your default entity
     name: str | None = None
-    mode: str | None = None                # offline unless WANDB_MODE=online or WANDB_API_KEY is set
+    mode: str | None = None                # None: wandb decides (WANDB_MODE, `wandb offline`), offline if no login
+    group: str | None = None               # None: WANDB_RUN_GROUP, else the run's id (its evaluations join it)
+    log_checkpoints: bool = False          # every saved checkpoint as a W&B "model" artifact
 
 
 @dataclass
@@ -89,17 +83,27 @@ class LoggingSection:
     progress_bar: bool = True
     wandb: WandbSection = field(default_factory=WandbSection)
 
+    def validate(self) -> None:
+        _require(self.every_steps >= 1, "logging.every_steps must be at least 1")
+
 
 @dataclass
 class EvaluationSection:
     every_steps: int = 0                   # 0: no periodic validation
     max_batches: int | None = 20
 
+    def validate(self) -> None:
+        _require(self.every_steps >= 0, "evaluation.every_steps must be >= 0 (0: no periodic validation)")
+        _require(self.max_batches is None or self.max_batches >= 1, "evaluation.max_batches must be >= 1 or null")
+
 
 @dataclass
 class ClusterSection:
     nodes: int = 1                         # what the config is written for (dry-run plans with it)
     gpus_per_node: int = 1
+
+    def validate(self) -> None:
+        _require(self.nodes >= 1 and self.gpus_per_node >= 1, "cluster.nodes and cluster.gpus_per_node must be >= 1")
 
 
 @dataclass
@@ -109,12 +113,16 @@ class TrainSection:
     run_dir: str = "runs/default"
     max_nonfinite_in_row: int = 10         # consecutive NaN/inf losses before the run stops
 
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}")
+        _require(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be at least 1")
+
 
 @dataclass
 class RunConfig:
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # atom_vocab null: the dataset's
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -127,11 +135,38 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # objective moleculejae
     init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
-    def to_dict(self, redact: bool = True) -> dict:
+    def to_dict(self, redacted: bool = True) -> dict:
+        """Plain dict of the config; credentials in ``storage`` (nested ones too) are redacted unless asked."""
         d = dataclasses.asdict(self)
-        if redact and d["storage"]:
-            d["storage"] = {k: ("***" if k in ("key", "secret", "token") else v) for k, v in d["storage"].items()}
+        if redacted:
+            d["storage"] = redact(d["storage"])
         return d
+
+    def validate(self) -> None:
+        """Every section's own checks, then the checks that span sections; raises ConfigError."""
+        try:
+            for section in (self.data, self.diffusion, self.optimizer, self.deepspeed, self.checkpoint, self.logging,
+                            self.evaluation, self.cluster, self.train):
+                section.validate()
+            self.model.validate(self.diffusion)
+            if self.objective == "moleculejae":
+                self.pretrain.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _require(self.objective in ("diffusion", "moleculejae"),
+                 f"objective must be 'diffusion' or 'moleculejae', got {self.objective!r}")
+        if self.objective == "moleculejae":
+            _require(not self.model.properties,
+                     "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
+            _require(self.model.model_class() is UniGEM,
+                     "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
+        _require(self.init_from is None or os.path.exists(self.init_from),
+                 f"init_from: {self.init_from} does not exist (give a run directory or a checkpoint folder)")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 def _check_type(value, annotation, where: str):
@@ -152,6 +187,10 @@ def _check_type(value, annotation, where: str):
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -192,7 +231,10 @@ def _build(cls, values, where: str):
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
                           f"(known in {where or 'the top level'}: {', '.join(sorted(names))})")
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, InputError) as err:  # a section that checks itself on construction (LoaderConfig)
+        raise ConfigError(str(err)) from None
 
 
 def _parse_override(text: str):
@@ -219,51 +261,6 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks; every message names the key to change."""
-    checks = [
-        (cfg.objective in ("diffusion", "moleculejae"),
-         f"objective must be 'diffusion' or 'moleculejae', got {cfg.objective!r}"),
-        (cfg.objective == "diffusion" or not cfg.model.properties,
-         "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)"),
-        (cfg.objective == "diffusion" or cfg.model.kind == "unigem",
-         "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'"),
-        (cfg.model.kind in ("unigem", "edm"), f"model.kind must be 'unigem' or 'edm', got {cfg.model.kind!r}"),
-        (cfg.model.layers >= 1 and cfg.model.hidden >= 1, "model.layers and model.hidden must be at least 1"),
-        (cfg.model.kind == "edm" or 0 <= cfg.model.shared_blocks < cfg.model.layers,
-         f"model.shared_blocks must be in [0, model.layers) (got {cfg.model.shared_blocks}, {cfg.model.layers})"),
-        (0 <= cfg.model.t_nucleation < cfg.diffusion.num_steps,
-         f"model.t_nucleation must be in [0, diffusion.num_steps) (got {cfg.model.t_nucleation})"),
-        (cfg.diffusion.schedule in ("polynomial_2", "cosine"),
-         f"diffusion.schedule must be 'polynomial_2' or 'cosine', got {cfg.diffusion.schedule!r}"),
-        ((cfg.data.batch_size is None) != (cfg.data.pair_budget is None),
-         "set exactly one of data.batch_size and data.pair_budget (the other null)"),
-        (cfg.deepspeed.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}"),
-        (cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1"),
-        (cfg.optimizer.clip in ("adaptive", "none"), f"optimizer.clip must be 'adaptive' or 'none', got {cfg.optimizer.clip!r}"),
-        (0.0 <= cfg.optimizer.ema_decay < 1.0, f"optimizer.ema_decay must be in [0, 1), got {cfg.optimizer.ema_decay}"),
-        (cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}"),
-        (cfg.train.max_steps >= 1, f"train.max_steps must be at least 1, got {cfg.train.max_steps}"),
-        (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be at least 1"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be at least 1"),
-        (cfg.logging.every_steps >= 1, "logging.every_steps must be at least 1"),
-        (cfg.cluster.nodes >= 1 and cfg.cluster.gpus_per_node >= 1, "cluster.nodes and cluster.gpus_per_node must be >= 1"),
-        (cfg.model.kind == "unigem" or not cfg.model.properties,
-         "model.properties needs model.kind = 'unigem' (EDM has no property head)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if cfg.objective == "moleculejae":
-        try:
-            cfg.pretrain.validate()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
-        raise ConfigError(f"init_from: {cfg.init_from} does not exist (give a run directory or a checkpoint "
-                          f"folder)")
-
-
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
     values: dict = {}
     if path:
@@ -277,5 +274,5 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
     values = apply_overrides(values, overrides or [])
     values.pop("_comment", None)
     cfg = _build(RunConfig, values, "")
-    validate(cfg)
+    cfg.validate()
     return cfg

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 
+from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train.config import RunConfig
+from molscale.trainer.train.objective import build_run_model, make_loader
 
 EDGE_TENSORS_PER_BLOCK = 8  # rough count of [pairs, hidden] tensors one EGNN block keeps for backward
 
@@ -15,21 +19,15 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2 ** 30:.2f} GiB"
 
 
-def plan(cfg: RunConfig) -> dict:
-    from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
-    from molscale.datasets.shards.manifest import load_manifest
-    from molscale.trainer.train.engine import build_run_model, model_config
-
+def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> dict:
+    """The plan of a run; ``manifest`` None (with ``note`` saying why) where the dataset is not reachable."""
     world = int(os.environ.get("WORLD_SIZE", cfg.cluster.nodes * cfg.cluster.gpus_per_node))
     out: dict = {"world_size": world, "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node}
-    manifest, note = None, None
-    try:
-        manifest = load_manifest(cfg.data.url, cfg.storage)
-    except Exception as err:  # a dry run must work where the data is not reachable (a laptop, say)
-        note = f"dataset not reachable from here ({type(err).__name__}: {str(err)[:160]})"
-    vocab = cfg.model.atom_vocab or (manifest.atom_vocab if manifest else list(QM9_ATOM_VOCAB))
-    model = build_run_model(cfg, model_config(cfg, vocab), [0.0] * len(cfg.model.properties) or None,
-                            [1.0] * len(cfg.model.properties) or None)
+    # without the dataset, plan with the config's vocabulary or QM9's (the parameter count barely depends on it)
+    vocab = manifest.atom_vocab if manifest else (cfg.model.atom_vocab or list(QM9_ATOM_VOCAB))
+    model_cfg = dataclasses.replace(cfg.model, atom_vocab=list(cfg.model.atom_vocab or vocab))
+    n_props = len(cfg.model.properties)
+    model = build_run_model(cfg, model_cfg, {"mean": [0.0] * n_props, "mad": [1.0] * n_props})
     params = sum(p.numel() for p in model.parameters())
     ga = cfg.deepspeed.gradient_accumulation_steps
     micro = cfg.data.batch_size
@@ -41,10 +39,7 @@ def plan(cfg: RunConfig) -> dict:
         out["global_batch"] = f"atom-pair budget {cfg.data.pair_budget:,} per micro-batch x {ga} x {world}"
         pairs = cfg.data.pair_budget
     if manifest:
-        from molscale.datasets.stream.loader import StreamingLoader
-        from molscale.trainer.train.engine import loader_config
-        batches = len(StreamingLoader(loader_config(cfg, cfg.data.split), rank=0, world_size=world,
-                                      manifest=manifest))
+        batches = len(make_loader(cfg, manifest, cfg.data.split, True, rank=0, world_size=world))
         out["train_molecules"] = manifest.count(cfg.data.split)
         out["optimizer_steps_per_epoch"] = math.ceil(batches / ga)
         out["epochs_in_max_steps"] = round(cfg.train.max_steps / max(1, math.ceil(batches / ga)), 2)
@@ -63,12 +58,7 @@ def plan(cfg: RunConfig) -> dict:
                                       f"contrastive weight {cfg.pretrain.contrastive_weight})"
                                       if cfg.objective == "moleculejae" else ""),
         "init_from": cfg.init_from,
-        "model": (f"moleculejae: UniGEM trunk of {cfg.model.shared_blocks} shared + "
-                  f"{cfg.model.layers - cfg.model.shared_blocks} blocks, clean encoder of "
-                  f"{cfg.pretrain.encoder_blocks}") if cfg.objective == "moleculejae" else
-                 f"{cfg.model.kind}: {cfg.model.layers} blocks on each path "
-                 f"({cfg.model.shared_blocks} shared + 2 x {cfg.model.layers - cfg.model.shared_blocks})"
-                 if cfg.model.kind == "unigem" else f"edm: {cfg.model.layers} blocks",
+        "model": model.describe(),
         "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,
         "parameters": params, "precision": "bf16 autocast, float32 weights" if cfg.deepspeed.bf16 else "float32",
         "zero_stage": zero, "max_steps": cfg.train.max_steps,
@@ -81,10 +71,10 @@ def plan(cfg: RunConfig) -> dict:
     return out
 
 
-def print_plan(cfg: RunConfig) -> int:
+def print_plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> int:
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
-    p = plan(cfg)
+    p = plan(cfg, manifest, note)
     width = max(len(k) for k in p)
     print("dry run: nothing is trained\n")
     for k, v in p.items():

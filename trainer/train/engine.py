@@ -7,6 +7,8 @@ loader position and the RNG states. A resumed run therefore continues exactly wh
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,46 +20,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from molscale.datasets.shards.manifest import load_manifest
-from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
-from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.datasets.errors import MolscaleError, RunError
+from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train import checkpoints, init_from
 from molscale.trainer.train.clipping import AdaptiveClipper
 from molscale.trainer.train.config import RunConfig
+from molscale.trainer.train.distributed import raise_if_any_rank_failed
 from molscale.trainer.train.ema import EMA
+from molscale.trainer.train.objective import build_run_model, make_loader, property_normalisation, resolved_model_config
 from molscale.trainer.train.run_log import NullLogger, RunLogger
 
 log = logging.getLogger("trainer")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def model_config(cfg: RunConfig, atom_vocab: list[int]) -> ModelConfig:
-    m, d = cfg.model, cfg.diffusion
-    return ModelConfig(kind=m.kind, hidden=m.hidden, layers=m.layers, shared_blocks=m.shared_blocks,
-                       t_nucleation=m.t_nucleation, num_steps=d.num_steps, schedule=d.schedule,
-                       precision=d.precision, atom_vocab=list(atom_vocab), properties=list(m.properties),
-                       include_charges=m.include_charges)
-
-
-def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_mean=None, prop_mad=None) -> torch.nn.Module:
-    """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
-    if cfg.objective == "moleculejae":
-        from molscale.trainer.model.pretraining import MoleculeJAE
-        return MoleculeJAE(model_cfg, cfg.pretrain)
-    return build_model(model_cfg, prop_mean, prop_mad)
-
-
-def loader_config(cfg: RunConfig, split: str, shuffle: bool = True) -> LoaderConfig:
-    """The data loader's settings for ``split`` of a run (training, validation and --dry-run agree)."""
-    d = cfg.data
-    return LoaderConfig(url=d.url, split=split, batch_size=d.batch_size, pair_budget=d.pair_budget,
-                        bucket_bounds=tuple(d.bucket_bounds), shuffle=shuffle, shuffle_buffer=d.shuffle_buffer,
-                        seed=cfg.train.seed, num_workers=d.num_workers, max_bad_shards=d.max_bad_shards,
-                        properties=tuple(cfg.model.properties), storage=cfg.storage,
-                        with_bonds=cfg.objective == "moleculejae")  # the 2D channels of pretraining
+class NonFiniteLossError(RunError):
+    all_ranks = True  # decided by an all-reduce: every rank raises it in the same step
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
@@ -74,14 +51,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     }
     if ds.bf16:
         # Autocast keeps float32 weights, geometry and reductions; DeepSpeed's "bf16" mode would cast
-        # every weight and coordinate to bf16 (see DESIGN.md, Numerics).
+        # every weight and coordinate to bf16 (see docs/numerics.md).
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     out.update(ds.extra)
     return out
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str, resume: str | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str, manifest: Manifest, resume: str | None = None):
+        """``manifest``: the dataset's, read once by the caller. Everything that can be wrong with the input
+        (resume path, vocabulary, property statistics, split sizes) is checked on every rank before the first
+        collective; if any rank finds a problem, every rank raises it (see distributed.py)."""
         import deepspeed
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -93,37 +73,12 @@ class Trainer:
         np.random.seed(seed + self.rank)
         torch.manual_seed(seed + self.rank)
 
-        manifest = load_manifest(cfg.data.url, cfg.storage)
-        vocab = cfg.model.atom_vocab or manifest.atom_vocab
-        if vocab != manifest.atom_vocab:
-            raise ValueError(f"model.atom_vocab {vocab} differs from the dataset's {manifest.atom_vocab}")
-        stats = manifest.property_stats()
-        missing = [p for p in cfg.model.properties if p not in stats]
-        if missing:
-            raise ValueError(f"model.properties {missing} have no statistics in {cfg.data.url}")
-        prop_mean = [stats[p]["mean"] for p in cfg.model.properties]
-        prop_mad = [stats[p]["mad"] for p in cfg.model.properties]
-        self.prop_stats = {"mean": prop_mean, "mad": prop_mad}
-        self.histogram = manifest.atom_count_histogram(cfg.data.split)
-        self.model_cfg = model_config(cfg, vocab)
-        model = build_run_model(cfg, self.model_cfg, prop_mean or None, prop_mad or None)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        found = checkpoints.find_resume(run_dir, resume)
-        self.init_report = None
-        if cfg.init_from and not found:
-            # before DeepSpeed wraps (and ZeRO partitions) the model; every rank loads the same tensors
-            self.init_report = init_from.initialise(model, cfg.init_from)
-            if self.rank == 0:
-                log.info(init_from.summary(self.init_report))
-                init_from.write_report(self.init_report, run_dir)
-        elif cfg.init_from and self.rank == 0:
-            log.info("init_from %s ignored: resuming this run from its own checkpoint", cfg.init_from)
-
-        self.loader = self._loader(manifest, cfg.data.split, shuffle=True)
-        self.valid_loader = self._loader(manifest, cfg.data.valid_split, shuffle=False) \
-            if cfg.evaluation.every_steps and cfg.data.valid_split in manifest.splits else None
-        # Validation reads the first batches of the split every time: it restarts from this state.
-        self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
+        problem = None
+        try:
+            model = self._prepare(manifest, resume)
+        except MolscaleError as err:
+            problem = err
+        raise_if_any_rank_failed(problem)
 
         o = cfg.optimizer
         trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
@@ -139,14 +94,41 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.stop_requested = False
 
-        if found:
-            self._load(*found)
-        self.logger = RunLogger(run_dir, cfg.to_dict(), cfg.logging.wandb, self.step if found else None) \
+        if self.resume_from:
+            problem = None
+            try:
+                self._load(*self.resume_from)
+            except MolscaleError as err:  # e.g. a data-loader position saved with another world size
+                problem = err
+            raise_if_any_rank_failed(problem)
+        self.logger = RunLogger(run_dir, cfg.to_dict(), cfg.logging.wandb, self.step if self.resume_from else None) \
             if self.rank == 0 else NullLogger()
 
-    def _loader(self, manifest, split, shuffle):
-        return StreamingLoader(loader_config(self.cfg, split, shuffle), rank=self.rank, world_size=self.world_size,
-                               manifest=manifest)
+    def _prepare(self, manifest: Manifest, resume: str | None) -> torch.nn.Module:
+        """The model (initialised, not yet wrapped) and the loaders; raises MolscaleError on bad input."""
+        cfg = self.cfg
+        self.model_cfg = resolved_model_config(cfg, manifest.atom_vocab)
+        self.prop_stats = property_normalisation(cfg, manifest)
+        self.histogram = manifest.atom_count_histogram(cfg.data.split)
+        model = build_run_model(cfg, self.model_cfg, self.prop_stats)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.resume_from = checkpoints.find_resume(self.run_dir, resume)
+        self.init_report = None
+        if cfg.init_from and not self.resume_from:
+            # before DeepSpeed wraps (and ZeRO partitions) the model; every rank loads the same tensors
+            self.init_report = init_from.initialise(model, cfg.init_from)
+            if self.rank == 0:
+                log.info(init_from.summary(self.init_report))
+                init_from.write_report(self.init_report, self.run_dir)
+        elif cfg.init_from and self.rank == 0:
+            log.info("init_from %s ignored: resuming this run from its own checkpoint", cfg.init_from)
+
+        self.loader = make_loader(cfg, manifest, cfg.data.split, True, self.rank, self.world_size)
+        self.valid_loader = make_loader(cfg, manifest, cfg.data.valid_split, False, self.rank, self.world_size) \
+            if cfg.evaluation.every_steps and cfg.data.valid_split in manifest.splits else None
+        # Validation reads the first batches of the split every time: it restarts from this state.
+        self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
+        return model
 
     # --- state -------------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -154,9 +136,11 @@ class Trainer:
                 "clipper": self.clipper.state_dict(), "nonfinite_total": self.nonfinite_total,
                 "nonfinite_in_row": self.nonfinite_in_row,
                 # what evaluation needs to rebuild the model without the run config or the dataset
-                "model_config": dict(vars(self.model_cfg)), "prop_stats": self.prop_stats,
+                "model_config": dataclasses.asdict(self.model_cfg),
+                "diffusion_config": dataclasses.asdict(self.cfg.diffusion), "prop_stats": self.prop_stats,
                 "objective": self.cfg.objective,
-                "atom_count_histogram": self.histogram, "dataset_url": self.cfg.data.url}
+                "atom_count_histogram": self.histogram, "dataset_url": self.cfg.data.url,
+                "wandb": self.logger.identity()}  # the W&B run, so that evaluation joins its project and group
 
     def rank_state(self) -> dict:
         return {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -182,9 +166,10 @@ class Trainer:
 
     def save(self) -> str:
         tag = checkpoints.save(self.engine, self.run_dir, self.step, self.client_state(), self.rank_state(),
-                                 self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last)
         if self.rank == 0:
             log.info("checkpoint %s", os.path.join(self.run_dir, tag))
+            self.logger.log_checkpoint(os.path.join(self.run_dir, tag), self.step)
         return tag
 
     # --- the loop ----------------------------------------------------------------------------
@@ -276,7 +261,7 @@ class Trainer:
         sums = torch.zeros(2 + len(self.cfg.model.properties), dtype=torch.float64)
         generator = torch.Generator().manual_seed(1234 + self.rank)
         self.valid_loader.load_state_dict(self._valid_start)
-        ctx = self.ema.applied_to(self.model) if self.ema else _nullcontext(self.model)
+        ctx = self.ema.applied_to(self.model) if self.ema else contextlib.nullcontext(self.model)
         with ctx as model:
             model.eval()
             for i, batch in enumerate(self.valid_loader):
@@ -338,17 +323,6 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # acted upon at the end of the current step, on every rank together
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def write_config(cfg: RunConfig, run_dir: str) -> None:

@@ -1,0 +1,69 @@
+"""The process group of a run, for every launch mode, and errors that every rank agrees on."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+
+from molscale.datasets.errors import EXIT_BAD_INPUT, InputError, MolscaleError, RunError
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (deepspeed, torchrun and SLURM scripts set RANK);
+    0 for a plain ``python`` start. Known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """One process group for every launch mode: plain python gets a world of one."""
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    import deepspeed
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def raise_if_any_rank_failed(problem: MolscaleError | None) -> None:
+    """A collective check point: if any rank found a problem, every rank raises the lowest failing rank's
+    (marked ``all_ranks``, so only rank 0 prints it); otherwise return on every rank.
+
+    Called where every rank has finished its own checks and before the next collective, so a rank with bad
+    input cannot leave the others waiting in a collective it never joins.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        if problem is not None:
+            problem.all_ranks = True
+            raise problem
+        return
+    mine = None if problem is None else (str(problem), problem.exit_code)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    failed = [(rank, found) for rank, found in enumerate(everyone) if found is not None]
+    if not failed:
+        return
+    rank, (message, exit_code) = failed[0]
+    if problem is not None and rank == dist.get_rank():
+        err = problem
+    else:
+        err = (InputError if exit_code == EXIT_BAD_INPUT else RunError)(
+            message if rank == 0 else f"{message} (found on rank {rank})")
+    err.all_ranks = True
+    raise err

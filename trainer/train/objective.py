@@ -1,0 +1,56 @@
+"""What a run trains and how it reads its data, decided from its config in one place.
+
+The training loop, ``--dry-run`` and the tests all go through these, so they agree on the model, the
+atom vocabulary, the property normalisation and the loader settings of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from molscale.datasets.errors import InputError
+from molscale.datasets.shards.manifest import Manifest
+from molscale.datasets.stream.loader import StreamingLoader
+from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.pretraining import MoleculeJAE
+from molscale.trainer.train.config import RunConfig
+
+
+def resolved_model_config(cfg: RunConfig, dataset_vocab: list[int]) -> ModelConfig:
+    """The model section with the atom vocabulary filled in: the dataset's unless the config names one,
+    which must then be the dataset's (a model's type channels mean the dataset's atomic numbers)."""
+    vocab = list(cfg.model.atom_vocab or dataset_vocab)
+    if vocab != list(dataset_vocab):
+        raise InputError(f"model.atom_vocab {vocab} differs from the dataset's {list(dataset_vocab)} "
+                         f"({cfg.data.url}); leave model.atom_vocab null to use the dataset's")
+    return dataclasses.replace(cfg.model, atom_vocab=vocab, properties=list(cfg.model.properties))
+
+
+def property_normalisation(cfg: RunConfig, manifest: Manifest) -> dict:
+    """{'mean': [...], 'mad': [...]} of the model's properties on the train split (empty lists: none)."""
+    stats = manifest.property_stats()
+    missing = [p for p in cfg.model.properties if p not in stats]
+    if missing:
+        raise InputError(f"model.properties {missing} have no statistics in {cfg.data.url} (it has "
+                         f"{sorted(stats)})")
+    return {"mean": [stats[p]["mean"] for p in cfg.model.properties],
+            "mad": [stats[p]["mad"] for p in cfg.model.properties]}
+
+
+def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | None = None) -> torch.nn.Module:
+    """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
+    if cfg.objective == "moleculejae":
+        return MoleculeJAE(model_cfg, cfg.pretrain)
+    stats = prop_stats or {}
+    return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None)
+
+
+def make_loader(cfg: RunConfig, manifest: Manifest, split: str, shuffle: bool, rank: int,
+                world_size: int) -> StreamingLoader:
+    """The loader of ``split`` for this run (training: shuffled; validation: in order)."""
+    return StreamingLoader(cfg.data, split=split, seed=cfg.train.seed, shuffle=shuffle,
+                           properties=cfg.model.properties,
+                           with_bonds=cfg.objective == "moleculejae",  # the 2D channels of pretraining
+                           storage=cfg.storage, rank=rank, world_size=world_size, manifest=manifest)
