@@ -1,14 +1,14 @@
 """``python -m datasets``, run from the molscale checkout: the command line of molscale.datasets.cli."""
 
+import importlib.util
+import os
 import sys
+import types
 
-try:
-    from molscale.datasets.cli import main
-except ModuleNotFoundError as err:
-    if err.name != "molscale":
-        raise
-    print("error: molscale is not installed in this Python; run `make install` (or `pip install -e .`) "
-          "in the checkout first.", file=sys.stderr)
-    sys.exit(2)  # bad setup, found before any work (datasets/errors.py: EXIT_BAD_INPUT)
+if importlib.util.find_spec("molscale") is None:  # a checkout without `pip install -e .`: serve it from here
+    sys.modules["molscale"] = types.ModuleType("molscale")
+    sys.modules["molscale"].__path__ = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+from molscale.datasets.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -189,3 +189,25 @@ def test_checkout_command_python_m_datasets():
     proc = run([sys.executable, "-m", "datasets", "--help"], cwd=ROOT)
     assert proc.stdout.startswith("usage: python -m datasets"), proc.stdout
     assert "{build,inspect,bench}" in proc.stdout
+
+
+def test_entry_points_run_from_a_checkout_that_was_not_installed(tmp_path):
+    """`python -S` skips site-packages' .pth files (so the editable molscale is not there) while the dependencies
+    stay importable: the entry points then serve molscale from the checkout itself."""
+    import site
+    runner = textwrap.dedent(f"""
+        import runpy, sys
+        sys.path.append({site.getsitepackages()[0]!r})
+        import importlib.util
+        assert importlib.util.find_spec("molscale") is None, "molscale is importable without the checkout"
+        sys.argv = ["trainer/main.py", "--config", "cluster/geom_64gpu.json", "--dry-run"]
+        try:
+            runpy.run_path("trainer/main.py", run_name="__main__")
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        import molscale
+        print("served from", list(molscale.__path__))
+    """)
+    r = subprocess.run([sys.executable, "-S", "-c", runner], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world_size                 64" in r.stdout and f"served from ['{ROOT}']" in r.stdout
