@@ -8,7 +8,9 @@ iterations after warm-up. `--layout both` also runs the edge-list reference layo
 (`all` adds the edge list over real atom pairs only) with the same weights and batch in the same process,
 alternating iterations between layouts, and reports the speed-ups. A training step is forward, backward and
 AdamW; a sampling step is one network evaluation and ancestral update inside `sample()`. Sampling molecules/s
-is for the full T-step trajectory: batch / (sample_step_s * (T + 1) network evaluations).
+is for the full T-step trajectory: batch / (sample_step_s * (T + 1) network evaluations). The report also
+counts the aten operator calls of one training step, one EMA update and one sampling step (each non-view call
+is at least one kernel launch on a GPU).
 """
 
 import argparse
@@ -21,12 +23,14 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
+from molscale.trainer.train.ema import EMA
 
 MALLOC_TUNED = False  # set when run as a program, see tune_glibc_malloc
 LAYOUT_CHOICES = {"both": ["dense", "edge-list"], "all": ["dense", "edge-list", "edge-list-real"]}
@@ -82,11 +86,36 @@ def interleaved_medians(fns, device, warmup, iters):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the aten operator calls dispatched while active (backward's included). On a GPU each call that is
+    not a view launches at least one kernel, so this is the launch count that CUDA graphs would remove."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def chunk_cost_pairs(text: str):
+    return None if text == "none" else (text if text == "auto" else int(text))
+
+
+def operator_calls(fn) -> int:
+    counter = _OperatorCounter()
+    with counter:
+        fn()
+    return counter.calls
+
+
 def step_functions(model, batch, layout, args):
     """(train_step, sample_run) closures for one layout."""
     autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True)
+    # foreach: what torch picks by default for CUDA parameters (the trainer's optimizer on a GPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, foreach=True)
     stride = model.num_steps // args.sample_steps
 
     def train_step():
@@ -123,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--sample-steps", type=int, default=4, help="sampler grid steps per timed sampling run")
     parser.add_argument("--sample-iters", type=int, default=3, help="timed sampling runs per layout")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-cost-pairs", default="auto",
+                        help="size chunks (trainer/model/packing.py): 'auto' (CPU: on, GPU: off), 'none', or a cost")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -130,7 +161,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers,
                       properties=["gap"] if MODEL_CLASSES[args.model].predicts_properties else [],
-                      atom_vocab=list(QM9_ATOM_VOCAB))
+                      atom_vocab=list(QM9_ATOM_VOCAB), chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     num_atoms = sample_num_atoms(qm9_histogram(), args.batch, generator)
@@ -141,6 +172,11 @@ def main(argv=None):
     train_s = interleaved_medians({k: v[0] for k, v in steps.items()}, device, args.warmup, args.iters)
     sample_s = interleaved_medians({k: v[1] for k, v in steps.items()}, device, 1, args.sample_iters)
     evaluations = len(timestep_grid(model.num_steps, model.num_steps // args.sample_steps))  # grid steps + t = 0
+    train_step, sample_run = steps[layouts[0]]
+    ema = EMA(model, 0.9999)
+    calls = {"train_step (forward, backward, AdamW)": operator_calls(train_step),
+             "ema_update": operator_calls(lambda: ema.update(model)),
+             "sample_step": round(operator_calls(sample_run) / evaluations)}
     results = {}
     for layout in layouts:
         sample_step_s = sample_s[layout] / evaluations
@@ -156,7 +192,7 @@ def main(argv=None):
         "num_atoms_mean": float(num_atoms.float().mean()), "num_atoms_max": int(num_atoms.max()),
         "atom_pairs": int((num_atoms * (num_atoms - 1)).sum()), "malloc_tuned": MALLOC_TUNED,
         "loadavg_1min": [load_before, os.getloadavg()[0]],  # before / after: other work on the machine
-        "layout": layouts[0], **results[layouts[0]],
+        "layout": layouts[0], **results[layouts[0]], "operator_calls": calls,
     }
     for ref in layouts[1:]:
         key = ref.replace("-", "_")
@@ -177,6 +213,8 @@ def format_report(report, results):
         key = layout.replace("-", "_")
         lines.append(f"  speed-up of {report['layout']} over {layout}: train "
                      f"{report[f'train_speedup_vs_{key}']:.2f}x, sample {report[f'sample_speedup_vs_{key}']:.2f}x")
+    lines.append(f"  operator calls ({report['layout']}): " +
+                 ", ".join(f"{name} {n:,}" for name, n in report["operator_calls"].items()))
     return "\n".join(lines)
 
 
