@@ -1,9 +1,11 @@
 """Diffusion maths for training: CoM-free noise, time drawing and the UniGEM / EDM losses (docs/architecture.md).
 
-Random draws use `generator` (a CPU torch.Generator, for reproducible runs) and are moved to the data's
-device; with generator None the global RNG is used. Batches follow the loader contract: pos [B, N, 3]
-(CoM-free, Angstrom), node_mask [B, N] bool with real atoms first, atom_type [B, N] vocabulary index,
-props [B, P] in dataset units. All loss terms are float32 (or the dtype of pos).
+Random draws use `generator` (for reproducible runs; drawn on its device, moved to the data's) or, with
+generator None, the global RNG of the data's device. With size chunks off (the default on GPUs) the losses
+read nothing back to the host: no device synchronisation, and a step's shapes depend only on the batch.
+Batches follow the loader contract: pos [B, N, 3] (CoM-free, Angstrom), node_mask [B, N] bool with real atoms
+first, atom_type [B, N] vocabulary index, props [B, P] in dataset units. All loss terms are float32 (or the
+dtype of pos).
 """
 
 import torch
@@ -34,25 +36,31 @@ def masked_noise(shape, node_mask, generator=None, dtype=torch.float32):
     return randn(shape, generator, node_mask.device, dtype) * node_mask.to(dtype).unsqueeze(-1)
 
 
-def randint(low, high, size, generator=None):
-    """Integers in [low, high] inclusive, returned on the CPU (drawn on the generator's device)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(low, high + 1, (size,), generator=generator, device=device).cpu()
+def randint(low, high, size, generator=None, device="cpu"):
+    """Integers in [low, high] inclusive on ``device`` (drawn on the generator's device when one is given)."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randint(low, high + 1, (size,), generator=generator, device=draw_on).to(device)
 
 
-def randperm(size, generator=None):
-    device = generator.device if generator is not None else "cpu"
-    return torch.randperm(size, generator=generator, device=device).cpu()
+def randperm(size, generator=None, device="cpu"):
+    draw_on = generator.device if generator is not None else device
+    return torch.randperm(size, generator=generator, device=draw_on).to(device)
 
 
-def draw_unigem_t(batch_size, t_nucleation, num_steps, generator=None):
-    """Growth-phase oversampling: a random half of the batch gets t ~ U{0..t_n}, the rest t ~ U{t_n+1..T}."""
+def draw_unigem_phases(batch_size, t_nucleation, num_steps, generator=None, device="cpu"):
+    """Growth-phase oversampling (UniGEM paper): a random half of the batch gets t ~ U{0..t_n}, the rest
+    t ~ U{t_n+1..T}. Returns (order, t): molecules order[:B // 2] are the growth phase. The halves have fixed
+    sizes, so splitting a batch by phase needs no look at t on the host."""
     n_growth = batch_size // 2
-    t = torch.empty(batch_size, dtype=torch.long)
-    order = randperm(batch_size, generator)
-    t[order[:n_growth]] = randint(0, t_nucleation, n_growth, generator)
-    t[order[n_growth:]] = randint(t_nucleation + 1, num_steps, batch_size - n_growth, generator)
-    return t
+    order = randperm(batch_size, generator, device)
+    t = torch.empty(batch_size, dtype=torch.long, device=device)
+    t[order[:n_growth]] = randint(0, t_nucleation, n_growth, generator, device)
+    t[order[n_growth:]] = randint(t_nucleation + 1, num_steps, batch_size - n_growth, generator, device)
+    return order, t
+
+
+def draw_unigem_t(batch_size, t_nucleation, num_steps, generator=None, device="cpu"):
+    return draw_unigem_phases(batch_size, t_nucleation, num_steps, generator, device)[1]
 
 
 def chunk_cost(model, device):
@@ -76,12 +84,14 @@ def host_atom_counts(node_mask, plan_needed):
 
 
 def chunks_of(indices, counts, cost, n_max):
-    """Split molecules `indices` (CPU LongTensor) into size chunks -> [(indices, padded size)]."""
+    """Split molecules `indices` (LongTensor) into size chunks -> [(indices, padded size)]; counts: host atom
+    counts (None: chunking off, one chunk at the batch's padded size, nothing read on the host)."""
     if len(indices) == 0:
         return []
-    if counts is None:  # chunking off: one chunk at the batch's padded size
+    if counts is None:
         return [(indices, n_max)]
-    return [(indices[part], n_pad) for part, n_pad in plan_chunks(counts[indices].tolist(), cost)]
+    host = indices.cpu()
+    return [(host[part].to(indices.device), n_pad) for part, n_pad in plan_chunks(counts[host].tolist(), cost)]
 
 
 def unigem_loss(model, batch, generator=None, t=None):
@@ -94,25 +104,28 @@ def unigem_loss(model, batch, generator=None, t=None):
     cfg = model.cfg
     pos, node_mask = batch["pos"], batch["node_mask"]  # [B, N, 3], [B, N]
     batch_size, n_max = node_mask.shape
-    t = draw_unigem_t(batch_size, cfg.t_nucleation, model.num_steps, generator) if t is None else t.cpu()
-    t_dev = t.to(pos.device)
+    if t is None:
+        order, t_dev = draw_unigem_phases(batch_size, cfg.t_nucleation, model.num_steps, generator, pos.device)
+        groups = {"nucleation": order[batch_size // 2:], "growth": order[: batch_size // 2]}
+    else:  # given times (tests): the phases come from t itself
+        t_dev = t.to(pos.device)
+        growth = t_dev <= cfg.t_nucleation
+        groups = {"nucleation": (~growth).nonzero()[:, 0], "growth": growth.nonzero()[:, 0]}
     eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
     alpha, sigma = model.schedule.alpha_sigma(t_dev, pos.dtype)
     pos_t = alpha[:, None, None] * pos + sigma[:, None, None] * eps
     num_atoms = node_mask.sum(1).to(pos.dtype)  # [B]
     type_target = F.one_hot(batch["atom_type"], model.num_atom_types).to(pos.dtype) * 0.25  # [B, N, K]
     if cfg.properties:
-        prop_target = (batch["props"].to(pos.dtype) - model.prop_mean.to(pos)) / model.prop_mad.to(pos)  # [B, P]
+        prop_mean, prop_mad = model.prop_normalisation(pos)
+        prop_target = (batch["props"].to(pos.dtype) - prop_mean) / prop_mad  # [B, P]
 
     cost = chunk_cost(model, pos.device)
     counts = host_atom_counts(node_mask, cost is not None)
-    growth = t <= cfg.t_nucleation
-    groups = {"nucleation": (~growth).nonzero()[:, 0], "growth": growth.nonzero()[:, 0]}
     sums = {name: pos.new_zeros(()) for name in ("eps_nucleation", "eps_growth", "atom_type")}
     sums.update({f"prop_{name}": pos.new_zeros(()) for name in cfg.properties})
     for branch, members in groups.items():
         for idx, n_pad in chunks_of(members, counts, cost, n_max):
-            idx = idx.to(pos.device)
             mask, n = take(node_mask, idx, n_pad), take(num_atoms, idx)  # [b, n], [b]
             out = model.denoise(take(pos_t, idx, n_pad), mask, take(t_dev, idx), branch, heads=branch == "growth")
             sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
@@ -137,8 +150,7 @@ def edm_loss(model, batch, generator=None, t=None):
     t ~ U{0..T}. Returns {'loss', 'eps', 'eps_pos', 'eps_h'} (the last two per dimension of their part)."""
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size, n_max = node_mask.shape
-    t = randint(0, model.num_steps, batch_size, generator) if t is None else t.cpu()
-    t_dev = t.to(pos.device)
+    t_dev = randint(0, model.num_steps, batch_size, generator, pos.device) if t is None else t.to(pos.device)
     h = model.atom_features(batch["atom_type"], node_mask, pos.dtype)  # [B, N, C]
     eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
     eps_h = masked_noise(h.shape, node_mask, generator, pos.dtype)
@@ -149,8 +161,7 @@ def edm_loss(model, batch, generator=None, t=None):
     cost = chunk_cost(model, pos.device)
     counts = host_atom_counts(node_mask, cost is not None)
     sse_pos = sse_h = pos.new_zeros(())  # sums over molecules of per-atom squared errors
-    for idx, n_pad in chunks_of(torch.arange(batch_size), counts, cost, n_max):
-        idx = idx.to(pos.device)
+    for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
         mask, n = take(node_mask, idx, n_pad), take(num_atoms, idx)
         out = model.denoise(take(pos_t, idx, n_pad), take(h_t, idx, n_pad), mask, take(t_dev, idx))
         sse_pos = sse_pos + ((out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2)) / n).sum()

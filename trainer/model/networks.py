@@ -97,6 +97,14 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties {cfg.properties}")
         # plain float64 tensors, not buffers: never rounded by model.to(bf16); they come from the dataset manifest
         self.prop_mean, self.prop_mad = mean.double(), mad.double()
+        self._prop_on_device = {}  # (device, dtype) -> (mean, mad): copied to the device once, not every step
+
+    def prop_normalisation(self, like):
+        """(mean, mad) [P] of the properties on the device and in the dtype of ``like``."""
+        key = (like.device, like.dtype)
+        if key not in self._prop_on_device:
+            self._prop_on_device[key] = (self.prop_mean.to(like), self.prop_mad.to(like))
+        return self._prop_on_device[key]
 
     @property
     def num_atom_types(self):

@@ -231,7 +231,7 @@ class MoleculeJAE(nn.Module):
         """{'k' [B] int64 step in 1..num_steps, 'eps_x' [B, N, 3] CoM-free, 'eps_a' [B, N, N, C] symmetric}."""
         pos, node_mask = batch["pos"], batch["node_mask"]
         b, n = node_mask.shape
-        k = randint(1, self.pre.num_steps, b, generator).to(pos.device)
+        k = randint(1, self.pre.num_steps, b, generator, pos.device)
         eps_x = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
         eps_a = symmetric_noise((b, n, n, self.pre.bond_channels), node_mask, generator, pos.dtype)
         return {"k": k, "eps_x": eps_x, "eps_a": eps_a}

@@ -11,6 +11,7 @@ import torch
 
 from molscale.trainer.model.diffusion import (
     chunk_cost,
+    chunks_of,
     com_free_noise,
     host_atom_counts,
     masked_noise,
@@ -88,7 +89,7 @@ def _sample_chunk(model, node_mask, grid, generator, dtype):
                                         com_free=name == "pos") for name, z in latents.items()}
     # final prediction at t = 0
     out = model.predict_noise(latents, node_mask, 0, final=True)
-    alpha0, sigma0 = (float(v) for v in model.schedule.alpha_sigma(torch.zeros((), dtype=torch.long), torch.float64))
+    alpha0, sigma0 = model.schedule.host_alpha_sigma(0)
     pos = remove_mean((latents["pos"] - sigma0 * out["pos"]) / alpha0, node_mask)
     type_scores = model.atom_type_scores(latents, out, alpha0, sigma0)
     atom_type = torch.where(node_mask, type_scores.argmax(-1), 0)
@@ -104,12 +105,13 @@ def predict_properties(model, batch):
     if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("property prediction needs a UniGEM model configured with properties")
     pos, node_mask = batch["pos"], batch["node_mask"]
-    batch_size = pos.shape[0]
+    batch_size, n_max = node_mask.shape
     out = pos.new_zeros(batch_size, len(model.cfg.properties))
-    counts = host_atom_counts(node_mask, plan_needed=True)
-    for idx, n_pad in plan_chunks(counts.tolist(), chunk_cost(model, pos.device)):
-        idx = idx.to(pos.device)
+    cost = chunk_cost(model, pos.device)
+    counts = host_atom_counts(node_mask, plan_needed=cost is not None)  # size chunks off: nothing read back
+    for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
         t = torch.zeros(len(idx), dtype=torch.long, device=pos.device)
         pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, "growth", heads=True)["props"]
         out[idx] = pred.to(out.dtype)
-    return out * model.prop_mad.to(out) + model.prop_mean.to(out)
+    mean, mad = model.prop_normalisation(out)
+    return out * mad + mean

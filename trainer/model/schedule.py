@@ -70,6 +70,7 @@ class NoiseSchedule:
         self.sigma2 = 1.0 - alpha2
         self.gamma = -(torch.log(alpha2) - torch.log(self.sigma2))  # -log SNR
         self._cache = {}
+        self._alpha2_host = alpha2.tolist()  # Python floats (exactly the float64 values)
 
     def _table(self, name, device, dtype):
         key = (name, str(device), dtype)
@@ -82,17 +83,21 @@ class NoiseSchedule:
         alpha2 = self._table("alpha2", t.device, torch.float64)[t]
         return alpha2.sqrt().to(dtype), (1.0 - alpha2).sqrt().to(dtype)
 
-    def step_coefficients(self, t, s, dtype=torch.float32):
-        """Ancestral step t -> s < t (as EDM): returns (1/alpha_{t|s}, eps coefficient, noise std), float64 math.
+    def host_alpha_sigma(self, t: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) as Python floats (float64), for host-side arithmetic without tensor ops."""
+        alpha2 = self._alpha2_host[t]
+        return math.sqrt(alpha2), math.sqrt(1.0 - alpha2)
+
+    def step_coefficients(self, t: int, s: int) -> tuple[float, float, float]:
+        """Ancestral step t -> s < t (as EDM): returns (1/alpha_{t|s}, eps coefficient, noise std), float64 math
+        on the host (Python floats: the sampler's loop creates no tensor and reads nothing from the device).
 
         mean = z_t / alpha_{t|s} - sigma2_{t|s} / (alpha_{t|s} sigma_t) eps_hat;  std = sigma_{t|s} sigma_s / sigma_t.
         """
-        alpha2 = self._table("alpha2", torch.device("cpu"), torch.float64)
-        a2_t, a2_s = alpha2[t], alpha2[s]
+        a2_t, a2_s = self._alpha2_host[t], self._alpha2_host[s]
         s2_t, s2_s = 1.0 - a2_t, 1.0 - a2_s
-        alpha_ts = (a2_t / a2_s).sqrt()
+        alpha_ts = math.sqrt(a2_t / a2_s)
         sigma2_ts = s2_t - alpha_ts**2 * s2_s
-        inv_alpha_ts = 1.0 / alpha_ts
-        eps_coef = sigma2_ts / (alpha_ts * s2_t.sqrt())
-        std = sigma2_ts.sqrt() * s2_s.sqrt() / s2_t.sqrt()
-        return float(inv_alpha_ts), float(eps_coef), float(std)
+        eps_coef = sigma2_ts / (alpha_ts * math.sqrt(s2_t))
+        std = math.sqrt(sigma2_ts) * math.sqrt(s2_s) / math.sqrt(s2_t)
+        return 1.0 / alpha_ts, eps_coef, std

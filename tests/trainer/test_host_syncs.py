@@ -1,0 +1,102 @@
+"""The model's device work reads nothing back to the host and makes no CPU tensors, proven without a GPU.
+
+Everything runs on torch's ``meta`` device (shapes and dtypes, no data), under a dispatch mode that records
+every operator that would synchronise with a GPU (a scalar read, ``nonzero``, a copy to the host) and every
+operator that produces a CPU tensor. On a GPU each of those is a stall of the step or a host-to-device copy.
+Allowed: nothing in the loss, backward, EMA, clipping or property prediction; nothing per sampling step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.sampling import predict_properties, sample
+from molscale.trainer.train.ema import EMA
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records (operator, why) for every host sync and every CPU tensor made while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNC_OPS:
+            self.events.append(f"{func}: reads a device value on the host")
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                self.events.append(f"{func}: makes a CPU tensor of shape {tuple(value.shape)}")
+        return out
+
+
+def meta_batch(batch_size=6, n_max=9, num_props=1):
+    meta = torch.device("meta")
+    return {"pos": torch.zeros(batch_size, n_max, 3, device=meta),
+            "node_mask": torch.ones(batch_size, n_max, dtype=torch.bool, device=meta),
+            "atom_type": torch.zeros(batch_size, n_max, dtype=torch.long, device=meta),
+            "props": torch.zeros(batch_size, num_props, device=meta)}
+
+
+def meta_model(kind):
+    props = ["lumo"] if kind == "unigem" else []
+    cfg = ModelConfig(kind=kind, hidden=8, layers=2, properties=props, atom_vocab=list(QM9_ATOM_VOCAB))
+    model = build_model(cfg, prop_mean=[1.0] if props else None, prop_mad=[2.0] if props else None)
+    return model.to("meta")
+
+
+@pytest.mark.parametrize("kind", ["unigem", "edm"])
+def test_training_step_model_work_stays_on_the_device(kind):
+    model = meta_model(kind)
+    ema = EMA(model, 0.999)
+    batch = meta_batch(num_props=1 if kind == "unigem" else 0)
+    model(batch)  # warm-up: the schedule tables and property statistics are copied to the device once per run
+    with HostTraffic() as traffic:
+        loss = model(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        ema.update(model)
+    assert traffic.events == []
+
+
+def test_sampling_steps_stay_on_the_device():
+    """Setting up a sampling run may touch the host; each further step may not: twice the steps, the same record."""
+    model = meta_model("unigem")
+    num_atoms = torch.tensor([5, 9, 7])
+
+    def record(stride):
+        with HostTraffic() as traffic:
+            out = sample(model, num_atoms, stride=stride, device="meta")
+        assert out["pos"].device.type == "meta"
+        return traffic.events
+
+    few, more = record(stride=250), record(stride=125)  # 5 and 9 network evaluations
+    assert few == more
+
+
+def test_property_prediction_stays_on_the_device():
+    model = meta_model("unigem")
+    batch = meta_batch()
+    predict_properties(model, batch)  # warm-up (statistics copied once)
+    with HostTraffic() as traffic:
+        pred = predict_properties(model, batch)
+    assert pred.shape == (6, 1) and traffic.events == []
+
+
+def test_the_detector_sees_syncs_and_cpu_tensors():
+    """A check that cannot fail proves nothing: the mode does record a host read and a CPU tensor."""
+    x = torch.zeros(3, device="meta")
+    with HostTraffic() as traffic:
+        torch.arange(3)
+        with pytest.raises(Exception):
+            x.sum().item()
+    assert any("CPU tensor" in e for e in traffic.events) and any("host" in e for e in traffic.events)
