@@ -161,7 +161,7 @@ def run(args) -> int:
         reference_histograms,
         reference_smiles,
     )
-    from molscale.evals.ray_sampling import connect_ray, generate
+    from molscale.evals.ray_sampling import connect_ray, generate, sampler_capacity
     from molscale.trainer.train.checkpoints import load_for_eval
     _check_args(args)
 
@@ -207,12 +207,18 @@ def run(args) -> int:
     ray = connect_ray(args.num_cpus)
     started = time.perf_counter()
     if args.checkpoint:
-        resources = ray.cluster_resources()
-        workers = args.workers or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+        capacity, unit = sampler_capacity(ray)
+        workers = args.workers or capacity
+        if workers > capacity:  # the extra actors would wait for resources forever
+            log.warning("--workers %d is more than the cluster's %d %s(s): sampling with %d", workers, capacity,
+                        unit, capacity)
+            workers = capacity
         stride = args.steps or 1
-        molecules = generate(ray, args.checkpoint, args.n_samples, args.batch, stride, args.seed, workers, histogram)
+        molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, stride, args.seed,
+                                              workers, histogram)
         sample_seconds = time.perf_counter() - started
         source.update(n_samples=args.n_samples, seed=args.seed, step_stride=stride, workers=workers,
+                      chunks_per_node=chunks_per_node,
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))
     else:

@@ -1,7 +1,8 @@
 """Sampling over Ray: actors that hold a checkpoint's EMA model and sample chunks of molecules.
 
 Each chunk's seed comes from --seed and the chunk's index, so the molecules depend on the seed and not
-on how many workers there are.
+on how many workers there are, nor on a worker dying: a sampler actor that dies (a node lost, an OOM kill)
+is restarted by Ray and its chunk run again with the same seed, giving the same molecules.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def connect_ray(num_cpus: int | None):
     return ray
 
 
+ACTOR_RESTARTS = 3  # a dead sampler is restarted (it reloads the checkpoint) and its chunk retried this often
+
+
 def sampler_actor_class(ray):
-    @ray.remote
+    @ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     class Sampler:
         """Holds the EMA model of one checkpoint; samples chunks of molecules."""
 
@@ -50,7 +54,8 @@ def sampler_actor_class(ray):
             out = sample(self.loaded.model, torch.tensor(num_atoms), stride=stride, generator=generator,
                          device=self.device)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
-                    "num_atoms": out["num_atoms"].cpu().numpy()}
+                    "num_atoms": out["num_atoms"].cpu().numpy(),
+                    "node": ray.get_runtime_context().get_node_id()}
 
     return Sampler
 
@@ -70,23 +75,33 @@ def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, batch: int)
     return plan
 
 
+def sampler_capacity(ray) -> tuple[int, str]:
+    """How many sampler actors the cluster can hold at once: one per GPU where there are GPUs, else per CPU."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return (gpus, "GPU") if gpus else (max(1, int(resources.get("CPU", 1))), "CPU")
+
+
 def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed: int, workers: int,
-             histogram: dict[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Molecules as (z [N] uint8, pos [N, 3] float32), in the order the atom counts were drawn."""
+             histogram: dict[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
+    per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever)."""
     from ray.util import ActorPool
     from tqdm import tqdm
-    gpus = ray.cluster_resources().get("GPU", 0)
-    Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if gpus else \
+    unit = sampler_capacity(ray)[1]
+    Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
     plan = chunk_plan(n_samples, histogram, seed, batch)
     actors = [Sampler.remote(checkpoint) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
+    chunks_per_node: dict[str, int] = {}
     results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], stride), plan)
     for (_, idx, counts), out in tqdm(zip(plan, results), total=len(plan), desc="sampling", unit="chunk"):
         for row, i in enumerate(idx):
             n = int(out["num_atoms"][row])
             molecules[i] = (out["z"][row, :n], out["pos"][row, :n])
+        chunks_per_node[out["node"]] = chunks_per_node.get(out["node"], 0) + 1
     for actor in actors:
         ray.kill(actor)
-    return molecules
+    return molecules, chunks_per_node
