@@ -1,5 +1,9 @@
 """trainer/main.py front door: config validation before any work, --dry-run plans."""
 
+import importlib.metadata
+import json
+import os
+import re
 import subprocess
 import sys
 
@@ -71,3 +75,56 @@ def test_dry_run_counts_steps_per_epoch(qm9_small):
     n_train = load_manifest(qm9_small).count("train")
     assert f"train_molecules            {n_train}" in r.stdout
     assert f"optimizer_steps_per_epoch  {-(-n_train // 32)}" in r.stdout
+
+
+def test_deepspeed_extra_is_deep_merged():
+    from molscale.trainer.train.engine import deepspeed_config
+    cfg = load_config("cluster/cpu_smoke.json", ["deepspeed.zero_stage=2",
+                                                 'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}'])
+    assert deepspeed_config(cfg, 4)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"zero_optimization": {"stage": 1}}, "deepspeed.extra.zero_optimization.stage: molscale sets it; "
+                                          "use deepspeed.zero_stage"),
+    ({"train_batch_size": 64}, "deepspeed.extra.train_batch_size: molscale sets it; use data.batch_size and "
+                               "deepspeed.gradient_accumulation_steps"),
+    ({"gradient_accumulation_steps": 2}, "use deepspeed.gradient_accumulation_steps"),
+    ({"gradient_clipping": 1.0}, "deepspeed.extra.gradient_clipping: molscale sets it; use optimizer.clip"),
+    ({"bf16": {"enabled": True}}, "deepspeed.extra.bf16: molscale sets it; use deepspeed.bf16"),
+    ({"torch_autocast": {"enabled": True}}, "deepspeed.extra.torch_autocast: molscale sets it; use deepspeed.bf16"),
+])
+def test_deepspeed_extra_cannot_set_what_molscale_owns(extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("cluster/cpu_smoke.json", [f"deepspeed.extra={json.dumps(extra)}"])
+
+
+def test_zero3_through_extra_fails_before_any_work(tmp_path):
+    """A config error, one line, before the dataset is even looked at (it does not exist here)."""
+    r = main_py("--config", "cluster/cpu_smoke.json", "--set", f"data.url={tmp_path}/none",
+                "--set", 'deepspeed.extra={"zero_optimization": {"stage": 3}}')
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "config error: deepspeed.extra.zero_optimization.stage: molscale sets it; use deepspeed.zero_stage "
+        "(0, 1 or 2: EMA, clipping and export need stage <= 2)"]
+
+
+def test_bf16_refuses_a_deepspeed_without_torch_autocast(monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.16.9" if name == "deepspeed" else real(name))
+    with pytest.raises(ConfigError, match=r"deepspeed.bf16 needs DeepSpeed >= 0.17.2 .*installed: 0.16.9"):
+        load_config("cluster/cpu_smoke.json", ["deepspeed.bf16=true"])
+    load_config("cluster/cpu_smoke.json", ["deepspeed.bf16=false"])  # float32 runs need no torch_autocast
+
+
+def test_dry_run_prints_the_deepspeed_config_it_would_use():
+    from molscale.trainer.train.engine import deepspeed_config
+    extra = ["--set", 'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}']
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    r = main_py("--config", "cluster/geom_64gpu.json", *extra, "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.strip().startswith("deepspeed_config ")]
+    assert len(lines) == 1, r.stdout
+    printed = json.loads(lines[0].split("deepspeed_config", 1)[1])
+    assert printed == deepspeed_config(load_config("cluster/geom_64gpu.json", [extra[1]]), 64)
+    assert printed["torch_autocast"]["lower_precision_safe_modules"] == []  # geom_64gpu: ZeRO-2, bf16

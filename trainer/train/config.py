@@ -10,8 +10,10 @@ one ``validate``; RunConfig.validate adds the checks that span sections.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -44,16 +46,45 @@ class OptimizerSection:
         _require(self.clip_history >= 1, "optimizer.clip_history must be at least 1")
 
 
+# DeepSpeed config keys that molscale sets itself, and what to set instead.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "data.batch_size and deepspeed.gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "deepspeed.gradient_accumulation_steps",
+    "gradient_clipping": "optimizer.clip (molscale clips with an adaptive threshold)",
+    "bf16": "deepspeed.bf16 (bf16 autocast with float32 weights)",
+    "fp16": "deepspeed.bf16 (fp16 is not supported)",
+    "torch_autocast": "deepspeed.bf16",
+    "communication_data_type": "nothing: gradients are reduced in float32 (docs/numerics.md)",
+    "optimizer": "optimizer.* (molscale builds the optimizer; DeepSpeed would ignore this section)",
+}
+# The first DeepSpeed release with the "torch_autocast" config section: the commit "Enable torch.autocast with
+# ZeRO (#6993)" is first in tag v0.17.2. Older releases ignore the section and train silently in float32.
+DEEPSPEED_TORCH_AUTOCAST = "0.17.2"
+
+
 @dataclass
 class DeepSpeedSection:
     zero_stage: int = 0
     bf16: bool = False                     # autocast bf16 for the MLP products; weights stay float32
     gradient_accumulation_steps: int = 1
-    extra: dict = field(default_factory=dict)  # merged into the DeepSpeed config as given
+    extra: dict = field(default_factory=dict)  # deep-merged into the DeepSpeed config; see DEEPSPEED_OWNED_KEYS
 
     def validate(self) -> None:
         _require(self.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         _require(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1")
+        for key, instead in DEEPSPEED_OWNED_KEYS.items():
+            _require(key not in self.extra, f"deepspeed.extra.{key}: molscale sets it; use {instead}")
+        zero = self.extra.get("zero_optimization", {})
+        _require(isinstance(zero, dict), "deepspeed.extra.zero_optimization: expected an object")
+        # EMA, clipping (Trainer._clip) and checkpoint export assume ZeRO stage <= 2 and read deepspeed.zero_stage
+        _require("stage" not in zero, "deepspeed.extra.zero_optimization.stage: molscale sets it; use "
+                                      "deepspeed.zero_stage (0, 1 or 2: EMA, clipping and export need stage <= 2)")
+        if self.bf16:
+            installed = _installed_version("deepspeed")
+            _require(installed is not None and _release(installed) >= _release(DEEPSPEED_TORCH_AUTOCAST),
+                     f"deepspeed.bf16 needs DeepSpeed >= {DEEPSPEED_TORCH_AUTOCAST} (its torch_autocast section); "
+                     f"installed: {installed}. Upgrade DeepSpeed or set deepspeed.bf16=false")
 
 
 @dataclass
@@ -162,6 +193,19 @@ class RunConfig:
                      "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
         _require(self.init_from is None or os.path.exists(self.init_from),
                  f"init_from: {self.init_from} does not exist (give a run directory or a checkpoint folder)")
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version, from the package metadata: cheap, nothing is imported."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version such as 0.19.8 or 0.18.0+cu124."""
+    return tuple(int(part or 0) for part in re.match(r"(\d+)\.(\d+)\.?(\d*)", version).groups())
 
 
 def _require(ok: bool, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 
 from molscale.datasets.errors import EXIT_BAD_INPUT, InputError, MolscaleError, RunError
@@ -22,22 +23,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def accelerator():
+    """DeepSpeed's accelerator: DS_ACCELERATOR when set, else the one DeepSpeed detects
+    (deepspeed/accelerator/real_accelerator.py, get_accelerator). DeepSpeed's engine places the model with it,
+    so the trainer's tensors and the process group follow it too, not torch.cuda: with DS_ACCELERATOR=cpu on a
+    GPU machine (tests, `make demo`) the whole run stays on the CPU."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator()
+
+
+def run_device() -> torch.device:
+    """This rank's device: the one DeepSpeed's engine moves the model to (deepspeed/runtime/engine.py,
+    DeepSpeedEngine._set_distributed_vars: ``torch.device(get_accelerator().device_name(local_rank))``)."""
+    return torch.device(accelerator().device_name(local_rank()))
+
+
+def backend() -> str:
+    """The accelerator's process-group backend: nccl for CUDA, gloo (ccl with oneCCL) for the CPU."""
+    return accelerator().communication_backend_name()
+
+
 def init_distributed() -> None:
     """One process group for every launch mode: plain python gets a world of one."""
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     import deepspeed
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if run_device().type != "cpu":
+        accelerator().set_device(local_rank())  # before the group: NCCL collectives use the current device
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend())
 
 
 def raise_if_any_rank_failed(problem: MolscaleError | None) -> None:

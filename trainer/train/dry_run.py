@@ -10,6 +10,7 @@ import os
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train.config import RunConfig
+from molscale.trainer.train.engine import deepspeed_config
 from molscale.trainer.train.objective import build_run_model, make_loader
 
 EDGE_TENSORS_PER_BLOCK = 8  # rough count of [pairs, hidden] tensors one EGNN block keeps for backward
@@ -67,6 +68,7 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
             "activations (rough, largest micro-batch)": _gib(activations),
         },
         "data": cfg.data.url, "run_dir": cfg.train.run_dir,
+        "deepspeed_config": deepspeed_config(cfg, world),  # exactly what deepspeed.initialize gets, as JSON
     })
     return out
 

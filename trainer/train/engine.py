@@ -25,7 +25,7 @@ from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train import checkpoints, init_from
 from molscale.trainer.train.clipping import AdaptiveClipper
 from molscale.trainer.train.config import RunConfig
-from molscale.trainer.train.distributed import raise_if_any_rank_failed
+from molscale.trainer.train.distributed import accelerator, raise_if_any_rank_failed, run_device
 from molscale.trainer.train.ema import EMA
 from molscale.trainer.train.objective import build_run_model, make_loader, property_normalisation, resolved_model_config
 from molscale.trainer.train.run_log import NullLogger, RunLogger
@@ -38,6 +38,8 @@ class NonFiniteLossError(RunError):
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The config handed to deepspeed.initialize (``--dry-run`` prints it); ``deepspeed.extra`` is deep-merged
+    last, its keys that molscale owns having been refused when the config was loaded (config.py)."""
     ds = cfg.deepspeed
     micro = cfg.data.batch_size or 1  # with pair budgets the molecule count varies; DS only logs it
     out = {
@@ -51,9 +53,20 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     }
     if ds.bf16:
         # Autocast keeps float32 weights, geometry and reductions; DeepSpeed's "bf16" mode would cast
-        # every weight and coordinate to bf16 (see docs/numerics.md).
-        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    out.update(ds.extra)
+        # every weight and coordinate to bf16 (see docs/numerics.md). By default ZeRO would reduce the
+        # gradients of Linear/Conv layers in bf16: deepspeed/runtime/torch_autocast.py, init_autocast_params,
+        # sets `comm_dtype` on the parameters of "lower_precision_safe_modules", which zero/stage_1_and_2.py
+        # buckets by (BaseOptimizer.get_param_comm_dtype). An empty list marks none: all reduced in float32.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return _deep_merge(out, ds.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, nested objects merged key by key (so zero_optimization keeps its stage)."""
+    out = dict(base)
+    for key, value in extra.items():
+        both_dicts = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _deep_merge(out[key], value) if both_dicts else value
     return out
 
 
@@ -66,8 +79,7 @@ class Trainer:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = run_device()  # the engine's device; every tensor a collective gets lives there
         seed = cfg.train.seed
         random.seed(seed + self.rank)
         np.random.seed(seed + self.rank)
@@ -143,8 +155,9 @@ class Trainer:
                 "wandb": self.logger.identity()}  # the W&B run, so that evaluation joins its project and group
 
     def rank_state(self) -> dict:
-        return {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        # the device's generator draws the training noise; on the CPU accelerator it is torch_rng itself
+        device_rng = accelerator().get_rng_state() if self.device.type != "cpu" else None
+        return {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(), "device_rng": device_rng,
                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
 
     def _load(self, root: str, tag: str) -> None:
@@ -157,8 +170,8 @@ class Trainer:
         self.nonfinite_in_row = client["nonfinite_in_row"]
         self.loader.load_state_dict(mine["loader"])
         torch.set_rng_state(mine["torch_rng"])
-        if mine.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(mine["cuda_rng"])
+        if mine.get("device_rng") is not None and self.device.type != "cpu":
+            accelerator().set_rng_state(mine["device_rng"])
         np.random.set_state(mine["numpy_rng"])
         random.setstate(mine["python_rng"])
         if self.rank == 0:
@@ -181,9 +194,19 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _read(self, value):
+        """The loop's reads of device values on the host, counted: each stalls the host until the device has
+        caught up, so a step makes one per micro-batch (the all-reduced flags and losses) and one for the
+        gradient norm, and the count is logged as ``host_reads``."""
+        if not torch.is_tensor(value):
+            return value
+        self.host_reads += 1
+        return value.tolist()
+
     def train_step(self, batches) -> dict | None:
         """One optimizer step (gradient accumulation included); None when the step was skipped."""
         ga = self.cfg.deepspeed.gradient_accumulation_steps
+        self.host_reads = 0
         start = time.perf_counter()
         wait = 0.0
         totals: dict[str, float] = {}
@@ -197,11 +220,13 @@ class Trainer:
             names = sorted(losses)
             values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
             # One all-reduce carries the non-finite flag, the stop request and the loss terms, so that
-            # every rank takes the same decision in the same step.
-            flags = torch.tensor([float(not torch.isfinite(values).all()), float(self.stop_requested)],
-                                 device=values.device)
-            packed = torch.cat([flags, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
+            # every rank takes the same decision in the same step; all three are made on the device (new_full
+            # passes the host flag as a kernel argument: no copy) and read back once.
+            nonfinite = (~torch.isfinite(values)).any().to(values.dtype).reshape(1)
+            stop = values.new_full((1,), float(self.stop_requested))
+            packed = torch.cat([nonfinite, stop, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
             dist.all_reduce(packed)
+            packed = self._read(packed)
             if packed[1] > 0:
                 self.stop_requested = True
             if packed[0] > 0:
@@ -221,11 +246,10 @@ class Trainer:
             if self.engine.is_gradient_accumulation_boundary():
                 threshold, grad_norm = self._clip()
             self.engine.step()
-            for k, v in zip(names, (packed[2:] / self.world_size).tolist()):
-                totals[k] = totals.get(k, 0.0) + v / ga
+            for k, v in zip(names, packed[2:]):
+                totals[k] = totals.get(k, 0.0) + v / self.world_size / ga
             molecules += int(batch["num_atoms"].shape[0])
-        if grad_norm is None:
-            grad_norm = float(self.engine.get_global_grad_norm())
+        grad_norm = float(self._read(grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()))
         if self.cfg.optimizer.clip == "adaptive":
             self.clipper.push(grad_norm, threshold)
         if self.ema:
@@ -236,10 +260,10 @@ class Trainer:
                 "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                 "clip_threshold": threshold if self.cfg.optimizer.clip == "adaptive" else None,
                 "molecules_per_s": molecules * self.world_size / seconds, "data_wait_s": wait,
-                "step_time_s": seconds, "nonfinite_skipped": self.nonfinite_total}
+                "step_time_s": seconds, "nonfinite_skipped": self.nonfinite_total, "host_reads": self.host_reads}
 
-    def _clip(self) -> tuple[float, float | None]:
-        """Apply this step's clipping threshold; (threshold, gradient norm before clipping or None).
+    def _clip(self) -> tuple[float, torch.Tensor | None]:
+        """Apply this step's clipping threshold; (threshold, gradient norm before clipping, on the device, or None).
 
         Without ZeRO the averaged gradients sit in ``p.grad`` after backward, so they are clipped here;
         with ZeRO they live in DeepSpeed's partitioned buffers, so the threshold is handed to its
@@ -248,8 +272,7 @@ class Trainer:
         threshold = self.clipper.threshold() if self.cfg.optimizer.clip == "adaptive" else 0.0
         if self.cfg.deepspeed.zero_stage == 0:
             max_norm = threshold if threshold > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            return threshold, float(norm)
+            return threshold, torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.engine.optimizer.clip_grad = threshold
         return threshold, None
 
@@ -258,7 +281,8 @@ class Trainer:
         """Loss on the validation split (EMA weights) and, for UniGEM with properties, the MAE in
         dataset units; averaged over ranks."""
         from molscale.trainer.model.sampling import predict_properties
-        sums = torch.zeros(2 + len(self.cfg.model.properties), dtype=torch.float64)
+        # Sums stay on the run's device: no host read per batch, and NCCL all-reduces device tensors only.
+        sums = torch.zeros(2 + len(self.cfg.model.properties), dtype=torch.float64, device=self.device)
         generator = torch.Generator().manual_seed(1234 + self.rank)
         self.valid_loader.load_state_dict(self._valid_start)
         ctx = self.ema.applied_to(self.model) if self.ema else contextlib.nullcontext(self.model)
@@ -269,16 +293,17 @@ class Trainer:
                     break
                 batch = self._to_device(batch)
                 n = batch["num_atoms"].shape[0]
-                sums[0] += float(model(batch, generator=generator)["loss"]) * n
+                sums[0] += model(batch, generator=generator)["loss"].double() * n
                 sums[1] += n
                 if self.cfg.model.properties:
                     pred = predict_properties(model, batch)
-                    sums[2:] += (pred - batch["props"]).abs().sum(0).double().cpu()
+                    sums[2:] += (pred - batch["props"]).abs().sum(0).double()
             model.train()
         dist.all_reduce(sums)
-        out = {"valid/loss": float(sums[0] / sums[1])}
-        for i, name in enumerate(self.cfg.model.properties):
-            out[f"valid/mae_{name}"] = float(sums[2 + i] / sums[1])
+        loss, count, *mae = sums.tolist()  # the one read back to the host
+        out = {"valid/loss": loss / count}
+        for name, total in zip(self.cfg.model.properties, mae):
+            out[f"valid/mae_{name}"] = total / count
         return out
 
     def train(self, max_steps: int) -> int:
