@@ -79,16 +79,22 @@ def run(args) -> int:
         from molscale.trainer.train.dry_run import print_plan
         return print_plan(cfg, manifest, note)
 
-    from molscale.trainer.train.distributed import init_distributed
-    init_distributed()
+    from molscale.trainer.train.distributed import init_distributed, lost_rank_error
+    init_distributed(cfg.train.collective_timeout_minutes)
     import torch.distributed as dist
 
     from molscale.trainer.train.engine import Trainer, write_config
     if dist.get_rank() == 0:
         write_config(cfg, cfg.train.run_dir)
-    trainer = Trainer(cfg, cfg.train.run_dir, manifest, resume=args.resume)
-    code = trainer.train(cfg.train.max_steps)
-    dist.barrier()
+    try:
+        trainer = Trainer(cfg, cfg.train.run_dir, manifest, resume=args.resume)
+        code = trainer.train(cfg.train.max_steps)
+        dist.barrier()
+    except RuntimeError as err:  # a rank that is gone makes the others' collectives fail: say so in one line
+        lost = lost_rank_error(err, cfg.train.run_dir)
+        if lost is None:
+            raise
+        raise lost from None
     dist.destroy_process_group()
     return code
 

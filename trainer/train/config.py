@@ -143,10 +143,12 @@ class TrainSection:
     seed: int = 0
     run_dir: str = "runs/default"
     max_nonfinite_in_row: int = 10         # consecutive NaN/inf losses before the run stops
+    collective_timeout_minutes: float = 10.0  # a rank waiting this long for the others gives up (not 30: PyTorch's)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}")
         _require(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be at least 1")
+        _require(self.collective_timeout_minutes > 0, "train.collective_timeout_minutes must be positive")
 
 
 @dataclass

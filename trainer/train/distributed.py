@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -47,8 +48,9 @@ def backend() -> str:
     return accelerator().communication_backend_name()
 
 
-def init_distributed() -> None:
-    """One process group for every launch mode: plain python gets a world of one."""
+def init_distributed(timeout_minutes: float = 10.0) -> None:
+    """One process group for every launch mode: plain python gets a world of one. A collective that waits
+    ``timeout_minutes`` for a rank that never comes fails instead of hanging."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -59,7 +61,32 @@ def init_distributed() -> None:
         # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-    deepspeed.init_distributed(dist_backend=backend())
+    deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+class LostRankError(RunError):
+    """A collective failed because another rank is gone (its node stopped, the network failed) or silent."""
+
+
+# What the backends say when a peer disappears (gloo: the TCP pair; NCCL: its watchdog and remote errors)
+# or stays silent past the timeout. They raise RuntimeError (or torch's DistError) with these words.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+              "timed out", "Timed out", "Socket Timeout", "NCCL communicator was aborted", "ncclRemoteError",
+              "Watchdog caught collective operation timeout")
+
+
+def lost_rank_error(err: BaseException, run_dir: str) -> LostRankError | None:
+    """The one-line error for a collective that failed because another rank is gone; None for anything else."""
+    text = str(err)
+    if not (isinstance(err, getattr(dist, "DistError", ())) or
+            (isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_LOST))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    latest = os.path.join(run_dir, "latest")
+    resume = (f"it continues from {open(latest).read().strip()}" if os.path.exists(latest)
+              else "no checkpoint was completed yet")
+    return LostRankError(f"lost contact with another rank ({first[:200]}): a node stopped or the network failed. "
+                         f"Start the same command on every node with --resume auto; {resume}.")
 
 
 def raise_if_any_rank_failed(problem: MolscaleError | None) -> None:
