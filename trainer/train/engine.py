@@ -80,6 +80,11 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = run_device()  # the engine's device; every tensor a collective gets lives there
+        if self.device.type == "cuda" and not cfg.deepspeed.bf16:
+            # fp32 runs: TF32 tensor cores for the matrix products (10-bit mantissa inputs, fp32 accumulation),
+            # as PyTorch recommends for Ampere and later; coordinates and reductions are not matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         seed = cfg.train.seed
         random.seed(seed + self.rank)
         np.random.seed(seed + self.rank)
@@ -192,7 +197,11 @@ class Trainer:
                 yield batch
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # from pinned (page-locked) host memory a non_blocking copy is truly asynchronous; from pageable memory
+        # it would make the host wait for the device
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def _read(self, value):
         """The loop's reads of device values on the host, counted: each stalls the host until the device has
