@@ -14,7 +14,10 @@ logged, counted and skipped; more than ``max_bad_shards`` of them stop the run w
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +128,19 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
     return batch
 
 
+def stream_of_worker(worker: int, consumed: list[int], lengths: list[int]) -> int:
+    """The worker stream (its plan) that DataLoader worker ``worker`` serves, given the batches of each stream
+    handed out already (``consumed``) and planned (``lengths``).
+
+    The DataLoader takes a batch from each worker in turn, from worker 0 on and passing over finished ones,
+    so an epoch yields batch k of streams 0, 1, ... before batch k + 1 of any. The stream whose batch is
+    next (the lowest-numbered of those with the fewest batches handed out) goes to worker 0 and the others
+    follow it round: a resumed epoch goes on in exactly the order it would have had without the restart.
+    """
+    left = [(c, s) for s, (c, n) in enumerate(zip(consumed, lengths)) if c < n]
+    return ((min(left)[1] if left else 0) + worker) % len(lengths)
+
+
 class _EpochStream(IterableDataset):
     """The batches of one rank for one epoch, from the batch numbers in ``skip`` on, per worker."""
 
@@ -137,14 +153,13 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info else 0
         streams = max(1, self.cfg.num_workers)
         plan = plan_epoch([s["count"] for s in self.shards], [s["num_atoms"] for s in self.shards],
                           self.cfg.batching(self.reading.shuffle), self.epoch, self.reading.seed, self.world_size,
                           streams)
-        wplan = plan[self.rank][worker]
+        stream = stream_of_worker(info.id if info else 0, self.skip, [len(p.batches) for p in plan[self.rank]])
         fs, _ = storage.get_fs(self.manifest.url, self.reading.storage)
-        yield from self._run(wplan, worker, fs)
+        yield from self._run(plan[self.rank][stream], stream, fs)
 
     def _read_shard(self, fs, shard_id: int) -> list[dict] | None:
         shard = self.shards[shard_id]
@@ -155,8 +170,8 @@ class _EpochStream(IterableDataset):
             log.error("skipping shard: %s", err)
             return None
 
-    def _run(self, wplan, worker: int, fs):
-        first = self.skip[worker] if worker < len(self.skip) else 0
+    def _run(self, wplan, stream: int, fs):
+        first = self.skip[stream]
         batches = wplan.batches[first:]
         loaded: dict[int, dict | None] = {}    # stream position -> sample (None: its shard was bad)
         needed = set(np.concatenate(batches).tolist()) if batches else set()
@@ -186,12 +201,12 @@ class _EpochStream(IterableDataset):
                 owed += 1
                 continue
             out = collate(got, self.vocab_index, self.properties, self.reading.with_bonds)
-            out.update(worker=worker, batch_index=k, bad_shards=list(bad_shards))
+            out.update(stream=stream, batch_index=k, bad_shards=list(bad_shards))
             for _ in range(1 + owed):  # keep the rank's batch count equal to the plan
                 yield dict(out)
             owed = 0
         if owed:
-            raise TooManyBadShardsError(f"worker {worker} of rank {self.rank} lost all of its last {owed} "
+            raise TooManyBadShardsError(f"worker stream {stream} of rank {self.rank} lost all of its last {owed} "
                                         f"batch(es) to bad shards: {bad_shards}")
 
     def _check_bad(self, bad: list[str]) -> None:
@@ -202,6 +217,34 @@ class _EpochStream(IterableDataset):
             raise TooManyBadShardsError(
                 f"{len(bad)} corrupt or missing shards in {self.manifest.url} split {self.reading.split!r} "
                 f"(limit data.max_bad_shards = {limit}): {', '.join(bad)}. Rebuild the dataset or raise the limit.")
+
+
+def _leave_signals_to_the_rank(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT are for the rank, not for its workers.
+
+    A preemption (SLURM, Kubernetes, a launcher) signals every process of the job, workers included. A
+    worker that died of it made its rank raise "DataLoader worker ... is killed by signal" before the rank
+    could finish its step and save. So workers ignore SIGINT, and SIGTERM from anyone but their rank: they
+    serve batches until the rank has saved and releases its iterator, which shuts them down as usual.
+    SIGTERM from the rank itself still ends a worker at once, as torch's own handler does: the rank's
+    multiprocessing terminates (then joins) live workers when it exits with an error, and would wait forever
+    for workers that ignored it. A worker also exits when its rank dies (torch's watchdog).
+
+    torch installs its worker handlers (C level, SIGTERM among them) before calling this, and nothing
+    in the worker touches signals after it. SIGTERM is blocked here, so in every thread this one starts
+    too, and taken only by a thread of its own that sees the sender.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    rank_pid = parent.pid if parent is not None else os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_take_sigterm, args=(rank_pid,), name="sigterm", daemon=True).start()
+
+
+def _take_sigterm(rank_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == rank_pid:
+            os._exit(0)
 
 
 def _as_is(batch):
@@ -280,9 +323,10 @@ class StreamingLoader:
         # the global RNG would shift the training noise of a resumed run.
         dl = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                        persistent_workers=False, generator=torch.Generator().manual_seed(self.reading.seed))
+                        worker_init_fn=_leave_signals_to_the_rank if workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(self.reading.seed))
         for batch in dl:
-            self._consumed[batch.pop("worker")] = batch.pop("batch_index") + 1
+            self._consumed[batch.pop("stream")] = batch.pop("batch_index") + 1
             self._bad_shards.update(batch.pop("bad_shards"))
             yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         self.epoch += 1

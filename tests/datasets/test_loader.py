@@ -1,10 +1,13 @@
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -68,30 +71,64 @@ def test_epochs_reshuffle_and_are_reproducible(qm9_small):
     assert a1 != a2 and sorted(a1) == sorted(a2)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_resume_mid_epoch_yields_exactly_the_rest(qm9_small, workers):
     cfg = dict(url=qm9_small, num_workers=workers, **BUDGET)
     full = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
     reference, _ = epoch_keys(full)
     second_epoch, _ = epoch_keys(full)
-    cut = len(reference) // 2 + 1
+    # with workers, cuts where the next batch is not worker 0's, and past the end of a shorter worker stream
+    cuts = [len(reference) // 2 + 1] if workers == 0 else [len(reference) // 2, len(reference) // 2 + 1,
+                                                           len(reference) - 2]
+    for cut in cuts:
+        first = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
+        it = iter(first)
+        seen = [next(it)["keys"] for _ in range(cut)]
+        state = first.state_dict()
+        del it
 
-    first = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
-    it = iter(first)
-    seen = [next(it)["keys"] for _ in range(cut)]
-    state = first.state_dict()
-    del it
+        resumed = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
+        resumed.load_state_dict(state)
+        rest, _ = epoch_keys(resumed)
+        assert seen + rest == reference, f"cut at {cut}, consumed per worker {state['consumed']}"
+        assert resumed.epoch == 1
+    assert epoch_keys(resumed)[0] == second_epoch
 
-    resumed = StreamingLoader(LoaderConfig(**cfg), seed=1, rank=1, world_size=2)
-    resumed.load_state_dict(state)
-    rest, _ = epoch_keys(resumed)
-    if workers == 0:
-        assert seen + rest == reference
-    else:  # worker interleaving may differ after a restart; the batches themselves may not
-        assert sorted(map(tuple, seen + rest)) == sorted(map(tuple, reference))
-    assert not set(k for b in seen for k in b) & set(k for b in rest for k in b)
-    assert resumed.epoch == 1
-    assert epoch_keys(resumed)[0] == second_epoch if workers == 0 else True
+
+def test_worker_streams_rotate_to_continue_the_round_robin():
+    from molscale.datasets.stream.loader import stream_of_worker
+    assert [stream_of_worker(w, [0, 0, 0], [5, 5, 4]) for w in range(3)] == [0, 1, 2]
+    assert [stream_of_worker(w, [3, 2, 2], [5, 5, 4]) for w in range(3)] == [1, 2, 0]
+    assert [stream_of_worker(w, [5, 4, 4], [5, 5, 4]) for w in range(3)] == [1, 2, 0]  # 2 is done: 1 is next
+    assert [stream_of_worker(w, [5, 5, 4], [5, 5, 4]) for w in range(3)] == [0, 1, 2]  # the epoch is over
+    assert stream_of_worker(0, [7], [9]) == 0
+
+
+def test_workers_leave_sigterm_and_sigint_to_their_rank(qm9_small):
+    """A preemption signals every process, DataLoader workers included: they must keep serving their rank."""
+    cfg = LoaderConfig(url=qm9_small, batch_size=16, num_workers=2)
+    reference, _ = epoch_keys(StreamingLoader(cfg, rank=0, world_size=1))
+    it = iter(StreamingLoader(cfg, rank=0, world_size=1))
+    seen = [next(it)["keys"]]
+    workers = [p for p in psutil.Process().children() if p.name() == "pt_data_worker"]
+    assert len(workers) == 2
+    for sig in ("TERM", "INT"):  # sent by another process, as by SLURM or a launcher
+        subprocess.run(["kill", f"-{sig}", *(str(p.pid) for p in workers)], check=True)
+    time.sleep(0.5)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    assert seen + [batch["keys"] for batch in it] == reference
+
+
+def test_a_rank_that_fails_mid_epoch_still_stops_its_workers_and_exits(qm9_small):
+    """At exit the rank's multiprocessing SIGTERMs its live workers, then joins them: that must still work."""
+    script = (f"from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader\n"
+              f"it = iter(StreamingLoader(LoaderConfig(url={qm9_small!r}, batch_size=16, num_workers=2), "
+              f"rank=0, world_size=1))\n"
+              f"next(it)\n"
+              f"raise RuntimeError('failed with its workers alive')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "failed with its workers alive" in proc.stderr
 
 
 def test_resume_refuses_a_different_world_size(qm9_small):

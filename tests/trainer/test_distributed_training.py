@@ -32,8 +32,8 @@ def env():
 
 
 def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed",
-           config="cluster/cpu_smoke.json"):
-    """Start trainer/main.py the way users do: under deepspeed, torchrun or plain python."""
+           config="cluster/cpu_smoke.json", script="trainer/main.py"):
+    """Start trainer/main.py (or a stand-in ``script``) the way users do: under deepspeed, torchrun or python."""
     bin_dir = os.path.dirname(sys.executable)
     if launcher == "deepspeed":
         cmd = [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
@@ -41,7 +41,7 @@ def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed
         cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     else:
         cmd = [sys.executable]
-    cmd += ["trainer/main.py", "--config", config, "--run-dir", str(run_dir),
+    cmd += [script, "--config", config, "--run-dir", str(run_dir),
             "--set", f"data.url={data_url}"]
     for s in COMMON + list(extra):
         cmd += ["--set", s]

@@ -109,7 +109,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
-        self.stop_requested = False
+        self.stop_requested = False  # every rank's decision, from the all-reduce
+        self._sigterm = False  # this rank was signalled (the handler sets it at any moment)
 
         if self.resume_from:
             problem = None
@@ -232,7 +233,7 @@ class Trainer:
             # every rank takes the same decision in the same step; all three are made on the device (new_full
             # passes the host flag as a kernel argument: no copy) and read back once.
             nonfinite = (~torch.isfinite(values)).any().to(values.dtype).reshape(1)
-            stop = values.new_full((1,), float(self.stop_requested))
+            stop = values.new_full((1,), float(self._sigterm))
             packed = torch.cat([nonfinite, stop, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
             dist.all_reduce(packed)
             packed = self._read(packed)
@@ -356,7 +357,9 @@ class Trainer:
             self.logger.close()
 
     def _on_sigterm(self, signum, frame):
-        self.stop_requested = True  # acted upon at the end of the current step, on every rank together
+        # Only the all-reduce of a step turns this into stop_requested, the same on every rank in the same step:
+        # a signal arriving between a step's all-reduce and its end must not make this rank alone stop and save.
+        self._sigterm = True
 
 
 def write_config(cfg: RunConfig, run_dir: str) -> None:

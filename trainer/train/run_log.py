@@ -7,13 +7,20 @@ W&B drops a log whose step is below the run's last step, so after a kill and ``-
 earlier checkpoint the redone trainer steps would be lost. The trainer step is therefore logged as the
 metric ``trainer/step`` (the x axis of every chart) and the W&B step is a counter that only increases
 across every process of the run, kept with the run id in RUN_DIR/wandb_run.json.
+
+W&B is a side channel: when a W&B call fails (its service process gone, e.g. killed by a preemption that
+sends SIGTERM to every process of the job), the run warns once and goes on without it, so that the rank
+still saves its checkpoint. metrics.jsonl keeps every step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "wandb_run.json"
 STEP_METRIC = "trainer/step"
@@ -94,11 +101,19 @@ class RunLogger:
         os.replace(path + ".tmp", path)
         return step
 
+    def _wandb_call(self, what: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as err:  # any W&B failure: the run goes on without W&B
+            log.warning("W&B %s failed (%s: %s); W&B logging stops, metrics.jsonl goes on", what,
+                        type(err).__name__, err)
+            self.wandb = None
+
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             values = {k: v for k, v in record.items() if k != "step"}
-            self.wandb.log({**values, STEP_METRIC: record["step"]}, step=self._take_step())
+            self._wandb_call("log", self.wandb.log, {**values, STEP_METRIC: record["step"]}, step=self._take_step())
 
     def log_checkpoint(self, folder: str, step: int) -> None:
         """The checkpoint folder as a "model" artifact (logging.wandb.log_checkpoints)."""
@@ -109,7 +124,7 @@ class RunLogger:
         artifact = wandb.Artifact(f"{self.wandb.id}-checkpoint", type="model", metadata={STEP_METRIC: step})
         # the default "mutable" policy copies the files now: checkpoint rotation may delete the folder before upload
         artifact.add_dir(folder)
-        self.wandb.log_artifact(artifact, aliases=[tag, "latest"])
+        self._wandb_call("log_artifact", self.wandb.log_artifact, artifact, aliases=[tag, "latest"])
 
     def identity(self) -> dict | None:
         """The W&B run, for the checkpoint's client state (evaluation joins its project and group)."""
@@ -119,5 +134,5 @@ class RunLogger:
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self._wandb_call("finish", self.wandb.finish)
             self.wandb = None
