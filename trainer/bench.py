@@ -2,8 +2,10 @@
 
     python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
                             [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
+                            [--manifest DATASET]
 
-Atom counts are drawn from the QM9 train histogram with a fixed seed; timings are medians over timed
+Atom counts are drawn from the QM9 train histogram (or, with --manifest, from that dataset's train split and
+atom vocabulary) with a fixed seed; timings are medians over timed
 iterations after warm-up. `--layout both` also runs the edge-list reference layout of the research code
 (`all` adds the edge list over real atom pairs only) with the same weights and batch in the same process,
 alternating iterations between layouts, and reports the speed-ups. A training step is forward, backward and
@@ -26,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
+from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
@@ -50,8 +53,12 @@ def tune_glibc_malloc():
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 36))
 
 
-def qm9_histogram():
-    return train_atom_count_histogram()
+def atom_counts_and_vocab(manifest_url):
+    """(train atom-count histogram, atom vocabulary): a dataset's own, or QM9's from the qm9pack package."""
+    if manifest_url is None:
+        return train_atom_count_histogram(), list(QM9_ATOM_VOCAB)
+    manifest = load_manifest(manifest_url)
+    return manifest.atom_count_histogram("train"), list(manifest.atom_vocab)
 
 
 def make_batch(num_atoms, num_props, num_types, device, generator):
@@ -152,6 +159,9 @@ def main(argv=None):
     parser.add_argument("--sample-steps", type=int, default=4, help="sampler grid steps per timed sampling run")
     parser.add_argument("--sample-iters", type=int, default=3, help="timed sampling runs per layout")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--manifest", metavar="DATASET",
+                        help="draw atom counts and vocabulary from this dataset's manifest (directory or URL) "
+                             "instead of the QM9 package")
     parser.add_argument("--chunk-cost-pairs", default="auto",
                         help="size chunks (trainer/model/packing.py): 'auto' (CPU: on, GPU: off), 'none', or a cost")
     args = parser.parse_args(argv)
@@ -159,12 +169,13 @@ def main(argv=None):
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
+    histogram, atom_vocab = atom_counts_and_vocab(args.manifest)
     cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers,
                       properties=["gap"] if MODEL_CLASSES[args.model].predicts_properties else [],
-                      atom_vocab=list(QM9_ATOM_VOCAB), chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
+                      atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
-    num_atoms = sample_num_atoms(qm9_histogram(), args.batch, generator)
+    num_atoms = sample_num_atoms(histogram, args.batch, generator)
     batch = make_batch(num_atoms, len(cfg.properties), len(cfg.atom_vocab), device, generator)
 
     layouts = LAYOUT_CHOICES.get(args.layout, [args.layout])

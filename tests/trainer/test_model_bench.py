@@ -14,7 +14,7 @@ SMALL = ["--layers", "2", "--hidden", "16", "--batch", "6", "--warmup", "0", "--
 
 @pytest.fixture
 def small_histogram(monkeypatch):
-    monkeypatch.setattr(bench, "qm9_histogram", lambda: {4: 2, 9: 5, 12: 1})
+    monkeypatch.setattr(bench, "train_atom_count_histogram", lambda: {4: 2, 9: 5, 12: 1})
 
 
 @pytest.mark.parametrize("model", ["unigem", "edm"])
@@ -31,6 +31,16 @@ def test_bench_json_reports_all_layouts(small_histogram, capsys, model):
         report["edge_list"]["train_step_ms"] / report["train_step_ms"])
     # sampling throughput is for whole T-step trajectories
     assert report["sample_molecules_per_s"] == pytest.approx(6 / (report["sample_step_ms"] / 1e3 * 1001))
+
+
+def test_bench_draws_sizes_and_vocabulary_from_a_datasets_manifest(qm9_small, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "train_atom_count_histogram", lambda: pytest.fail("read qm9pack despite --manifest"))
+    bench.main(["--json", "--device", "cpu", "--manifest", qm9_small, *SMALL])
+    report = json.loads(capsys.readouterr().out)
+    from molscale.datasets.shards.manifest import load_manifest
+    sizes = load_manifest(qm9_small).atom_count_histogram("train")
+    assert min(sizes) <= report["num_atoms_mean"] and report["num_atoms_max"] <= max(sizes)
+    assert report["train_step_ms"] > 0
 
 
 def test_bench_text_output_in_bf16(small_histogram, capsys):

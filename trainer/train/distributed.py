@@ -48,6 +48,15 @@ def backend() -> str:
     return accelerator().communication_backend_name()
 
 
+def build_cpu_comm_op() -> None:
+    """Compile (or find compiled) DeepSpeed's shared-memory collective op for the CPU accelerator, which
+    deepspeed/comm/torch.py builds on the first init_distributed under a lock file in ~/.cache/torch_extensions.
+    `make install` calls this once so that no launch compiles it: a launch killed mid-compile leaves the lock
+    behind and later launches wait on it without a word."""
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+
+
 def init_distributed(timeout_minutes: float = 10.0) -> None:
     """One process group for every launch mode: plain python gets a world of one. A collective that waits
     ``timeout_minutes`` for a rank that never comes fails instead of hanging."""
