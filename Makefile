@@ -16,10 +16,6 @@ $(STAMP): pyproject.toml constraints.txt
 	# MOSES SMILES (build smiles --input moses): only molsets' data files are used; --no-deps keeps out
 	# its declared dependencies (pomegranate==0.12.0, fcd-torch, pandas, seaborn), which nothing here needs
 	$(PY) -m pip install --quiet --no-deps molsets==0.3.1
-	# DeepSpeed's CPU accelerator compiles its shared-memory collective op on first use, under a lock file in
-	# ~/.cache/torch_extensions; a launch killed while compiling leaves that lock and every later launch waits on
-	# it forever. Compile it once here, serially, so launches find it built.
-	DS_ACCELERATOR=cpu $(PY) -c 'from molscale.trainer.train.distributed import build_cpu_comm_op; build_cpu_comm_op()'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="sample on every k-th of the T diffusion steps (default: all T)")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches)")
     p.add_argument("--workers", type=int, default=None,
                    help="sampling actors (default: one per GPU, else one per CPU of the cluster)")
     p.add_argument("--split", default="test", help="with --dataset: the split to evaluate (default test)")

@@ -215,7 +215,7 @@ def run(args) -> int:
             workers = capacity
         stride = args.steps or 1
         molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, stride, args.seed,
-                                              workers, histogram)
+                                              workers, histogram, getattr(args, "cuda_graphs", False))
         sample_seconds = time.perf_counter() - started
         source.update(n_samples=args.n_samples, seed=args.seed, step_stride=stride, workers=workers,
                       chunks_per_node=chunks_per_node,

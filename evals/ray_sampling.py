@@ -37,7 +37,7 @@ def sampler_actor_class(ray):
     class Sampler:
         """Holds the EMA model of one checkpoint; samples chunks of molecules."""
 
-        def __init__(self, checkpoint: str):
+        def __init__(self, checkpoint: str, cuda_graphs: bool = False):
             import torch
 
             from molscale.trainer.train.checkpoints import load_for_eval
@@ -45,6 +45,8 @@ def sampler_actor_class(ray):
                 torch.set_num_threads(1)  # one actor per core
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.loaded = load_for_eval(checkpoint, self.device)
+            if cuda_graphs and self.device == "cuda":
+                self.loaded.model.use_cuda_graphs()
 
         def sample(self, num_atoms: list[int], seed: int, stride: int) -> dict:
             import torch
@@ -83,7 +85,8 @@ def sampler_capacity(ray) -> tuple[int, str]:
 
 
 def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed: int, workers: int,
-             histogram: dict[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             histogram: dict[int, int],
+             cuda_graphs: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever)."""
     from ray.util import ActorPool
@@ -92,7 +95,7 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed
     Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
     plan = chunk_plan(n_samples, histogram, seed, batch)
-    actors = [Sampler.remote(checkpoint) for _ in range(max(1, min(workers, len(plan))))]
+    actors = [Sampler.remote(checkpoint, cuda_graphs) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}

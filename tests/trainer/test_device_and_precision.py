@@ -147,3 +147,24 @@ def test_zero2_bf16_autocast_reduces_gradients_in_float32():
     result = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert result["molscale"] == {"marked": 0, "buckets": ["torch.float32"]}
     assert result["default"]["marked"] > 0 and "torch.bfloat16" in result["default"]["buckets"]
+
+
+def test_cpu_ranks_compile_nothing_and_ignore_a_stale_extension_lock(tmp_path):
+    """DeepSpeed's CPU backend would compile its inference-only shared-memory op under a lock file; a launch killed
+    mid-compile leaves the lock and every later launch waited on it forever. The trainer skips that op."""
+    extensions = tmp_path / "torch_extensions"
+    for py in ("py311_cpu", "py312_cpu"):  # a stale lock where torch would build the op
+        (extensions / py / "deepspeed_shm_comm").mkdir(parents=True)
+        (extensions / py / "deepspeed_shm_comm" / "lock").touch()
+    code = ("import torch, torch.distributed as dist\n"
+            "from molscale.trainer.train.distributed import init_distributed\n"
+            "init_distributed()\n"
+            "t = torch.ones(3)\n"
+            "dist.all_reduce(t)\n"
+            "print('reduced', t.tolist(), dist.get_backend())\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reduced [1.0, 1.0, 1.0] gloo" in done.stdout
+    built = [p.name for p in extensions.rglob("*") if p.is_file() and p.name != "lock"]
+    assert built == [], built

@@ -124,19 +124,23 @@ def unigem_loss(model, batch, generator=None, t=None):
     counts = host_atom_counts(node_mask, cost is not None)
     sums = {name: pos.new_zeros(()) for name in ("eps_nucleation", "eps_growth", "atom_type")}
     sums.update({f"prop_{name}": pos.new_zeros(()) for name in cfg.properties})
-    for branch, members in groups.items():
-        for idx, n_pad in chunks_of(members, counts, cost, n_max):
-            mask, n = take(node_mask, idx, n_pad), take(num_atoms, idx)  # [b, n], [b]
-            out = model.denoise(take(pos_t, idx, n_pad), mask, take(t_dev, idx), branch, heads=branch == "growth")
-            sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
-            sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + (sq_err / (3 * n)).sum()
-            if branch != "growth":
-                continue
-            abs_err = (out["atom_type"] - take(type_target, idx, n_pad)).abs() * mask.unsqueeze(-1)
-            sums["atom_type"] = sums["atom_type"] + (abs_err.sum((1, 2)) / (n * model.num_atom_types)).sum()
-            prop_err = (out["props"] - take(prop_target, idx)).abs().sum(0) if cfg.properties else ()  # [P]
-            for k, name in enumerate(cfg.properties):
-                sums[f"prop_{name}"] = sums[f"prop_{name}"] + prop_err[k]
+    chunks = [(branch, idx, n_pad, (take(pos_t, idx, n_pad), take(node_mask, idx, n_pad), take(t_dev, idx)))
+              for branch, members in groups.items() for idx, n_pad in chunks_of(members, counts, cost, n_max)]
+    # the calls this loss makes, announced so that CUDA graphs (when on) capture them together
+    model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
+                           for branch, _, _, inputs in chunks])
+    for branch, idx, n_pad, inputs in chunks:
+        mask, n = inputs[1], take(num_atoms, idx)  # [b, n], [b]
+        out = model.denoise(*inputs, branch, heads=branch == "growth")
+        sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
+        sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + (sq_err / (3 * n)).sum()
+        if branch != "growth":
+            continue
+        abs_err = (out["atom_type"] - take(type_target, idx, n_pad)).abs() * mask.unsqueeze(-1)
+        sums["atom_type"] = sums["atom_type"] + (abs_err.sum((1, 2)) / (n * model.num_atom_types)).sum()
+        prop_err = (out["props"] - take(prop_target, idx)).abs().sum(0) if cfg.properties else ()  # [P]
+        for k, name in enumerate(cfg.properties):
+            sums[f"prop_{name}"] = sums[f"prop_{name}"] + prop_err[k]
 
     n_growth, n_nucleation = max(len(groups["growth"]), 1), max(len(groups["nucleation"]), 1)
     terms = {name: total / (n_nucleation if name == "eps_nucleation" else n_growth) for name, total in sums.items()}

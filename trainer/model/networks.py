@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from molscale.trainer.model import diffusion
+from molscale.trainer.model.cuda_graphs import DenoiseGraphs
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
 from molscale.trainer.model.reference_edgelist import EdgeGraph
 from molscale.trainer.model.schedule import DiffusionConfig
@@ -98,6 +99,24 @@ class DiffusionModel(nn.Module):
         # plain float64 tensors, not buffers: never rounded by model.to(bf16); they come from the dataset manifest
         self.prop_mean, self.prop_mad = mean.double(), mad.double()
         self._prop_on_device = {}  # (device, dtype) -> (mean, mad): copied to the device once, not every step
+        self.cuda_graphs: DenoiseGraphs | None = None  # set by use_cuda_graphs()
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Run the network on CUDA tensors through CUDA graphs captured per shape (trainer/model/cuda_graphs.py);
+        CPU tensors still run eagerly."""
+        self.cuda_graphs = DenoiseGraphs(self) if enabled else None
+
+    def prepare_network(self, calls: list[tuple]) -> None:
+        """Announce the network calls [(fn, tensors, static)] a training loss is about to make, so that their
+        CUDA graphs are captured together (trainer/model/cuda_graphs.py); nothing to do without graphs."""
+        if self.cuda_graphs is not None and calls and calls[0][1][0].is_cuda:
+            self.cuda_graphs.prepare(calls)
+
+    def run_network(self, fn, tensors: tuple, **static) -> dict:
+        """fn(*tensors, **static), the eager network, or its CUDA graph when graphs are on."""
+        if self.cuda_graphs is not None and tensors[0].is_cuda:
+            return self.cuda_graphs.run(fn, tensors, static)
+        return fn(*tensors, **static)
 
     def prop_normalisation(self, like):
         """(mean, mad) [P] of the properties on the device and in the dtype of ``like``."""
@@ -201,6 +220,9 @@ class UniGEM(DiffusionModel):
         Returns eps [B, N, 3] (CoM-free); with heads also atom_type [B, N, K] (normalised one-hot estimate)
         and props [B, P] (normalised properties).
         """
+        return self.run_network(self._denoise, (pos_t, node_mask, t), branch=branch, heads=heads)
+
+    def _denoise(self, pos_t, node_mask, t, branch, heads):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
         node_in = torch.cat([mask, time_channel(t, self.num_steps, pos_t) * mask], dim=-1)
         graph = self.build_graph(pos_t, node_mask)
@@ -259,6 +281,9 @@ class EDM(DiffusionModel):
 
     def denoise(self, pos_t, h_t, node_mask, t):
         """pos_t [B, N, 3], h_t [B, N, C], node_mask [B, N], t [B] -> eps [B, N, 3] (CoM-free), eps_h [B, N, C]."""
+        return self.run_network(self._denoise, (pos_t, h_t, node_mask, t))
+
+    def _denoise(self, pos_t, h_t, node_mask, t):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)
         node_in = torch.cat([h_t, time_channel(t, self.num_steps, pos_t)], dim=-1) * mask
         graph = self.build_graph(pos_t, node_mask)

@@ -144,6 +144,7 @@ class TrainSection:
     run_dir: str = "runs/default"
     max_nonfinite_in_row: int = 10         # consecutive NaN/inf losses before the run stops
     collective_timeout_minutes: float = 10.0  # a rank waiting this long for the others gives up (not 30: PyTorch's)
+    cuda_graphs: bool = False              # CUDA runs: the network as CUDA graphs per batch shape (docs/numerics.md)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}")
@@ -188,6 +189,8 @@ class RunConfig:
             raise ConfigError(str(err)) from None
         _require(self.objective in ("diffusion", "moleculejae"),
                  f"objective must be 'diffusion' or 'moleculejae', got {self.objective!r}")
+        _require(not (self.train.cuda_graphs and self.objective == "moleculejae"),
+                 "train.cuda_graphs covers the diffusion objective only; unset it for objective 'moleculejae'")
         if self.objective == "moleculejae":
             _require(not self.model.properties,
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")

@@ -48,13 +48,13 @@ def backend() -> str:
     return accelerator().communication_backend_name()
 
 
-def build_cpu_comm_op() -> None:
-    """Compile (or find compiled) DeepSpeed's shared-memory collective op for the CPU accelerator, which
-    deepspeed/comm/torch.py builds on the first init_distributed under a lock file in ~/.cache/torch_extensions.
-    `make install` calls this once so that no launch compiles it: a launch killed mid-compile leaves the lock
-    behind and later launches wait on it without a word."""
-    from deepspeed.comm.torch import build_shm_op
-    build_shm_op()
+def skip_cpu_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory collective op. The op serves only
+    inference_all_reduce (deepspeed/comm/torch.py: build_shm_op, TorchBackend.inference_all_reduce), which training
+    never calls; it is compiled at the first init under a lock file in ~/.cache/torch_extensions, and a launch
+    killed while compiling leaves that lock behind: every later launch then waits on it without a word."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_distributed(timeout_minutes: float = 10.0) -> None:
@@ -66,10 +66,12 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     import deepspeed
     if run_device().type != "cpu":
         accelerator().set_device(local_rank())  # before the group: NCCL collectives use the current device
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    else:
+        skip_cpu_inference_comm_op()
+        if "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks on one machine share its cores; more threads than cores makes every rank crawl.
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
     deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
 
 

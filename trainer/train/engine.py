@@ -104,6 +104,11 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, self.world_size))
         self.model = self.engine.module
+        if cfg.train.cuda_graphs:
+            if self.device.type == "cuda":
+                self.model.use_cuda_graphs()
+            else:
+                log.info("train.cuda_graphs applies to CUDA devices; this run is on %s and runs eagerly", self.device)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
         self.clipper = AdaptiveClipper(o.clip_history)
         self.step = 0
