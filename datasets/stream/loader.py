@@ -142,24 +142,26 @@ def stream_of_worker(worker: int, consumed: list[int], lengths: list[int]) -> in
 
 
 class _EpochStream(IterableDataset):
-    """The batches of one rank for one epoch, from the batch numbers in ``skip`` on, per worker."""
+    """The batches of one rank, per worker, for the epoch and start positions in ``position``: a shared-memory
+    tensor [epoch, first batch of stream 0, of stream 1, ...]. Persistent DataLoader workers keep their copy of
+    this object for the whole run and read the position again each time an epoch starts."""
 
     def __init__(self, cfg: LoaderConfig, reading: Reading, manifest: Manifest, rank: int, world_size: int,
-                 epoch: int, skip: list[int]):
+                 position: torch.Tensor):
         self.cfg, self.reading, self.manifest, self.rank, self.world_size = cfg, reading, manifest, rank, world_size
-        self.epoch, self.skip, self.properties = epoch, skip, reading.properties
+        self.position, self.properties = position, reading.properties
         self.vocab_index = vocab_lookup(manifest.atom_vocab)
         self.shards = manifest.shards(reading.split)
 
     def __iter__(self):
         info = get_worker_info()
-        streams = max(1, self.cfg.num_workers)
+        epoch, *skip = self.position.tolist()
         plan = plan_epoch([s["count"] for s in self.shards], [s["num_atoms"] for s in self.shards],
-                          self.cfg.batching(self.reading.shuffle), self.epoch, self.reading.seed, self.world_size,
-                          streams)
-        stream = stream_of_worker(info.id if info else 0, self.skip, [len(p.batches) for p in plan[self.rank]])
+                          self.cfg.batching(self.reading.shuffle), epoch, self.reading.seed, self.world_size,
+                          len(skip))
+        stream = stream_of_worker(info.id if info else 0, skip, [len(p.batches) for p in plan[self.rank]])
         fs, _ = storage.get_fs(self.manifest.url, self.reading.storage)
-        yield from self._run(plan[self.rank][stream], stream, fs)
+        yield from self._run(plan[self.rank][stream], stream, fs, skip[stream])
 
     def _read_shard(self, fs, shard_id: int) -> list[dict] | None:
         shard = self.shards[shard_id]
@@ -170,8 +172,7 @@ class _EpochStream(IterableDataset):
             log.error("skipping shard: %s", err)
             return None
 
-    def _run(self, wplan, stream: int, fs):
-        first = self.skip[stream]
+    def _run(self, wplan, stream: int, fs, first: int):
         batches = wplan.batches[first:]
         loaded: dict[int, dict | None] = {}    # stream position -> sample (None: its shard was bad)
         needed = set(np.concatenate(batches).tolist()) if batches else set()
@@ -300,6 +301,9 @@ class StreamingLoader:
         self._consumed = [0] * max(1, cfg.num_workers)   # batches handed out, per worker stream
         self._bad_shards: set[str] = set()
         self._len = None
+        # where the next epoch starts, in shared memory: the workers below persist across epochs and read it
+        self._position = torch.zeros(1 + len(self._consumed), dtype=torch.int64).share_memory_()
+        self._dataloader = None
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -315,17 +319,26 @@ class StreamingLoader:
     def bad_shards(self) -> list[str]:
         return sorted(self._bad_shards)
 
+    def _loader(self) -> DataLoader:
+        """One DataLoader for the loader's life: its worker processes persist across epochs, so an epoch
+        boundary starts no processes and re-reads nothing but the shards."""
+        if self._dataloader is None:
+            stream = _EpochStream(self.cfg, self.reading, self.manifest, self.rank, self.world_size, self._position)
+            workers = self.cfg.num_workers
+            # A generator of its own: DataLoader draws its workers' base seed from it, and drawing from the
+            # global RNG would shift the training noise of a resumed run.
+            self._dataloader = DataLoader(
+                stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                worker_init_fn=_leave_signals_to_the_rank if workers else None, persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(self.reading.seed))
+        return self._dataloader
+
     def __iter__(self):
-        stream = _EpochStream(self.cfg, self.reading, self.manifest, self.rank, self.world_size, self.epoch,
-                              list(self._consumed))
         workers = self.cfg.num_workers
-        # A generator of its own: DataLoader draws a base seed per iterator from it, and drawing from
-        # the global RNG would shift the training noise of a resumed run.
-        dl = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                        worker_init_fn=_leave_signals_to_the_rank if workers else None, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(self.reading.seed))
-        for batch in dl:
+        self._position[0] = self.epoch
+        self._position[1:] = torch.tensor(self._consumed)
+        for batch in self._loader():
             self._consumed[batch.pop("stream")] = batch.pop("batch_index") + 1
             self._bad_shards.update(batch.pop("bad_shards"))
             yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}

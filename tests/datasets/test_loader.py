@@ -96,6 +96,20 @@ def test_resume_mid_epoch_yields_exactly_the_rest(qm9_small, workers):
     assert epoch_keys(resumed)[0] == second_epoch
 
 
+def test_workers_persist_across_epochs_and_each_epoch_equals_a_fresh_loaders(qm9_small):
+    cfg = LoaderConfig(url=qm9_small, batch_size=16, num_workers=2)
+    loader = StreamingLoader(cfg, seed=3, rank=0, world_size=1)
+    first, _ = epoch_keys(loader)
+    workers = [w.pid for w in loader._dataloader._iterator._workers]
+    second, _ = epoch_keys(loader)
+    assert [w.pid for w in loader._dataloader._iterator._workers] == workers  # the same processes
+    assert all(psutil.pid_exists(pid) for pid in workers)
+    fresh = StreamingLoader(cfg, seed=3, rank=0, world_size=1)
+    fresh.load_state_dict({**fresh.state_dict(), "epoch": 1})
+    assert second == epoch_keys(fresh)[0]  # the epoch the workers were told, not the one they started in
+    assert sorted(first) != sorted(second) and sorted(sum(first, [])) == sorted(sum(second, []))
+
+
 def test_worker_streams_rotate_to_continue_the_round_robin():
     from molscale.datasets.stream.loader import stream_of_worker
     assert [stream_of_worker(w, [0, 0, 0], [5, 5, 4]) for w in range(3)] == [0, 1, 2]
