@@ -19,6 +19,7 @@ import os
 import sys
 import types
 
+SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the network's matrix products while sampling (--precision)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     del sys.path[0]  # evals/ holds molscale.evals' modules, not top-level ones
@@ -45,7 +46,12 @@ def parse_args(argv=None):
                    help="sample on every k-th of the T diffusion steps (default: all T)")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches)")
+                   help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "
+                        "helps small chunks, where the GPU waits on the host)")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
+                   help="the network's matrix products while sampling: fp32 (as the research code samples; default), "
+                        "tf32 (TF32 tensor cores on GPUs) or bf16 (autocast, as bf16 training; coordinates stay "
+                        "fp32). Speeds measured in BENCHMARKS.md; quality is not yet compared")
     p.add_argument("--workers", type=int, default=None,
                    help="sampling actors (default: one per GPU, else one per CPU of the cluster)")
     p.add_argument("--split", default="test", help="with --dataset: the split to evaluate (default test)")

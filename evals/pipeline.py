@@ -215,9 +215,10 @@ def run(args) -> int:
             workers = capacity
         stride = args.steps or 1
         molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, stride, args.seed,
-                                              workers, histogram, getattr(args, "cuda_graphs", False))
+                                              workers, histogram, args.cuda_graphs, args.precision)
         sample_seconds = time.perf_counter() - started
         source.update(n_samples=args.n_samples, seed=args.seed, step_stride=stride, workers=workers,
+                      precision=args.precision, cuda_graphs=args.cuda_graphs,
                       chunks_per_node=chunks_per_node,
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))

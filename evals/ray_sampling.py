@@ -25,7 +25,8 @@ def connect_ray(num_cpus: int | None):
             raise InputError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {why}. Start it "
                              f"(`ray start --head`), fix RAY_ADDRESS, or unset it for a local Ray.") from None
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # address "local": a Ray of our own, never one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
 
 
@@ -37,7 +38,7 @@ def sampler_actor_class(ray):
     class Sampler:
         """Holds the EMA model of one checkpoint; samples chunks of molecules."""
 
-        def __init__(self, checkpoint: str, cuda_graphs: bool = False):
+        def __init__(self, checkpoint: str, cuda_graphs: bool = False, precision: str = "fp32"):
             import torch
 
             from molscale.trainer.train.checkpoints import load_for_eval
@@ -47,14 +48,19 @@ def sampler_actor_class(ray):
             self.loaded = load_for_eval(checkpoint, self.device)
             if cuda_graphs and self.device == "cuda":
                 self.loaded.model.use_cuda_graphs()
+            self.precision = precision
+            if self.device == "cuda":  # this process is the actor's own: the flag touches nothing else
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
         def sample(self, num_atoms: list[int], seed: int, stride: int) -> dict:
             import torch
 
             from molscale.trainer.model.sampling import sample
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            out = sample(self.loaded.model, torch.tensor(num_atoms), stride=stride, generator=generator,
-                         device=self.device)
+            # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                out = sample(self.loaded.model, torch.tensor(num_atoms), stride=stride, generator=generator,
+                             device=self.device)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id()}
@@ -85,8 +91,8 @@ def sampler_capacity(ray) -> tuple[int, str]:
 
 
 def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed: int, workers: int,
-             histogram: dict[int, int],
-             cuda_graphs: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             histogram: dict[int, int], cuda_graphs: bool = False,
+             precision: str = "fp32") -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever)."""
     from ray.util import ActorPool
@@ -95,7 +101,7 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed
     Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
     plan = chunk_plan(n_samples, histogram, seed, batch)
-    actors = [Sampler.remote(checkpoint, cuda_graphs) for _ in range(max(1, min(workers, len(plan))))]
+    actors = [Sampler.remote(checkpoint, cuda_graphs, precision) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}

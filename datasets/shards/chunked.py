@@ -176,7 +176,8 @@ class _RayExecutor:
                 # the cluster's workers import this package from an upload of it
                 ray.init(log_to_driver=False, runtime_env={"py_modules": [staged_package()]})
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                # a Ray of our own ("local"), never one that `ray start` left running on this machine
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         # as many chunks in flight as the cluster has CPUs (a local Ray: --workers)
         self.slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
         self.remote = ray.remote(num_cpus=1, max_retries=2)(run_chunk)

@@ -85,9 +85,13 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     lumo = json.loads((tmp_path / "one" / "metrics.json").read_text())["property_mae"]["lumo"]
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
-    r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--out", str(tmp_path / "other"))
+    r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--precision", "bf16",
+                  "--out", str(tmp_path / "other"))
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
+    source = json.loads((tmp_path / "other" / "metrics.json").read_text())["source"]
+    assert (source["precision"], source["cuda_graphs"]) == ("bf16", False)
+    assert json.loads((out / "metrics.json").read_text())["source"]["precision"] == "fp32"
 
 
 def test_data_row_of_a_real_split(qm9_small, tmp_path):

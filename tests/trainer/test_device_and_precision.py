@@ -163,7 +163,11 @@ def test_cpu_ranks_compile_nothing_and_ignore_a_stale_extension_lock(tmp_path):
             "dist.all_reduce(t)\n"
             "print('reduced', t.tolist(), dist.get_backend())\n")
     env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="1")
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # the op's 67 MB /dev/shm buffers per rank outlived killed ranks and filled the machine's memory
+    shm_new = (set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) - shm_before
+    assert not [name for name in shm_new if name.startswith("deepspeed")], shm_new
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reduced [1.0, 1.0, 1.0] gloo" in done.stdout
     built = [p.name for p in extensions.rglob("*") if p.is_file() and p.name != "lock"]

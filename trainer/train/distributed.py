@@ -51,8 +51,9 @@ def backend() -> str:
 def skip_cpu_inference_comm_op() -> None:
     """Keep DeepSpeed's CPU backend from compiling its shared-memory collective op. The op serves only
     inference_all_reduce (deepspeed/comm/torch.py: build_shm_op, TorchBackend.inference_all_reduce), which training
-    never calls; it is compiled at the first init under a lock file in ~/.cache/torch_extensions, and a launch
-    killed while compiling leaves that lock behind: every later launch then waits on it without a word."""
+    never calls. Left on, it is compiled at the first init under a lock file in ~/.cache/torch_extensions (a
+    launch killed while compiling leaves the lock behind, and every later launch waits on it without a word),
+    and each rank maps a 67 MB /dev/shm buffer that outlives a killed rank and stays in memory."""
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
