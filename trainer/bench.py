@@ -2,7 +2,7 @@
 
     python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
                             [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
-                            [--manifest DATASET]
+                            [--manifest DATASET [--engine]]
 
 Atom counts are drawn from the QM9 train histogram (or, with --manifest, from that dataset's train split and
 atom vocabulary) with a fixed seed; timings are medians over timed
@@ -13,15 +13,21 @@ AdamW; a sampling step is one network evaluation and ancestral update inside `sa
 is for the full T-step trajectory: batch / (sample_step_s * (T + 1) network evaluations). The report also
 counts the aten operator calls of one training step, one EMA update and one sampling step (each non-view call
 is at least one kernel launch on a GPU).
+
+`--engine` (with `--manifest`) also times the trainer's own step on the same batch, interleaved with the
+model-only step: a real Trainer (trainer/train/engine.py) with its DeepSpeed engine, clipping, EMA and the loop's
+reads of the device, built from the run-config defaults (the paper's recipe) and that dataset's manifest.
 """
 
 import argparse
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -162,16 +168,21 @@ def main(argv=None):
     parser.add_argument("--manifest", metavar="DATASET",
                         help="draw atom counts and vocabulary from this dataset's manifest (directory or URL) "
                              "instead of the QM9 package")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time the trainer's real step (DeepSpeed engine, clipping, EMA, host reads); "
+                             "needs --manifest")
     parser.add_argument("--chunk-cost-pairs", default="auto",
                         help="size chunks (trainer/model/packing.py): 'auto' (CPU: on, GPU: off), 'none', or a cost")
     args = parser.parse_args(argv)
+    if args.engine and not args.manifest:
+        parser.error("--engine builds a real Trainer, which reads a dataset's manifest: give --manifest DATASET")
 
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
     histogram, atom_vocab = atom_counts_and_vocab(args.manifest)
-    cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers,
-                      properties=["gap"] if MODEL_CLASSES[args.model].predicts_properties else [],
+    properties = bench_properties(args.model, args.manifest)
+    cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=properties,
                       atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
@@ -210,7 +221,74 @@ def main(argv=None):
         report[key] = results[ref]
         report[f"train_speedup_vs_{key}"] = results[ref]["train_step_ms"] / report["train_step_ms"]
         report[f"sample_speedup_vs_{key}"] = results[ref]["sample_step_ms"] / report["sample_step_ms"]
+    if args.engine:
+        with tempfile.TemporaryDirectory() as run_dir, _environ_restored():
+            engine_step, describe = engine_step_function(args, properties, batch, run_dir)
+            times = interleaved_medians({"model": train_step, "engine": engine_step}, device, args.warmup, args.iters)
+            report["engine"] = {"train_step_ms": 1e3 * times["engine"],
+                                "train_molecules_per_s": args.batch / times["engine"],
+                                "model_only_step_ms": 1e3 * times["model"],
+                                "engine_over_model": times["engine"] / times["model"],
+                                "operator_calls": operator_calls(engine_step), "parts": describe()}
+        import torch.distributed as dist
+        if dist.is_initialized():  # the world of one the Trainer needed; leave the process as we found it
+            dist.destroy_process_group()
     print(json.dumps(report) if args.json else format_report(report, results))
+
+
+@contextlib.contextmanager
+def _environ_restored():
+    """The Trainer's world of one sets RANK, MASTER_PORT and friends in os.environ; take them back afterwards, so
+    that processes started later from this one (tests, notebooks) do not inherit a stale rendezvous."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def bench_properties(model_kind: str, manifest_url: str | None) -> list[str]:
+    """The property the UniGEM head regresses in the benchmark: QM9's gap, or the dataset's first property."""
+    if not MODEL_CLASSES[model_kind].predicts_properties:
+        return []
+    if manifest_url is None:
+        return ["gap"]
+    names = list(load_manifest(manifest_url).data.get("properties", {}))
+    return ["gap"] if "gap" in names else names[:1]
+
+
+def engine_step_function(args, properties: list[str], batch: dict, run_dir: str):
+    """(step, describe): ``step()`` runs Trainer.train_step on ``batch`` (the trainer copies it to its device, as it
+    copies loader batches); ``describe()`` names what ran. A world of one rank; the engine's device is DeepSpeed's
+    accelerator, so a CPU benchmark sets DS_ACCELERATOR=cpu."""
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from molscale.datasets.shards.manifest import load_manifest as read_manifest
+    from molscale.trainer.train.config import load_config
+    from molscale.trainer.train.distributed import init_distributed
+    from molscale.trainer.train.engine import Trainer
+    overrides = [f"data.url={args.manifest}", "data.num_workers=0", f"data.batch_size={args.batch}",
+                 f"model.kind={args.model}", f"model.layers={args.layers}", f"model.hidden={args.hidden}",
+                 f"model.properties={json.dumps(properties)}",
+                 f"model.chunk_cost_pairs={json.dumps(chunk_cost_pairs(args.chunk_cost_pairs))}",
+                 f"deepspeed.bf16={json.dumps(args.dtype == 'bf16')}", "logging.wandb.enabled=false",
+                 "logging.progress_bar=false", f"train.seed={args.seed}"]
+    cfg = load_config(None, overrides)
+    init_distributed(cfg.train.collective_timeout_minutes)
+    trainer = Trainer(cfg, run_dir, read_manifest(args.manifest))
+    host_batch = {k: v.cpu() for k, v in batch.items()}
+
+    def step():
+        trainer.train_step(itertools.repeat(host_batch))
+
+    def describe():
+        c = cfg
+        return (f"Trainer.train_step: DeepSpeed {trainer.engine.__class__.__name__} ZeRO-{c.deepspeed.zero_stage} on "
+                f"{trainer.device}, {'bf16 autocast' if c.deepspeed.bf16 else 'fp32'}, AdamW amsgrad="
+                f"{c.optimizer.amsgrad}, clipping {c.optimizer.clip}, EMA {c.optimizer.ema_decay}, "
+                f"{trainer.host_reads} host reads per step")
+    return step, describe
 
 
 def format_report(report, results):
@@ -226,6 +304,12 @@ def format_report(report, results):
                      f"{report[f'train_speedup_vs_{key}']:.2f}x, sample {report[f'sample_speedup_vs_{key}']:.2f}x")
     lines.append(f"  operator calls ({report['layout']}): " +
                  ", ".join(f"{name} {n:,}" for name, n in report["operator_calls"].items()))
+    if "engine" in report:
+        e = report["engine"]
+        lines.append(f"  real step {e['train_step_ms']:9.1f} ms {e['train_molecules_per_s']:8.1f} mol/s, "
+                     f"{e['engine_over_model']:.2f}x the model-only step ({e['model_only_step_ms']:.1f} ms in the "
+                     f"same run), {e['operator_calls']:,} operator calls")
+        lines.append(f"  real step parts: {e['parts']}")
     return "\n".join(lines)
 
 

@@ -62,3 +62,23 @@ def test_operator_counts_grow_with_size_chunks_and_match_the_parameter_count(sma
     assert whole["ema_update"] == len(list(model.parameters())) + 1
     assert chunked["train_step (forward, backward, AdamW)"] > whole["train_step (forward, backward, AdamW)"] > 0
     assert chunked["sample_step"] > whole["sample_step"] > 0
+
+
+def test_bench_times_the_trainers_real_step_and_names_its_parts(qm9_small, capsys, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    bench.main(["--json", "--device", "cpu", "--manifest", qm9_small, "--engine", *SMALL])
+    report = json.loads(capsys.readouterr().out)
+    engine = report["engine"]
+    assert engine["train_step_ms"] > 0 and engine["model_only_step_ms"] > 0
+    assert engine["engine_over_model"] == pytest.approx(engine["train_step_ms"] / engine["model_only_step_ms"])
+    assert engine["train_molecules_per_s"] == pytest.approx(6 / (engine["train_step_ms"] / 1e3))
+    # the real step does the model's work and more: clipping, EMA, the loop's reads
+    assert engine["operator_calls"] > report["operator_calls"]["train_step (forward, backward, AdamW)"]
+    for part in ("DeepSpeed", "ZeRO-0", "clipping adaptive", "EMA 0.9999", "2 host reads per step"):
+        assert part in engine["parts"], part
+
+
+def test_bench_engine_needs_a_dataset():
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--engine", *SMALL])
+    assert exit_info.value.code == 2
