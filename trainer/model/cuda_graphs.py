@@ -51,7 +51,7 @@ class DenoiseGraphs:
 
     def _key(self, fn, tensors, static):
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        training = torch.is_grad_enabled() and self.model.training
+        training = torch.is_grad_enabled()  # a graph without backward would silently drop the gradients
         return (fn.__name__, tuple(sorted(static.items())), tuple((tuple(t.shape), t.dtype) for t in tensors),
                 training, autocast)
 
@@ -68,8 +68,6 @@ class DenoiseGraphs:
             key = self._key(fn, tensors, static)
             if key[-2] and key not in self.graphs:
                 missing[key] = (fn, tensors, static)
-        if not missing:
-            return
         for key, (fn, tensors, static) in missing.items():
             with self._autocast(key):
                 bound = _BoundNetwork(self.model, fn, static, list(_eager_keys(fn, tensors, static)))
