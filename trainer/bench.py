@@ -59,11 +59,10 @@ def tune_glibc_malloc():
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 36))
 
 
-def atom_counts_and_vocab(manifest_url):
-    """(train atom-count histogram, atom vocabulary): a dataset's own, or QM9's from the qm9pack package."""
-    if manifest_url is None:
+def atom_counts_and_vocab(manifest):
+    """(train atom-count histogram, atom vocabulary): a dataset's own (its Manifest), or QM9's from qm9pack."""
+    if manifest is None:
         return train_atom_count_histogram(), list(QM9_ATOM_VOCAB)
-    manifest = load_manifest(manifest_url)
     return manifest.atom_count_histogram("train"), list(manifest.atom_vocab)
 
 
@@ -180,8 +179,9 @@ def main(argv=None):
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
-    histogram, atom_vocab = atom_counts_and_vocab(args.manifest)
-    properties = bench_properties(args.model, args.manifest)
+    manifest = load_manifest(args.manifest) if args.manifest else None  # read once, used by every part
+    histogram, atom_vocab = atom_counts_and_vocab(manifest)
+    properties = bench_properties(args.model, manifest)
     cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=properties,
                       atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
     model = build_model(cfg).to(device)
@@ -223,7 +223,7 @@ def main(argv=None):
         report[f"sample_speedup_vs_{key}"] = results[ref]["sample_step_ms"] / report["sample_step_ms"]
     if args.engine:
         with tempfile.TemporaryDirectory() as run_dir, _environ_restored():
-            engine_step, describe = engine_step_function(args, properties, batch, run_dir)
+            engine_step, describe = engine_step_function(args, manifest, properties, batch, run_dir)
             times = interleaved_medians({"model": train_step, "engine": engine_step}, device, args.warmup, args.iters)
             report["engine"] = {"train_step_ms": 1e3 * times["engine"],
                                 "train_molecules_per_s": args.batch / times["engine"],
@@ -248,23 +248,22 @@ def _environ_restored():
         os.environ.update(saved)
 
 
-def bench_properties(model_kind: str, manifest_url: str | None) -> list[str]:
+def bench_properties(model_kind: str, manifest) -> list[str]:
     """The property the UniGEM head regresses in the benchmark: QM9's gap, or the dataset's first property."""
     if not MODEL_CLASSES[model_kind].predicts_properties:
         return []
-    if manifest_url is None:
+    if manifest is None:
         return ["gap"]
-    names = list(load_manifest(manifest_url).data.get("properties", {}))
+    names = list(manifest.data.get("properties", {}))
     return ["gap"] if "gap" in names else names[:1]
 
 
-def engine_step_function(args, properties: list[str], batch: dict, run_dir: str):
+def engine_step_function(args, manifest, properties: list[str], batch: dict, run_dir: str):
     """(step, describe): ``step()`` runs Trainer.train_step on ``batch`` (the trainer copies it to its device, as it
     copies loader batches); ``describe()`` names what ran. A world of one rank; the engine's device is DeepSpeed's
     accelerator, so a CPU benchmark sets DS_ACCELERATOR=cpu."""
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from molscale.datasets.shards.manifest import load_manifest as read_manifest
     from molscale.trainer.train.config import load_config
     from molscale.trainer.train.distributed import init_distributed
     from molscale.trainer.train.engine import Trainer
@@ -276,17 +275,17 @@ def engine_step_function(args, properties: list[str], batch: dict, run_dir: str)
                  "logging.progress_bar=false", f"train.seed={args.seed}"]
     cfg = load_config(None, overrides)
     init_distributed(cfg.train.collective_timeout_minutes)
-    trainer = Trainer(cfg, run_dir, read_manifest(args.manifest))
+    trainer = Trainer(cfg, run_dir, manifest)
     host_batch = {k: v.cpu() for k, v in batch.items()}
 
     def step():
         trainer.train_step(itertools.repeat(host_batch))
 
     def describe():
-        c = cfg
-        return (f"Trainer.train_step: DeepSpeed {trainer.engine.__class__.__name__} ZeRO-{c.deepspeed.zero_stage} on "
-                f"{trainer.device}, {'bf16 autocast' if c.deepspeed.bf16 else 'fp32'}, AdamW amsgrad="
-                f"{c.optimizer.amsgrad}, clipping {c.optimizer.clip}, EMA {c.optimizer.ema_decay}, "
+        ds, opt = cfg.deepspeed, cfg.optimizer
+        return (f"Trainer.train_step: DeepSpeed {trainer.engine.__class__.__name__} ZeRO-{ds.zero_stage} on "
+                f"{trainer.device}, {'bf16 autocast' if ds.bf16 else 'fp32'}, AdamW amsgrad="
+                f"{opt.amsgrad}, clipping {opt.clip}, EMA {opt.ema_decay}, "
                 f"{trainer.host_reads} host reads per step")
     return step, describe
 

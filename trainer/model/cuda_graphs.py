@@ -63,12 +63,10 @@ class DenoiseGraphs:
         """Capture the training graphs of the network calls [(fn, tensors, static)] one loss is about to make,
         before that loss's forward: capturing a backward while an earlier call of the same step holds the
         parameters in a live autograd graph fails (their gradient accumulators sit on another stream)."""
-        missing = {}
         for fn, tensors, static in calls:
             key = self._key(fn, tensors, static)
-            if key[-2] and key not in self.graphs:
-                missing[key] = (fn, tensors, static)
-        for key, (fn, tensors, static) in missing.items():
+            if not key[-2] or key in self.graphs:
+                continue
             with self._autocast(key):
                 bound = _BoundNetwork(self.model, fn, static, list(_eager_keys(fn, tensors, static)))
                 # the sample inputs become the graph's static inputs: private copies that no later batch aliases

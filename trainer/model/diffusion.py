@@ -126,7 +126,7 @@ def unigem_loss(model, batch, generator=None, t=None):
     sums.update({f"prop_{name}": pos.new_zeros(()) for name in cfg.properties})
     chunks = [(branch, idx, n_pad, (take(pos_t, idx, n_pad), take(node_mask, idx, n_pad), take(t_dev, idx)))
               for branch, members in groups.items() for idx, n_pad in chunks_of(members, counts, cost, n_max)]
-    # the calls this loss makes, announced so that CUDA graphs (when on) capture them together
+    # the calls this loss makes, announced so that CUDA graphs (when on) are captured before its forward starts
     model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
                            for branch, _, _, inputs in chunks])
     for branch, idx, n_pad, inputs in chunks:

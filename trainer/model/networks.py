@@ -108,7 +108,8 @@ class DiffusionModel(nn.Module):
 
     def prepare_network(self, calls: list[tuple]) -> None:
         """Announce the network calls [(fn, tensors, static)] a training loss is about to make, so that their
-        CUDA graphs are captured together (trainer/model/cuda_graphs.py); nothing to do without graphs."""
+        CUDA graphs are captured before its forward starts (trainer/model/cuda_graphs.py); nothing to do
+        without graphs."""
         if self.cuda_graphs is not None and calls and calls[0][1][0].is_cuda:
             self.cuda_graphs.prepare(calls)
 
