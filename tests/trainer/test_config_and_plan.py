@@ -24,9 +24,18 @@ def main_py(*args, **kw):
     ("model.t_nucleation=1000", "model.t_nucleation must be in [0, diffusion.num_steps)"),
     ("data.pair_budget=1000", "set exactly one of data.batch_size and data.pair_budget"),
     ("trainer.steps=3", "unknown config key(s): trainer"),
+    ("loss.reduction=sum", "loss.reduction must be one of ['molecule', 'reference']"),
+    ("optimizer.steps_per_batch=2 deepspeed.zero_stage=2",
+     "optimizer.steps_per_batch > 1 needs deepspeed.zero_stage 0"),
+    ("optimizer.lr_scaling=cube", "optimizer.lr_scaling must be one of ['none', 'linear', 'sqrt']"),
+    ("data.batch_size=null data.pair_budget=20000 optimizer.lr_scaling=sqrt",
+     "optimizer.lr_scaling needs a molecule count per step"),
+    ("data.batch_size=null data.pair_budget=20000 loss.reduction=reference",
+     "loss.reduction 'reference' is the released code's fixed-size batches"),
 ])
 def test_bad_config_fails_before_any_work(override, message):
-    r = main_py("--config", "cluster/cpu_smoke.json", "--set", override)
+    sets = [arg for part in override.split() for arg in ("--set", part)]
+    r = main_py("--config", "cluster/cpu_smoke.json", *sets)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr and "process group" not in r.stderr  # nothing was started
@@ -42,7 +51,7 @@ def test_config_file_errors_name_the_file(tmp_path):
 
 
 def test_every_cluster_config_is_valid():
-    for name in ("cpu_smoke", "qm9_1gpu", "qm9_8gpu", "geom_64gpu"):
+    for name in ("cpu_smoke", "qm9_1gpu", "qm9_8gpu", "qm9_8gpu_paper", "geom_4gpu_paper", "geom_64gpu"):
         cfg = load_config(f"cluster/{name}.json")
         assert cfg.model.kind == "unigem"
     qm9 = load_config("cluster/qm9_1gpu.json")

@@ -8,10 +8,42 @@ first, atom_type [B, N] vocabulary index, props [B, P] in dataset units. All los
 dtype of pos).
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from molscale.trainer.model.packing import default_chunk_cost, plan_chunks, take
+
+REDUCTIONS = ("molecule", "reference")
+
+
+@dataclass
+class LossConfig:
+    """How a batch's per-molecule errors become one loss: the ``loss`` section of a run config.
+
+    reduction 'molecule': each molecule's eps MSE is normalised by its own atoms (3 N), and every term is a mean
+    over the molecules it covers (atom-type and property terms over the growth half). 'reference': the released
+    UniGEM code (equivariant_diffusion/en_diffusion.py, EnVariationalDiffusion.compute_error and compute_loss with
+    loss_type 'l2'; qm9/losses.py, compute_loss_and_nll): the squared error summed over a molecule's atoms is
+    divided by 3 x the batch's largest molecule and halved, the atom-type L1 is averaged over that same padded
+    size and the channels, and every term (growth-only ones included) is averaged over the whole batch.
+
+    nominal_batch (reduction 'molecule'): divide by this fixed molecule count instead of the batch's own, so that
+    every molecule weighs the same whatever the size of its batch (atom-pair-budget batches hold about
+    budget / N^2 molecules; a mean over them would weigh a molecule like N^2).
+    """
+    reduction: str = "molecule"
+    nominal_batch: int | None = None
+
+    def validate(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"loss.reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
+        if self.nominal_batch is not None and self.nominal_batch < 2:
+            raise ValueError(f"loss.nominal_batch must be at least 2 (or null), got {self.nominal_batch}")
+        if self.nominal_batch is not None and self.reduction == "reference":
+            raise ValueError("loss.nominal_batch applies to reduction 'molecule'; the reference reduction is a mean "
+                             "over each batch, as the released code's fixed-size batches")
 
 
 def remove_mean(x, node_mask):
@@ -94,14 +126,23 @@ def chunks_of(indices, counts, cost, n_max):
     return [(host[part].to(indices.device), n_pad) for part, n_pad in plan_chunks(counts[host].tolist(), cost)]
 
 
-def unigem_loss(model, batch, generator=None, t=None):
-    """UniGEM loss (UniGEM paper): each molecule's eps MSE through the branch of its phase; atom-type and property
-    L1 on the normalised targets for growth-phase molecules (t <= t_n) only; all weights 1.
+def reference_atoms(batch, num_atoms):
+    """The padded molecule size the reference reduction divides by: the batch's largest molecule, or
+    batch['reference_atoms'] where the trainer put the largest over every rank's micro-batch (one global batch,
+    as the released code pads its whole batch before DataParallel scatters it)."""
+    given = batch.get("reference_atoms")
+    return num_atoms.max() if given is None else given.to(num_atoms)
 
-    Returns {'loss', 'eps', 'eps_nucleation', 'eps_growth', 'atom_type', 'prop_<name>', ...}: per-molecule means
-    over the molecules each term covers (0 when a group is empty).
+
+def unigem_loss(model, batch, generator=None, t=None, eps=None):
+    """UniGEM loss (UniGEM paper): each molecule's eps MSE through the branch of its phase; atom-type and property
+    L1 on the normalised targets for growth-phase molecules (t <= t_n) only; all weights 1. How the terms are
+    normalised is ``model.loss_cfg`` (LossConfig). ``t`` and ``eps`` fix the times and the noise (tests).
+
+    Returns {'loss', 'eps', 'eps_nucleation', 'eps_growth', 'atom_type', 'prop_<name>', ...}: the terms of 'loss',
+    and the eps error of each phase over the molecules of that phase.
     """
-    cfg = model.cfg
+    cfg, loss_cfg = model.cfg, model.loss_cfg
     pos, node_mask = batch["pos"], batch["node_mask"]  # [B, N, 3], [B, N]
     batch_size, n_max = node_mask.shape
     if t is None:
@@ -111,10 +152,15 @@ def unigem_loss(model, batch, generator=None, t=None):
         t_dev = t.to(pos.device)
         growth = t_dev <= cfg.t_nucleation
         groups = {"nucleation": (~growth).nonzero()[:, 0], "growth": growth.nonzero()[:, 0]}
-    eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
+    if eps is None:
+        eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
     alpha, sigma = model.schedule.alpha_sigma(t_dev, pos.dtype)
     pos_t = alpha[:, None, None] * pos + sigma[:, None, None] * eps
     num_atoms = node_mask.sum(1).to(pos.dtype)  # [B]
+    reference = loss_cfg.reduction == "reference"
+    # per-molecule normalisers: its own atoms, or the batch's padded size (reference)
+    atoms_norm = reference_atoms(batch, num_atoms).expand(batch_size) if reference else num_atoms  # [B]
+    eps_scale = 0.5 if reference else 1.0  # the reference halves the L2 error (0.5 x SNR weight 1)
     type_target = F.one_hot(batch["atom_type"], model.num_atom_types).to(pos.dtype) * 0.25  # [B, N, K]
     if cfg.properties:
         prop_mean, prop_mad = model.prop_normalisation(pos)
@@ -130,10 +176,10 @@ def unigem_loss(model, batch, generator=None, t=None):
     model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
                            for branch, _, _, inputs in chunks])
     for branch, idx, n_pad, inputs in chunks:
-        mask, n = inputs[1], take(num_atoms, idx)  # [b, n], [b]
+        mask, n = inputs[1], take(atoms_norm, idx)  # [b, n], [b]
         out = model.denoise(*inputs, branch, heads=branch == "growth")
         sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
-        sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + (sq_err / (3 * n)).sum()
+        sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + eps_scale * (sq_err / (3 * n)).sum()
         if branch != "growth":
             continue
         abs_err = (out["atom_type"] - take(type_target, idx, n_pad)).abs() * mask.unsqueeze(-1)
@@ -143,15 +189,30 @@ def unigem_loss(model, batch, generator=None, t=None):
             sums[f"prop_{name}"] = sums[f"prop_{name}"] + prop_err[k]
 
     n_growth, n_nucleation = max(len(groups["growth"]), 1), max(len(groups["nucleation"]), 1)
-    terms = {name: total / (n_nucleation if name == "eps_nucleation" else n_growth) for name, total in sums.items()}
-    terms["eps"] = (sums["eps_nucleation"] + sums["eps_growth"]) / batch_size
+    phase_size = {"eps_nucleation": n_nucleation, "eps_growth": n_growth}
+    if reference:  # every term a mean over the whole batch (growth-only terms are zero for the other half)
+        divisor = dict.fromkeys(sums, batch_size)
+        divisor.update(phase_size)  # the per-phase eps are reported as means over their phase
+        eps_divisor = batch_size
+    elif loss_cfg.nominal_batch:  # a fixed count: a molecule's weight does not depend on its batch
+        divisor = dict.fromkeys(sums, loss_cfg.nominal_batch / 2)  # each phase is half of a batch
+        eps_divisor = loss_cfg.nominal_batch
+    else:
+        divisor = dict.fromkeys(sums, n_growth)
+        divisor.update(phase_size)
+        eps_divisor = batch_size
+    terms = {name: total / divisor[name] for name, total in sums.items()}
+    terms["eps"] = (sums["eps_nucleation"] + sums["eps_growth"]) / eps_divisor
     terms["loss"] = terms["eps"] + terms["atom_type"] + sum(terms[f"prop_{name}"] for name in cfg.properties)
     return terms
 
 
 def edm_loss(model, batch, generator=None, t=None):
-    """EDM joint diffusion: eps MSE over coordinates and h = [one-hot / 4, Z / 10], normalised per dimension,
-    t ~ U{0..T}. Returns {'loss', 'eps', 'eps_pos', 'eps_h'} (the last two per dimension of their part)."""
+    """EDM joint diffusion: eps MSE over coordinates and h = [one-hot / 4, Z / 10], t ~ U{0..T}. Reduction
+    'molecule': normalised per dimension and atom of each molecule, mean over the batch (nominal_batch: over that
+    count); 'reference': EDM's compute_error (/ (3 + channels) x the batch's largest molecule, halved), mean over
+    the batch. Returns {'loss', 'eps', 'eps_pos', 'eps_h'} (the last two per dimension of their part)."""
+    loss_cfg = model.loss_cfg
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size, n_max = node_mask.shape
     t_dev = randint(0, model.num_steps, batch_size, generator, pos.device) if t is None else t.to(pos.device)
@@ -161,16 +222,20 @@ def edm_loss(model, batch, generator=None, t=None):
     alpha, sigma = (v[:, None, None] for v in model.schedule.alpha_sigma(t_dev, pos.dtype))
     pos_t, h_t = alpha * pos + sigma * eps, alpha * h + sigma * eps_h
     num_atoms = node_mask.sum(1).to(pos.dtype)
+    if loss_cfg.reduction == "reference":
+        atoms_norm, scale, divisor = reference_atoms(batch, num_atoms).expand(batch_size), 0.5, batch_size
+    else:
+        atoms_norm, scale, divisor = num_atoms, 1.0, loss_cfg.nominal_batch or batch_size
 
     cost = chunk_cost(model, pos.device)
     counts = host_atom_counts(node_mask, cost is not None)
     sse_pos = sse_h = pos.new_zeros(())  # sums over molecules of per-atom squared errors
     for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
-        mask, n = take(node_mask, idx, n_pad), take(num_atoms, idx)
+        mask, n = take(node_mask, idx, n_pad), take(atoms_norm, idx)
         out = model.denoise(take(pos_t, idx, n_pad), take(h_t, idx, n_pad), mask, take(t_dev, idx))
         sse_pos = sse_pos + ((out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2)) / n).sum()
         sse_h = sse_h + ((out["eps_h"] - take(eps_h, idx, n_pad)).square().sum((1, 2)) / n).sum()
     dims_pos, dims_h = 3, model.h_channels
-    loss = (sse_pos + sse_h) / (batch_size * (dims_pos + dims_h))
-    return {"loss": loss, "eps": loss, "eps_pos": sse_pos / (batch_size * dims_pos),
-            "eps_h": sse_h / (batch_size * dims_h)}
+    loss = scale * (sse_pos + sse_h) / (divisor * (dims_pos + dims_h))
+    return {"loss": loss, "eps": loss, "eps_pos": scale * sse_pos / (divisor * dims_pos),
+            "eps_h": scale * sse_h / (divisor * dims_h)}

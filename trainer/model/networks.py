@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from molscale.trainer.model import diffusion
 from molscale.trainer.model.cuda_graphs import DenoiseGraphs
+from molscale.trainer.model.diffusion import LossConfig
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
 from molscale.trainer.model.reference_edgelist import EdgeGraph
 from molscale.trainer.model.schedule import DiffusionConfig
@@ -81,10 +82,13 @@ class DiffusionModel(nn.Module):
 
     predicts_properties = False  # a property head on the growth branch (UniGEM)
 
-    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
+                 loss: LossConfig | None = None):
         super().__init__()
         diffusion = diffusion or DiffusionConfig()
         cfg.validate(diffusion)
+        self.loss_cfg = loss or LossConfig()  # how forward() reduces the errors of a batch
+        self.loss_cfg.validate()
         if cfg.atom_vocab is None:
             raise ValueError("model.atom_vocab is not set: a run takes its dataset's vocabulary; elsewhere pass the "
                              "atomic numbers the model's atom-type channels stand for")
@@ -171,8 +175,9 @@ class UniGEM(DiffusionModel):
 
     predicts_properties = True
 
-    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
-        super().__init__(cfg, diffusion, prop_mean, prop_mad)
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
+                 loss: LossConfig | None = None):
+        super().__init__(cfg, diffusion, prop_mean, prop_mad, loss)
         hidden = cfg.hidden
         self.embed = nn.Linear(2, hidden)  # [constant 1 (atom types are not diffused), t/T]
         self.shared = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.shared_blocks))
@@ -191,8 +196,8 @@ class UniGEM(DiffusionModel):
         if not 0 <= cfg.t_nucleation < diffusion.num_steps:
             raise ValueError(f"model.t_nucleation must be in [0, diffusion.num_steps) (got {cfg.t_nucleation})")
 
-    def forward(self, batch, generator=None, t=None):
-        return diffusion.unigem_loss(self, batch, generator=generator, t=t)
+    def forward(self, batch, generator=None, t=None, eps=None):
+        return diffusion.unigem_loss(self, batch, generator=generator, t=t, eps=eps)
 
     def branch_of(self, t: int):
         return "growth" if t <= self.cfg.t_nucleation else "nucleation"
@@ -246,8 +251,9 @@ class UniGEM(DiffusionModel):
 class EDM(DiffusionModel):
     """Joint diffusion of coordinates and atom features h = [one-hot / 4, Z / 10] through one EGNN stack."""
 
-    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None):
-        super().__init__(cfg, diffusion, prop_mean, prop_mad)
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
+                 loss: LossConfig | None = None):
+        super().__init__(cfg, diffusion, prop_mean, prop_mad, loss)
         self.h_channels = self.num_atom_types + int(cfg.include_charges)
         self.embed = nn.Linear(self.h_channels + 1, cfg.hidden)  # [h_t, t/T]
         self.blocks = nn.ModuleList(EGNNBlock(cfg.hidden) for _ in range(cfg.layers))
@@ -301,6 +307,7 @@ MODEL_CLASSES = {"unigem": UniGEM, "edm": EDM}
 
 
 def build_model(cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None,
-                prop_mad=None) -> DiffusionModel:
-    """prop_mean / prop_mad: per-property train mean and MAD (dataset manifest), in the order of cfg.properties."""
-    return cfg.model_class()(cfg, diffusion, prop_mean, prop_mad)
+                prop_mad=None, loss: LossConfig | None = None) -> DiffusionModel:
+    """prop_mean / prop_mad: per-property train mean and MAD (dataset manifest), in the order of cfg.properties;
+    loss: how the training loss reduces a batch (default: per molecule)."""
+    return cfg.model_class()(cfg, diffusion, prop_mean, prop_mad, loss)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from molscale.datasets.errors import InputError
 from molscale.datasets.shards.storage import redact
 from molscale.datasets.stream.loader import LoaderConfig
+from molscale.trainer.model.diffusion import LossConfig
 from molscale.trainer.model.networks import ModelConfig, UniGEM
 from molscale.trainer.model.pretraining import PretrainConfig
 from molscale.trainer.model.schedule import DiffusionConfig
@@ -27,6 +28,10 @@ from molscale.trainer.model.schedule import DiffusionConfig
 
 class ConfigError(InputError):
     """A config key is unknown, ill-typed or out of range; the message names it."""
+
+
+# lr multiplier as a function of (global batch / the batch lr was tuned for)
+LR_SCALINGS = {"none": lambda ratio: 1.0, "linear": lambda ratio: ratio, "sqrt": lambda ratio: ratio ** 0.5}
 
 
 @dataclass
@@ -38,12 +43,32 @@ class OptimizerSection:
     clip: str = "adaptive"                 # adaptive (EDM: 1.5 mean + 2 std of recent norms) | none
     clip_history: int = 50
     ema_decay: float = 0.9999              # 0 disables EMA
+    # The released UniGEM loop calls optim.step() twice on each batch's gradients (train_test.py, train_epoch)
+    # and updates the EMA once; 2 reproduces that, 1 is the usual single step.
+    steps_per_batch: int = 1
+    warmup_steps: int = 0                  # linear warmup from 0 to the (scaled) lr over this many optimizer steps
+    # lr for a global batch B: lr x (B / lr_reference_batch) ('linear', Goyal et al. 2017), x sqrt(B / ref)
+    # ('sqrt', the square-root rule for Adam of Malladi et al. 2022), or lr as given ('none')
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 64           # the batch `lr` was tuned for (the paper's QM9 batch)
 
     def validate(self) -> None:
         _require(self.clip in ("adaptive", "none"), f"optimizer.clip must be 'adaptive' or 'none', got {self.clip!r}")
         _require(0.0 <= self.ema_decay < 1.0, f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
         _require(self.clip_history >= 1, "optimizer.clip_history must be at least 1")
+        _require(self.steps_per_batch >= 1, f"optimizer.steps_per_batch must be at least 1, got {self.steps_per_batch}")
+        _require(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.lr_scaling in LR_SCALINGS,
+                 f"optimizer.lr_scaling must be one of {list(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        _require(self.lr_reference_batch >= 1, "optimizer.lr_reference_batch must be at least 1")
+
+    def scaled_lr(self, global_batch: int | None) -> float:
+        """The learning rate for ``global_batch`` molecules per optimizer step (None: not fixed; only 'none')."""
+        if self.lr_scaling == "none":
+            return self.lr
+        return self.lr * LR_SCALINGS[self.lr_scaling](global_batch / self.lr_reference_batch)
+
 
 
 # DeepSpeed config keys that molscale sets itself, and what to set instead.
@@ -157,6 +182,7 @@ class RunConfig:
     data: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # atom_vocab null: the dataset's
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -176,11 +202,17 @@ class RunConfig:
             d["storage"] = redact(d["storage"])
         return d
 
+    def global_batch(self, world_size: int) -> int | None:
+        """Molecules per optimizer step over all ranks: data.batch_size (or, with atom-pair budgets,
+        loss.nominal_batch) x gradient accumulation x ranks; None when neither fixes a count."""
+        per_rank = self.data.batch_size or self.loss.nominal_batch
+        return per_rank * self.deepspeed.gradient_accumulation_steps * world_size if per_rank else None
+
     def validate(self) -> None:
         """Every section's own checks, then the checks that span sections; raises ConfigError."""
         try:
-            for section in (self.data, self.diffusion, self.optimizer, self.deepspeed, self.checkpoint, self.logging,
-                            self.evaluation, self.cluster, self.train):
+            for section in (self.data, self.diffusion, self.loss, self.optimizer, self.deepspeed, self.checkpoint,
+                            self.logging, self.evaluation, self.cluster, self.train):
                 section.validate()
             self.model.validate(self.diffusion)
             if self.objective == "moleculejae":
@@ -196,6 +228,15 @@ class RunConfig:
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
             _require(self.model.model_class() is UniGEM,
                      "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
+        _require(self.optimizer.steps_per_batch == 1 or self.deepspeed.zero_stage == 0,
+                 "optimizer.steps_per_batch > 1 needs deepspeed.zero_stage 0 (the repeated steps reuse the averaged "
+                 "gradients in p.grad, which ZeRO keeps partitioned in its own buffers)")
+        _require(self.optimizer.lr_scaling == "none" or self.global_batch(1) is not None,
+                 "optimizer.lr_scaling needs a molecule count per step: set data.batch_size, or loss.nominal_batch "
+                 "with atom-pair budgets")
+        _require(not (self.loss.reduction == "reference" and self.data.batch_size is None),
+                 "loss.reduction 'reference' is the released code's fixed-size batches: set data.batch_size, or use "
+                 "reduction 'molecule' with loss.nominal_batch for atom-pair budgets")
         _require(self.init_from is None or os.path.exists(self.init_from),
                  f"init_from: {self.init_from} does not exist (give a run directory or a checkpoint folder)")
 

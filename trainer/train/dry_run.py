@@ -44,6 +44,8 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         out["train_molecules"] = manifest.count(cfg.data.split)
         out["optimizer_steps_per_epoch"] = math.ceil(batches / ga)
         out["epochs_in_max_steps"] = round(cfg.train.max_steps / max(1, math.ceil(batches / ga)), 2)
+        if not micro:  # what loss.nominal_batch should be near, so that the loss keeps its usual scale
+            out["mean_molecules_per_micro_batch"] = round(manifest.count(cfg.data.split) / world / max(1, batches), 1)
     else:
         out["optimizer_steps_per_epoch"] = f"unknown: {note}"
     zero = cfg.deepspeed.zero_stage
@@ -63,6 +65,10 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,
         "parameters": params, "precision": "bf16 autocast, float32 weights" if cfg.deepspeed.bf16 else "float32",
         "zero_stage": zero, "max_steps": cfg.train.max_steps,
+        "lr": _lr_plan(cfg, world),
+        "optimizer_steps_per_batch": cfg.optimizer.steps_per_batch,
+        "loss_reduction": cfg.loss.reduction + (f", divided by {cfg.loss.nominal_batch} molecules whatever the batch"
+                                                if cfg.loss.nominal_batch else ""),
         "memory_per_rank_estimate": {
             "weights+grads+optimizer+ema": _gib(weights + grads + adam + ema),
             "activations (rough, largest micro-batch)": _gib(activations),
@@ -71,6 +77,15 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         "deepspeed_config": deepspeed_config(cfg, world),  # exactly what deepspeed.initialize gets, as JSON
     })
     return out
+
+
+def _lr_plan(cfg: RunConfig, world: int) -> str:
+    o = cfg.optimizer
+    lr = o.scaled_lr(cfg.global_batch(world))
+    text = f"{lr:.3g}"
+    if o.lr_scaling != "none":
+        text += f" ({o.lr:g} x {o.lr_scaling} scaling from batch {o.lr_reference_batch} to {cfg.global_batch(world)})"
+    return text + (f", linear warmup over {o.warmup_steps} steps" if o.warmup_steps else "")
 
 
 def print_plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> int:

@@ -61,6 +61,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return _deep_merge(out, ds.extra)
 
 
+def warmup_factor(warmup_steps: int):
+    """lr multiplier of optimizer step k (0-based): a linear ramp to 1 over ``warmup_steps`` steps (gradual warmup,
+    Goyal et al. 2017), then 1."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps)
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated by ``extra``, nested objects merged key by key (so zero_optimization keeps its stage)."""
     out = dict(base)
@@ -99,9 +105,13 @@ class Trainer:
 
         o = cfg.optimizer
         trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
-        optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad,
+        self.lr = o.scaled_lr(cfg.global_batch(self.world_size))
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad,
                                       betas=tuple(o.betas))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+        # DeepSpeed steps the scheduler with every optimizer step and keeps its state in the checkpoints
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(o.warmup_steps)) \
+            if o.warmup_steps else None
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=deepspeed_config(cfg, self.world_size))
         self.model = self.engine.module
         if cfg.train.cuda_graphs:
@@ -227,10 +237,13 @@ class Trainer:
         totals: dict[str, float] = {}
         molecules = 0
         threshold, grad_norm = 0.0, None
+        lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule moves on in engine.step)
         for _ in range(ga):
             t0 = time.perf_counter()
             batch = self._to_device(next(batches))
             wait += time.perf_counter() - t0
+            if self.cfg.loss.reduction == "reference" and self.world_size > 1:
+                batch["reference_atoms"] = self._global_largest_molecule(batch)
             losses = self.engine(batch)
             names = sorted(losses)
             values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
@@ -260,6 +273,10 @@ class Trainer:
             self.engine.backward(losses["loss"])
             if self.engine.is_gradient_accumulation_boundary():
                 threshold, grad_norm = self._clip()
+                for _ in range(self.cfg.optimizer.steps_per_batch - 1):
+                    # the released code's repeated optim.step() on the same (clipped, averaged) gradients;
+                    # engine.step() below makes the last one, steps the lr schedule and zeroes the gradients
+                    self.engine.optimizer.step()
             self.engine.step()
             for k, v in zip(names, packed[2:]):
                 totals[k] = totals.get(k, 0.0) + v / self.world_size / ga
@@ -272,10 +289,17 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.loader.epoch, **totals,
-                "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
+                "lr": lr, "grad_norm": grad_norm,
                 "clip_threshold": threshold if self.cfg.optimizer.clip == "adaptive" else None,
                 "molecules_per_s": molecules * self.world_size / seconds, "data_wait_s": wait,
                 "step_time_s": seconds, "nonfinite_skipped": self.nonfinite_total, "host_reads": self.host_reads}
+
+    def _global_largest_molecule(self, batch: dict) -> torch.Tensor:
+        """The largest molecule over every rank's micro-batch (an all-reduce on the device, nothing read on the
+        host): the reference reduction's padded size is that of the global batch, as in the released code."""
+        largest = batch["num_atoms"].max().to(torch.float32).reshape(1)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest[0]
 
     def _clip(self) -> tuple[float, torch.Tensor | None]:
         """Apply this step's clipping threshold; (threshold, gradient norm before clipping, on the device, or None).
@@ -344,7 +368,8 @@ class Trainer:
                 every = self.cfg.evaluation.every_steps
                 if self.valid_loader is not None and every and self.step % every == 0:
                     record.update(self.validate())
-                if self.step % self.cfg.logging.every_steps == 0 or self.step == max_steps:
+                validated = "valid/loss" in record  # a validation result is always logged
+                if self.step % self.cfg.logging.every_steps == 0 or self.step == max_steps or validated:
                     self.logger.log(record)
                 if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == max_steps:
                     self.save()

@@ -44,7 +44,7 @@ def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | N
     if cfg.objective == "moleculejae":
         return MoleculeJAE(model_cfg, cfg.pretrain)
     stats = prop_stats or {}
-    return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None)
+    return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None, cfg.loss)
 
 
 def make_loader(cfg: RunConfig, manifest: Manifest, split: str, shuffle: bool, rank: int,
