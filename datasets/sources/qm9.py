@@ -150,11 +150,12 @@ def train_atom_count_histogram() -> dict[int, int]:
 
 
 def _perceive(args):
+    """(bonds or None, method or None, error or None) of one molecule."""
     z, pos = args
     try:
-        return perceive_bonds(z, pos), None
+        return (*perceive_bonds(z, pos), None)
     except ValueError as err:
-        return None, str(err)
+        return None, None, str(err)
 
 
 def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, workers: int = 1,
@@ -193,18 +194,20 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
     order_key = split_order()[positions]
     writers = {name: SplitShardWriter(fs, out_path, name, shard_size) for name in SPLIT_NAMES}
     plan = sorted(range(len(records)), key=lambda i: (split_of[i], order_key[i]))
-    no_bonds = Counter()
+    no_bonds, by_method = Counter(), Counter()
 
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(workers) if workers > 1 else None
     try:
         jobs = ((records[i]["z"], records[i]["pos"]) for i in plan)
         results = pool.imap(_perceive, jobs, chunksize=64) if pool else map(_perceive, jobs)
-        for i, (bonds, error) in zip(plan, tqdm(results, total=len(plan), desc="bonds + shards", unit="mol",
-                                                disable=not progress)):
+        for i, (bonds, method, error) in zip(plan, tqdm(results, total=len(plan), desc="bonds + shards",
+                                                        unit="mol", disable=not progress)):
             rec = records[i]
             if error is not None:
                 no_bonds[error.split(":")[0]] += 1
+            else:
+                by_method[method] += 1
             pos = rec["pos"] - rec["pos"].mean(axis=0, keepdims=True)  # stored CoM-free, float32
             sample = encode_sample(rec["key"], pos, rec["z"], rec["props"], bonds, rec["smiles"])
             writers[SPLIT_NAMES[split_of[i]]].write(sample, len(rec["z"]))
@@ -232,7 +235,11 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
         "splits": splits,
         "rejected": rejected.as_dict(),
         "notes": {"no_bonds": {"total": sum(no_bonds.values()), "reasons": dict(no_bonds),
-                               "meaning": "bond perception from coordinates failed; kept without bonds.npy"}},
+                               "meaning": "bond perception from coordinates failed with both methods; kept "
+                                          "without bonds.npy"},
+                  "bonds_by_hueckel": {"total": by_method["hueckel"],
+                                       "meaning": "RDKit's default connectivity failed and the extended-Hueckel "
+                                                  "one found the bonds (strained polycyclics)"}},
     }
     save_manifest(fs, out_path, manifest)
     return load_manifest(out_url, storage_options)

@@ -3,7 +3,10 @@
 A molecule is valid when the RDKit molecule built from its atoms and the distance-inferred bonds
 (``all_single=True``: every bond single, the GEOM convention) sanitises. RDKit may add implicit
 hydrogens to under-bonded atoms while sanitising (as in EDM), so an under-bonded molecule can be valid
-but unstable. The SMILES kept is the canonical SMILES, hydrogens removed, of the largest fragment.
+but unstable. The SMILES kept is the canonical SMILES of the largest fragment with its hydrogens as explicit
+atoms, as EDM's evaluation writes it (qm9/rdkit_functions.py: MolToSmiles of the sanitised largest fragment).
+Removing the hydrogens would merge an under-bonded molecule with its saturated form (a CH3 radical and CH4
+would both read `C`) and lower uniqueness below EDM's on the same molecules.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ def sanitize(mol: Chem.Mol) -> bool:
 
 
 def largest_fragment_smiles(mol: Chem.Mol) -> str:
-    """Canonical SMILES (hydrogens removed) of the fragment with the most atoms of a sanitised molecule."""
+    """Canonical SMILES, hydrogens kept as explicit atoms, of the fragment with the most atoms of a sanitised
+    molecule (EDM's convention for uniqueness and novelty)."""
     fragments = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
     largest = max(fragments, key=lambda m: m.GetNumAtoms())
-    return Chem.MolToSmiles(Chem.RemoveHs(largest, sanitize=False))
+    return Chem.MolToSmiles(largest)
 
 
 def aromatic_bond_mask(mol: Chem.Mol, num_atoms: int) -> np.ndarray:

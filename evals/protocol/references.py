@@ -1,10 +1,11 @@
 """Reference data of a dataset split, computed once with the evaluation protocol and cached next to it.
 
-``{dataset_url}/smiles-{split}-edm.json``  SMILES of the valid molecules (novelty reference)
-``{dataset_url}/stats-{split}-edm.json``   histograms (distribution-metric reference)
-(``-edm-single`` with ``all_single``). Both are written by one pass over the split, on the dataset's own
-storage (a local folder or any fsspec URL), and reused while their protocol version matches. A dataset
-that cannot be written to is not an error: the result is returned uncached.
+``{dataset_url}/smiles-{split}-{version}.json``  SMILES of the valid molecules (novelty reference)
+``{dataset_url}/stats-{split}-{version}.json``   histograms (distribution-metric reference)
+(``-{version}-single`` with ``all_single``). Both are written by one pass over the split, on the dataset's
+own storage (a local folder or any fsspec URL). The protocol version is part of the file name, so caches
+written by older code are never opened, and it is checked again in the file's header. A dataset that
+cannot be written to is not an error: the result is returned uncached.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from molscale.evals.protocol.molecules import iter_split_molecules
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever a change alters the SMILES or histograms of a molecule; caches of another version are
-# recomputed.
-PROTOCOL_VERSION = "edm-1"
+# Bumped whenever a change alters the SMILES or histograms of a molecule. edm-2: SMILES keep explicit
+# hydrogens (edm-1 removed them).
+PROTOCOL_VERSION = "edm-2"
 CHUNK_MOLECULES = 2000
 
 
 def cache_names(split: str, all_single: bool = False) -> tuple[str, str]:
-    suffix = "edm-single" if all_single else "edm"
+    suffix = PROTOCOL_VERSION + ("-single" if all_single else "")
     return f"smiles-{split}-{suffix}.json", f"stats-{split}-{suffix}.json"
 
 

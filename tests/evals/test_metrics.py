@@ -33,11 +33,25 @@ def test_uniqueness_and_novelty_on_hand_made_lists():
 
 def test_uniqueness_novelty_and_valid_unique_through_evaluate():
     molecules = [embedded("CCO"), embedded("CCO", seed=3), embedded("CC#N"), star(7, 1, 4, 1.0)]
-    m = evaluate(molecules, train_smiles={"CCO"})
+    train_smiles = set(molecule_stats([embedded("CCO", seed=11)])["valid_smiles"])  # the same convention
+    m = evaluate(molecules, train_smiles=train_smiles)
     assert m["validity"] == pytest.approx(3 / 4)
     assert m["uniqueness"] == pytest.approx(2 / 3)
     assert m["valid_unique"] == pytest.approx(2 / 4)
     assert m["novelty"] == pytest.approx(1 / 2)
+
+
+def test_smiles_keep_explicit_hydrogens_as_edm():
+    """A CH3 radical and methane are different molecules (EDM's SMILES keep the hydrogens as atoms); removing the
+    hydrogens would merge them and count one unique molecule instead of two."""
+    methane = (np.array([6, 1, 1, 1, 1]), star(6, 1, 4, 1.09)[1])
+    methyl = (np.array([6, 1, 1, 1]), star(6, 1, 3, 1.09)[1])
+    stats = molecule_stats([methane, methyl, embedded("CCO", seed=3), embedded("CCO", seed=5)])
+    smiles = stats["valid_smiles"]
+    assert len(smiles) == 4 and smiles[0] != smiles[1]
+    assert smiles[2] == smiles[3]  # two conformers of one molecule, atoms in the same order: one SMILES
+    assert all("[H]" in s for s in smiles)
+    assert uniqueness(smiles) == pytest.approx(3 / 4)
 
 
 def test_total_variation_has_no_half():
