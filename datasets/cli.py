@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                         "embedded per molecule (default 5)")
     g.add_argument("--split-by", choices=("molecule", "conformer"), default="molecule",
                    help="80/10/10 split by molecule (default, no leakage) or by conformer (EDM protocol)")
+    g.add_argument("--edm-permutation", default=None, metavar="NPY",
+                   help="with --split-by conformer: EDM's geom_permutation.npy, to split exactly as the published "
+                        "GEOM tables (checked against the source's conformer count before anything is built)")
+    g.add_argument("--interleave", type=int, default=None, metavar="G",
+                   help="spread each molecule's conformers over G shards per chunk (rank r to shard r mod G), so "
+                        "that batches rarely hold two conformers of one molecule (default: --conformers; 1: off)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow loading the rdkit_folder's pickles (unpickling can execute code)")
     pc = b.add_argument_group("pcqm4mv2", "PCQM4Mv2 options")
@@ -99,7 +105,8 @@ def main(argv=None) -> int:
                 "qm9": lambda out, shard_size, **kw: build_qm9(out, shard_size=shard_size or 1000, **kw),
                 "geom": lambda out, **kw: build_geom(out, args.source_path, conformers=args.conformers or 30,
                                                      split_by=args.split_by, trust_pickle=args.trust_pickle,
-                                                     seed=args.seed, **backend, **kw),
+                                                     seed=args.seed, edm_permutation=args.edm_permutation,
+                                                     interleave=args.interleave, **backend, **kw),
                 "pcqm4mv2": lambda out, **kw: build_pcqm4mv2(out, args.sdf, args.csv, seed=args.seed, **backend,
                                                              **kw),
                 "smiles": lambda out, **kw: build_smiles(out, args.input,

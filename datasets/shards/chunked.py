@@ -2,12 +2,13 @@
 
 The driver reads the source in order and cuts it into chunks of consecutive records. One worker builds a
 whole chunk: it writes one shard per split (``{split}-{chunk:06d}.tar``, through SplitShardWriter: temporary
-name, then rename or PUT) and, last, a part file ``_parts/chunk-{chunk:06d}.json`` with everything the
-manifest needs from it (shards, rejections, notes, train property values, atomic numbers seen). A part file
-therefore means "this chunk is complete": a rerun after a kill skips those chunks and redoes the others
-(same input, same bytes). ``_parts/build.json`` holds the build parameters, so a partial build is only
-resumed by the same command. The driver merges the parts in chunk order into the manifest, writes the
-manifest last and then removes ``_parts/``.
+name, then rename or PUT), or ``groups`` shards per split (``{split}-{chunk * groups + group:06d}.tar``)
+when a source spreads related records over several shards (GEOM conformers), and, last, a part file
+``_parts/chunk-{chunk:06d}.json`` with everything the manifest needs from it (shards, rejections, notes, train
+property values, atomic numbers seen). A part file therefore means "this chunk is complete": a rerun after a
+kill skips those chunks and redoes the others (same input, same bytes). ``_parts/build.json`` holds the
+build parameters, so a partial build is only resumed by the same command. The driver merges the parts in
+chunk order into the manifest, writes the manifest last and then removes ``_parts/``.
 
 Chunk contents depend only on the source and the parameters, never on the number of workers, so a build
 with 1 worker and one with 16 give the same shards.
@@ -44,6 +45,7 @@ class Target:
     out_url: str
     storage_options: dict | None
     split_names: tuple[str, ...]
+    groups: int = 1  # shards per split and chunk; a sample goes to the group the source names
 
 
 @dataclass
@@ -59,11 +61,14 @@ class ChunkSink:
 
     def __post_init__(self):
         self.fs, self.out_path = storage.get_fs(self.target.out_url, self.target.storage_options)
-        self.writers = {name: SplitShardWriter(self.fs, self.out_path, name, ONE_SHARD, first_index=self.chunk)
-                        for name in self.target.split_names}
+        groups = self.target.groups
+        # shard numbers chunk * groups + group: unique over the build, and in source order within a group
+        self.writers = {(name, group): SplitShardWriter(self.fs, self.out_path, name, ONE_SHARD,
+                                                        first_index=self.chunk * groups + group)
+                        for name in self.target.split_names for group in range(groups)}
 
-    def write(self, split: int, sample: dict, z, stats: dict | None = None) -> None:
-        self.writers[self.target.split_names[split]].write(sample, len(z))
+    def write(self, split: int, sample: dict, z, stats: dict | None = None, group: int = 0) -> None:
+        self.writers[self.target.split_names[split], group].write(sample, len(z))
         self.seen_z.update(int(a) for a in set(z.tolist()))
         if split == 0 and stats:
             for name, value in stats.items():
@@ -75,7 +80,8 @@ class ChunkSink:
 
     def finish(self) -> dict:
         """Close the shards, then write and return the part file (written last: it marks completion)."""
-        shards = {name: writer.finish() for name, writer in self.writers.items()}
+        shards = {name: [shard for group in range(self.target.groups) for shard in self.writers[name, group].finish()]
+                  for name in self.target.split_names}
         part = {"chunk": self.chunk, "shards": shards, "rejected": self.rejected.as_dict(),
                 "notes": dict(self.notes), "no_bonds": dict(self.no_bonds), "train_values": self.train_values,
                 "seen_z": sorted(self.seen_z)}
@@ -275,9 +281,10 @@ def merge_parts(parts: list[dict], split_names, driver_rejected: Rejections | No
 
 def chunked_build(out_url: str, params: dict, storage_options: dict | None, chunks, chunk_fn, split_names,
                   workers: int, progress: bool, desc: str, backend: str = "process", unit_total: int | None = None,
-                  driver_rejected: Rejections | None = None):
+                  driver_rejected: Rejections | None = None, groups: int = 1):
     """Run a chunked build; returns (manifest, None) when already complete, else (None, merged, finalize)
-    where ``finalize(manifest_dict)`` saves the manifest and removes the part files."""
+    where ``finalize(manifest_dict)`` saves the manifest and removes the part files. ``groups``: shards per
+    split and chunk (ChunkSink.write's ``group``)."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1 (got {workers}).")
     complete, fs, out_path = start_build(out_url, params, storage_options)
@@ -288,7 +295,7 @@ def chunked_build(out_url: str, params: dict, storage_options: dict | None, chun
     parts = _completed_parts(fs, out_path)
     if parts:
         print(f"resuming the partial build in {out_url}: {len(parts)} chunk(s) already complete")
-    target = Target(out_url, storage_options, tuple(split_names))
+    target = Target(out_url, storage_options, tuple(split_names), groups)
     for part in run_chunks(chunks(), chunk_fn, target, params, workers, backend, set(parts), progress, desc,
                            unit_total):
         parts[part["chunk"]] = part

@@ -16,12 +16,16 @@ rejected molecules included, so keys do not move with --limit or with rejections
 lowest energy), positions CoM-free float32, ``props.json`` ``{"totalenergy": E (Hartree), "energy_rank": r}``,
 ``smiles.txt``, ``bonds.npy`` when the source has an RDKit molecule.
 
-Split 80/10/10 at random by molecule (default: no molecule in two splits) or by conformer (the EDM
-protocol, kept for comparability), from a seeded hash of the SMILES (and rank), so a molecule's split
-does not depend on --limit or on the order of the source. The driver cuts the source into chunks of
+Split 80/10/10 at random by molecule (default: no molecule in two splits) or by conformer, from a seeded hash
+of the SMILES (and rank), so a molecule's split does not depend on --limit or on the order of the source.
+The published EDM/UniGEM tables split by conformer with EDM's own permutation file (``geom_permutation.npy``,
+drawn once without a seed and shipped with EDM's code): ``--edm-permutation FILE`` reproduces that split
+(see ``edm_splits``). The driver cuts the source into chunks of
 --shard-size molecules (msgpack: whole top-level objects, located without decoding them); worker processes
 build each chunk into one shard per split, and a rerun resumes a killed build (datasets/shards/chunked.py).
-Shards hold molecules in source order; the loader's shard-order shuffle and shuffle buffer mix them.
+Shards hold molecules in source order. A molecule's conformers are spread over ``interleave`` shards per split
+and chunk (energy rank r into shard r mod G), so that the loader's shard-order shuffle separates them: a
+shuffle buffer of a few thousand samples cannot, and a batch would hold several conformers of one molecule.
 Rejected records: molecule-level reasons count molecules, conformer-level reasons count conformers
 (``notes.rejected_units`` says which is which).
 """
@@ -54,11 +58,22 @@ DEFAULT_CONFORMERS = 30
 DEFAULT_CHUNK_MOLECULES = 100  # x up to 30 conformers: shards of about 2,400 train conformers
 SUMMARY_NAME = "summary_drugs.json"
 _GEOM_Z = frozenset(GEOM_ATOM_VOCAB)
+# EDM's conformer split (its build_geom_dataset.py, load_split_data): positions perm[:int(0.1 n)] are validation,
+# the next int(0.1 n) test, the rest train
+EDM_SPLIT_FRACTION = 0.1
 REJECTED_UNITS = {
     "molecule": ["unsupported element", "no conformers", "unreadable molecule", "missing pickle",
                  "unreadable pickle"],
     "conformer": ["non-finite coordinate", "non-finite energy", "unreadable conformer"],
 }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def split_fraction(seed: int, key: str) -> float:
@@ -79,17 +94,45 @@ def assign_split(seed: int, key: str, fractions=SPLIT_FRACTIONS) -> int:
 
 # --- chunking (driver) and reading (worker) -----------------------------------------------------------
 
-def msgpack_chunks(path: str, chunk_molecules: int, limit: int | None):
+def _conformer_count(unpacker) -> int:
+    """Read one molecule record (a dict) off ``unpacker`` and return the length of its "conformers" list,
+    skipping the conformers themselves (0 for a record that is not a dict or has no list)."""
+    import msgpack
+    try:
+        fields = unpacker.read_map_header()
+    except (ValueError, msgpack.UnpackValueError):
+        unpacker.skip()
+        return 0
+    count = 0
+    for _ in range(fields):
+        key = unpacker.unpack()
+        if key != "conformers":
+            unpacker.skip()
+            continue
+        try:
+            count = unpacker.read_array_header()
+        except (ValueError, msgpack.UnpackValueError):
+            unpacker.skip()
+            continue
+        for _ in range(count):
+            unpacker.skip()
+    return count
+
+
+def msgpack_chunks(path: str, chunk_molecules: int, limit: int | None, keep: int | None = None):
     """(chunk index, payload, molecules) over a msgpack stream, reading only headers in the driver.
 
     Each top-level object (a dict smiles -> molecule) is skipped over with ``Unpacker.skip`` to learn its
     byte range and entry count, so the driver never decodes conformers; a worker decodes its byte ranges.
-    A chunk is a run of whole top-level objects holding at least ``chunk_molecules`` molecules.
+    A chunk is a run of whole top-level objects holding at least ``chunk_molecules`` molecules. With ``keep``
+    (EDM split) the driver also counts each molecule's conformers, min(keep, len(conformers)) as EDM's list
+    holds them, and the payload carries the EDM index of the chunk's first conformer.
     """
     import msgpack
     with open(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=(1 << 31) - 1)
         chunk, first, ranges, count, total = 0, 0, [], 0, 0
+        conformers, chunk_first_conformer = 0, 0
         while limit is None or total < limit:
             offset = unpacker.tell()
             try:
@@ -99,17 +142,75 @@ def msgpack_chunks(path: str, chunk_molecules: int, limit: int | None):
             except ValueError:
                 raise InputError(f"{path} is not a GEOM msgpack stream: the top-level object at byte "
                                  f"{offset} is not a dict smiles -> molecule") from None
-            for _ in range(2 * entries):
-                unpacker.skip()
             take = entries if limit is None else min(entries, limit - total)
+            for entry in range(entries):
+                unpacker.skip()  # the SMILES
+                if keep is not None and entry < take:
+                    conformers += min(keep, _conformer_count(unpacker))
+                else:
+                    unpacker.skip()
             ranges.append((offset, unpacker.tell(), take))
             count += take
             total += take
             if count >= chunk_molecules:
-                yield chunk, ("msgpack", path, first, ranges), count
+                yield chunk, ("msgpack", path, first, ranges, chunk_first_conformer), count
                 chunk, first, ranges, count = chunk + 1, first + count, [], 0
+                chunk_first_conformer = conformers
         if ranges:
-            yield chunk, ("msgpack", path, first, ranges), count
+            yield chunk, ("msgpack", path, first, ranges, chunk_first_conformer), count
+
+
+def edm_conformer_count(path: str, keep: int) -> int:
+    """Length of EDM's conformer list for the whole msgpack stream: every molecule, min(keep, its conformers)."""
+    import msgpack
+    count = 0
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=(1 << 31) - 1)
+        while True:
+            offset = unpacker.tell()
+            try:
+                entries = unpacker.read_map_header()
+            except msgpack.OutOfData:
+                return count
+            except ValueError:
+                raise InputError(f"{path} is not a GEOM msgpack stream: the top-level object at byte "
+                                 f"{offset} is not a dict smiles -> molecule") from None
+            for _ in range(entries):
+                unpacker.skip()
+                count += min(keep, _conformer_count(unpacker))
+
+
+_EDM_SPLITS: dict = {}  # (path, size, mtime) -> split index per EDM conformer index, once per process
+
+
+def edm_splits(permutation_path: str, conformers: int) -> np.ndarray:
+    """Split index (0 train, 1 valid, 2 test) of every position of EDM's conformer list, from EDM's permutation
+    file: perm[:int(0.1 n)] valid, the next int(0.1 n) test, the rest train (EDM's build_geom_dataset.py,
+    load_split_data). Raises InputError unless the file is a permutation of exactly ``conformers`` indices."""
+    stat = os.stat(permutation_path)
+    key = (permutation_path, stat.st_size, stat.st_mtime_ns)
+    if key in _EDM_SPLITS:
+        return _EDM_SPLITS[key]
+    try:
+        perm = np.load(permutation_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--edm-permutation {permutation_path}: not a numpy .npy file ({err})") from None
+    n = len(perm) if perm.ndim == 1 else -1
+    if n != conformers:
+        raise InputError(f"--edm-permutation {permutation_path} holds {n if n >= 0 else perm.shape} indices, but "
+                         f"EDM's conformer list of this source has {conformers} (every molecule's lowest-energy "
+                         f"conformers, up to --conformers each); use the permutation made for this file, with the "
+                         f"same --conformers")
+    if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(np.sort(perm), np.arange(n)):
+        raise InputError(f"--edm-permutation {permutation_path} is not a permutation of 0..{n - 1}")
+    val_end = int(n * EDM_SPLIT_FRACTION)
+    test_end = val_end + int(n * EDM_SPLIT_FRACTION)
+    split = np.zeros(n, dtype=np.uint8)  # train
+    split[perm[:val_end]] = SPLIT_NAMES.index("valid")
+    split[perm[val_end:test_end]] = SPLIT_NAMES.index("test")
+    _EDM_SPLITS.clear()
+    _EDM_SPLITS[key] = split
+    return split
 
 
 def folder_chunks(folder: str, summary_path: str, chunk_molecules: int, limit: int | None):
@@ -125,7 +226,7 @@ def folder_chunks(folder: str, summary_path: str, chunk_molecules: int, limit: i
 
 def read_chunk(payload):
     """(molecule index, smiles, molecule dict or the exception that made it unreadable) of a chunk."""
-    layout, source, first, items = payload
+    layout, source, first, items = payload[:4]
     index = first
     if layout == "msgpack":
         import msgpack
@@ -179,8 +280,17 @@ def _conformer_arrays(conf: dict):
     return z_float.astype(np.int64), xyz[:, 1:], None, None
 
 
-def add_molecule(sink, index: int, smiles: str, mol_data, params: dict) -> None:
-    """Check one molecule, keep its K lowest-energy conformers and write them to their split."""
+def _energy_or_inf(conf) -> float:
+    try:
+        energy = float(conf["totalenergy"])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+    return energy if math.isfinite(energy) else math.inf
+
+
+def add_molecule(sink, index: int, smiles: str, mol_data, params: dict, edm_first: int | None = None) -> None:
+    """Check one molecule, keep its K lowest-energy conformers and write them to their split. ``edm_first``:
+    the EDM-list index of this molecule's first conformer (EDM split), else None."""
     rejected, record = sink.rejected, f"geom molecule {index} ({smiles})"
     if isinstance(mol_data, Exception):
         reason = str(mol_data).strip("'\"")
@@ -223,34 +333,59 @@ def add_molecule(sink, index: int, smiles: str, mol_data, params: dict) -> None:
     if params["layout"] == "msgpack" and Chem.MolFromSmiles(smiles) is None:
         sink.notes["unparsable_smiles"] += 1
     molecule_split = assign_split(params["seed"], smiles)
-    for rank, (energy, _, z, pos, bonds, bond_problem) in enumerate(candidates[:keep]):
-        split = molecule_split if params["split_by"] == "molecule" else \
-            assign_split(params["seed"], f"{smiles}#{rank}")
+    if edm_first is not None:
+        # EDM's list holds the K lowest energies of all the molecule's conformers (a stable sort); the ones
+        # rejected here leave their positions empty rather than letting the next conformer take them
+        energies = [_energy_or_inf(conf) for conf in confs]
+        edm_position = {c: p for p, c in enumerate(sorted(range(len(confs)), key=lambda c: (energies[c], c))[:keep])}
+        kept = [cand for cand in candidates if cand[1] in edm_position]
+        sink.notes["conformers_not_in_edm_list"] += len(candidates[:keep]) - len(kept)
+        edm_split = edm_splits(params["edm_permutation"], params["edm_conformers"])
+    else:
+        kept = candidates[:keep]
+    for rank, (energy, c, z, pos, bonds, bond_problem) in enumerate(kept):
+        if edm_first is not None:
+            split = int(edm_split[edm_first + edm_position[c]])
+        elif params["split_by"] == "molecule":
+            split = molecule_split
+        else:
+            split = assign_split(params["seed"], f"{smiles}#{rank}")
         if bond_problem is not None:
             sink.no_bonds[bond_problem.split(":")[0]] += 1
         pos = pos - pos.mean(axis=0, keepdims=True)  # stored CoM-free, float32
         sample = encode_sample(f"geom-{index:07d}-{rank:02d}", pos, z,
                                {"totalenergy": energy, "energy_rank": rank}, bonds, smiles)
-        sink.write(split, sample, z, {"totalenergy": energy})
+        sink.write(split, sample, z, {"totalenergy": energy}, group=rank % params["interleave"])
 
 
 def geom_chunk(sink, payload, params: dict) -> None:
     """Worker: every molecule of one chunk."""
+    edm_next = payload[4] if params.get("edm_permutation") else None  # EDM index of the next molecule's conformers
     for index, smiles, mol_data in read_chunk(payload):
         sink.notes["molecules_read"] += 1
-        add_molecule(sink, index, smiles, mol_data, params)
+        add_molecule(sink, index, smiles, mol_data, params, edm_next)
+        if edm_next is not None:  # the driver's count: every molecule, readable or not
+            confs = mol_data.get("conformers") if isinstance(mol_data, dict) else None
+            edm_next += min(params["conformers"], len(confs) if isinstance(confs, list) else 0)
 
 
 def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, split_by: str = "molecule",
                trust_pickle: bool = False, limit: int | None = None, shard_size: int | None = None, seed: int = 0,
                workers: int = 1, backend: str = "process", storage_options: dict | None = None,
-               command: str = "", progress: bool = True):
+               command: str = "", progress: bool = True, edm_permutation: str | None = None,
+               interleave: int | None = None):
     """GEOM-Drugs (msgpack stream or rdkit_folder at ``source``) -> shards + manifest at ``out_url``.
 
-    ``shard_size``: molecules per chunk (default DEFAULT_CHUNK_MOLECULES); each chunk is built by one of
-    ``workers`` processes into one shard per split (datasets/shards/chunked.py), and a rerun resumes.
+    ``shard_size``: molecules per shard group (default DEFAULT_CHUNK_MOLECULES); a chunk of ``interleave`` x
+    ``shard_size`` molecules is built by one of ``workers`` processes into ``interleave`` shards per split, a
+    conformer of energy rank r going to shard r mod ``interleave`` (default: ``conformers``, so no shard holds
+    two conformers of one molecule; 1: one shard per split and chunk). A rerun resumes (datasets/shards/chunked.py).
+    ``edm_permutation``: EDM's geom_permutation.npy, to split by conformer exactly as EDM (``edm_splits``).
     """
     shard_size = DEFAULT_CHUNK_MOLECULES if shard_size is None else shard_size
+    interleave = conformers if interleave is None else interleave
+    if interleave < 1:
+        raise InputError(f"--interleave must be at least 1 (got {interleave}).")
     if not source:
         raise InputError("geom needs --source PATH (drugs_crude.msgpack or an rdkit_folder).")
     if conformers < 1:
@@ -274,17 +409,41 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
     else:
         raise InputError(f"--source {source} does not exist.")
 
+    edm = None
+    if edm_permutation is not None:
+        if split_by != "conformer" or layout != "msgpack":
+            raise InputError("--edm-permutation reproduces EDM's split of drugs_crude.msgpack by conformer: use it "
+                             "with --split-by conformer and the msgpack source")
+        edm_permutation = os.path.abspath(edm_permutation)
+        if not os.path.isfile(edm_permutation):
+            raise InputError(f"--edm-permutation {edm_permutation} does not exist")
+        # checked before anything is built: the file must match this source's whole conformer list
+        edm = {"file": edm_permutation, "sha256": _sha256(edm_permutation),
+               "conformers": edm_conformer_count(source, conformers)}
+        edm_splits(edm_permutation, edm["conformers"])
+    elif split_by == "conformer":
+        log.warning("--split-by conformer without --edm-permutation: a seeded split of this project, not the one "
+                    "of the published GEOM tables; pass EDM's geom_permutation.npy to reproduce those")
+
     params = {"source": "geom", "path": source, "layout": layout, "conformers": conformers,
-              "split_by": split_by, "seed": seed, "limit": limit, "shard_size": shard_size, "format": FORMAT}
-    chunks = (lambda: msgpack_chunks(source, shard_size, limit)) if layout == "msgpack" else \
-        (lambda: folder_chunks(source, summary_path, shard_size, limit))
+              "split_by": split_by, "seed": seed, "limit": limit, "shard_size": shard_size, "format": FORMAT,
+              "interleave": interleave, "edm_permutation": edm and edm["file"],
+              "edm_permutation_sha256": edm and edm["sha256"], "edm_conformers": edm and edm["conformers"]}
+    chunk_molecules = shard_size * interleave
+    chunks = (lambda: msgpack_chunks(source, chunk_molecules, limit, conformers if edm else None)) \
+        if layout == "msgpack" else (lambda: folder_chunks(source, summary_path, chunk_molecules, limit))
     done, merged, finalize = chunked_build(out_url, params, storage_options, chunks, geom_chunk, SPLIT_NAMES,
                                            workers, progress, "geom molecules", backend=backend,
-                                           unit_total=limit)
+                                           unit_total=limit, groups=interleave)
     if done is not None:
         return done
 
     notes = merged["notes"]
+    edm_note = {"conformers_not_in_edm_list": {
+        "total": notes["conformers_not_in_edm_list"],
+        "meaning": "valid conformers among the K lowest energies here but not in EDM's list (EDM's K lowest "
+                   "included conformers rejected here); not kept, so every kept conformer has EDM's split"}} \
+        if edm else {}
     manifest = chunked_manifest(
         merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,
         source={"name": "geom-drugs", "layout": layout, "path": source,
@@ -301,11 +460,17 @@ def build_geom(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, 
             "no_bonds": {"total": sum(merged["no_bonds"].values()), "reasons": dict(merged["no_bonds"]),
                          "meaning": "the RDKit molecule has a bond type outside 1/2/3/aromatic; kept "
                                     "without bonds.npy"},
+            **edm_note,
         },
         details={
             "conformers_per_molecule": conformers,
             "split": {"by": split_by, "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
-                      "method": "blake2b(seed:smiles[#rank]) -> uniform [0,1) -> 80/10/10"},
+                      "method": "blake2b(seed:smiles[#rank]) -> uniform [0,1) -> 80/10/10"} if edm is None else
+                     {"by": "conformer", "method": "EDM permutation file: perm[:int(0.1 n)] valid, the next "
+                                                   "int(0.1 n) test, the rest train",
+                      "edm_permutation": edm["file"], "sha256": edm["sha256"], "edm_conformers": edm["conformers"]},
+            "interleave": {"shards_per_split_and_chunk": interleave,
+                           "rule": "a conformer of energy rank r goes to shard r mod interleave of its chunk"},
             "rejected_units": REJECTED_UNITS,
             "props": {"totalenergy": "Hartree (GEOM xtb total energy)",
                       "energy_rank": "0 = lowest energy among the molecule's kept conformers"},

@@ -120,7 +120,7 @@ def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
     from molscale.datasets.cli import main
     out = str(tmp_path / "geom")
     assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
-                 "--shard-size", "7", "--no-progress", "--workers", "1"]) == 0
+                 "--shard-size", "7", "--no-progress", "--workers", "1", "--interleave", "1"]) == 0
     manifest, samples = all_samples(out)
     assert manifest.atom_vocab == list(GEOM_ATOM_VOCAB)
     assert manifest.splits == ["train", "valid", "test"]
@@ -152,9 +152,9 @@ def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
     assert loader_count(out) == manifest.count("train")
     # rerun with the same parameters: no-op; other parameters: refused
     assert main(["build", "geom", "--source", msgpack_source, "--out", out, "--conformers", str(K),
-                 "--shard-size", "7", "--no-progress"]) == 0
+                 "--shard-size", "7", "--no-progress", "--interleave", "1"]) == 0
     with pytest.raises(InputError, match="already holds"):
-        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False, interleave=1)
 
 
 def shard_bytes(url):
@@ -164,8 +164,10 @@ def shard_bytes(url):
 
 
 def test_geom_parallel_workers_give_the_same_shards(tmp_path, msgpack_source):
-    one = build_geom(str(tmp_path / "w1"), msgpack_source, conformers=K, shard_size=2, workers=1, progress=False)
-    two = build_geom(str(tmp_path / "w2"), msgpack_source, conformers=K, shard_size=2, workers=2, progress=False)
+    one = build_geom(str(tmp_path / "w1"), msgpack_source, conformers=K, shard_size=2, workers=1,
+                     progress=False, interleave=1)
+    two = build_geom(str(tmp_path / "w2"), msgpack_source, conformers=K, shard_size=2, workers=2,
+                     progress=False, interleave=1)
     assert one.data["details"]["chunks"] == 3  # a msgpack object is never split between chunks
     assert one.data["splits"] == two.data["splits"] and one.data["rejected"] == two.data["rejected"]
     assert shard_bytes(one.url) == shard_bytes(two.url)
@@ -173,7 +175,8 @@ def test_geom_parallel_workers_give_the_same_shards(tmp_path, msgpack_source):
 
 def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatch):
     import molscale.datasets.sources.geom as geom
-    reference = build_geom(str(tmp_path / "ref"), msgpack_source, conformers=K, shard_size=7, progress=False)
+    reference = build_geom(str(tmp_path / "ref"), msgpack_source, conformers=K, shard_size=7,
+                           progress=False, interleave=1)
     out = str(tmp_path / "partial")
     real = geom.add_molecule
     seen = []
@@ -186,20 +189,20 @@ def test_geom_rerun_resumes_a_partial_build(tmp_path, msgpack_source, monkeypatc
 
     monkeypatch.setattr(geom, "add_molecule", crash_at_second_chunk)
     with pytest.raises(RuntimeError, match="killed"):
-        build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False)
+        build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False, interleave=1)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     assert sorted(os.listdir(os.path.join(out, "_parts"))) == ["build.json", "chunk-000000.json"]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # the broken chunk left no temporary
     # other parameters may not finish this partial build
     with pytest.raises(InputError, match="partial build with other parameters"):
-        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False)
+        build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False, interleave=1)
     # what a SIGKILLed worker leaves: a half-written shard under its temporary name
     with open(os.path.join(out, ".tmp-train-000001.tar-killed"), "wb") as f:
         f.write(b"half a shard")
     seen.clear()
     monkeypatch.setattr(geom, "add_molecule", lambda sink, index, *args: (seen.append(index),
                                                                           real(sink, index, *args)))
-    manifest = build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False)
+    manifest = build_geom(out, msgpack_source, conformers=K, shard_size=7, progress=False, interleave=1)
     assert min(seen) == 8  # chunk 0 was not built again
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
     assert manifest.data["splits"] == reference.data["splits"]
@@ -213,7 +216,8 @@ def test_geom_parallel_build_on_s3_resumes(tmp_path, msgpack_source, s3, monkeyp
     import fsspec
 
     import molscale.datasets.sources.geom as geom
-    local = build_geom(str(tmp_path / "local"), msgpack_source, conformers=K, shard_size=7, progress=False)
+    local = build_geom(str(tmp_path / "local"), msgpack_source, conformers=K, shard_size=7,
+                       progress=False, interleave=1)
     url = "s3://test-bucket/geom-parallel"
     real = geom.add_molecule
 
@@ -224,12 +228,12 @@ def test_geom_parallel_build_on_s3_resumes(tmp_path, msgpack_source, s3, monkeyp
 
     monkeypatch.setattr(geom, "add_molecule", crash_in_last_chunk)
     with pytest.raises(RuntimeError, match="killed"):
-        build_geom(url, msgpack_source, conformers=K, shard_size=7, progress=False)
+        build_geom(url, msgpack_source, conformers=K, shard_size=7, progress=False, interleave=1)
     fs = fsspec.filesystem("s3")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("test-bucket/geom-parallel/_parts")) == \
         ["build.json", "chunk-000000.json", "chunk-000001.json"]
     monkeypatch.setattr(geom, "add_molecule", real)
-    remote = build_geom(url, msgpack_source, conformers=K, shard_size=7, workers=2, progress=False)
+    remote = build_geom(url, msgpack_source, conformers=K, shard_size=7, workers=2, progress=False, interleave=1)
     assert remote.data["splits"] == local.data["splits"]
     fs.invalidate_cache()
     assert not fs.exists("test-bucket/geom-parallel/_parts")
@@ -265,7 +269,8 @@ def test_pcqm4mv2_rerun_resumes(tmp_path, monkeypatch):
 
 def test_geom_msgpack_by_conformer_and_limit(tmp_path, msgpack_source):
     out = str(tmp_path / "geomc")
-    manifest = build_geom(out, msgpack_source, conformers=2, split_by="conformer", limit=10, progress=False)
+    manifest = build_geom(out, msgpack_source, conformers=2, split_by="conformer", limit=10,
+                          progress=False, interleave=1)
     manifest, samples = all_samples(out)
     check_geom(manifest, samples, k=2)
     assert len(samples) == 20 and manifest.data["rejected"]["total"] == 0
@@ -301,9 +306,9 @@ def rdkit_folder(tmp_path_factory, mols):
 def test_geom_rdkit_folder_needs_trust_pickle(tmp_path, rdkit_folder, mols):
     out = str(tmp_path / "geomr")
     with pytest.raises(InputError, match="(?s)pickle.*execute"):
-        build_geom(out, rdkit_folder, progress=False)
+        build_geom(out, rdkit_folder, progress=False, interleave=1)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
-    build_geom(out, rdkit_folder, conformers=K, trust_pickle=True, progress=False)
+    build_geom(out, rdkit_folder, conformers=K, trust_pickle=True, progress=False, interleave=1)
     manifest, samples = all_samples(out)
     by_mol = check_geom(manifest, samples)
     assert sorted(by_mol) == list(range(6)) and len(samples) == 18
@@ -385,3 +390,107 @@ def test_pcqm4mv2_misaligned_idx(tmp_path):
         f.write("idx,smiles,homolumogap\n5,CCO,3.0\n")
     with pytest.raises(InputError, match="idx 5"):
         build_pcqm4mv2(str(tmp_path / "bad"), sdf, csv_path, progress=False)
+
+
+# --- EDM's conformer split and conformer interleaving ------------------------------------------------------------
+
+def edm_expected_splits(perm, k=K, molecules=23):
+    """Split of each EDM-list position from EDM's recipe (valid, test, train in that order of the permutation)."""
+    n = molecules * k
+    val_end = int(n * 0.1)
+    test_end = val_end + int(n * 0.1)
+    split = np.array(["train"] * n, dtype=object)
+    split[perm[:val_end]], split[perm[val_end:test_end]] = "valid", "test"
+    return split
+
+
+def test_geom_edm_permutation_reproduces_edms_conformer_split(tmp_path, msgpack_source):
+    """EDM's list: every molecule (the Se one too, which is rejected here), its K lowest energies in energy order;
+    positions perm[:6] validation, perm[6:12] test, the rest train (69 positions)."""
+    perm = np.random.RandomState(3).permutation(23 * K).astype("int32")
+    perm_file = tmp_path / "geom_permutation.npy"
+    np.save(perm_file, perm)
+    out = str(tmp_path / "edm")
+    manifest = build_geom(out, msgpack_source, conformers=K, split_by="conformer", shard_size=2, workers=2,
+                          edm_permutation=str(perm_file), progress=False)
+    _, samples = all_samples(out)
+    expected = edm_expected_splits(perm)
+    for key, (split, s) in samples.items():
+        m = int(key.split("-")[1])
+        edm_order = list(np.argsort(energies(m), kind="stable")[:K])
+        conformer = int(np.argmin([abs(e - s["props"]["totalenergy"]) for e in energies(m)]))
+        assert split == expected[K * m + edm_order.index(conformer)], key
+    # molecule 22: its lowest conformer (EDM position 0) is rejected here; positions 1 and 2 keep their split
+    assert sorted(int(k.split("-")[2]) for k in samples if k.startswith("geom-0000022")) == [0, 1]
+    assert manifest.data["notes"]["conformers_not_in_edm_list"]["total"] == 1
+    assert manifest.data["details"]["split"]["edm_conformers"] == 69
+    assert {split for split, _ in samples.values()} == {"train", "valid", "test"}
+
+
+def test_geom_edm_permutation_is_checked_before_anything_is_built(tmp_path, msgpack_source):
+    from molscale.datasets.cli import main
+    wrong = tmp_path / "perm.npy"
+    np.save(wrong, np.arange(68))
+    out = tmp_path / "never"
+    with pytest.raises(InputError, match="holds 68 indices, but EDM's conformer list of this source has 69"):
+        build_geom(str(out), msgpack_source, conformers=K, split_by="conformer", edm_permutation=str(wrong),
+                   progress=False)
+    assert not out.exists()
+    np.save(wrong, np.zeros(69, dtype=int))
+    with pytest.raises(InputError, match="is not a permutation of 0..68"):
+        build_geom(str(out), msgpack_source, conformers=K, split_by="conformer", edm_permutation=str(wrong),
+                   progress=False)
+    assert main(["build", "geom", "--source", msgpack_source, "--out", str(out), "--edm-permutation",
+                 str(wrong), "--no-progress"]) == 2  # by molecule: refused
+
+
+def synthetic_geom(path, molecules, conformers, seed=0):
+    """A msgpack source of small fake molecules (ethanol atoms at random positions, random energies)."""
+    rng = np.random.default_rng(seed)
+    z = [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    batch = {}
+    for m in range(molecules):
+        batch[f"CCO.{m}"] = {"conformers": [
+            {"totalenergy": float(rng.normal()), "xyz": [[a, *rng.normal(size=3).tolist()] for a in z]}
+            for _ in range(conformers)]}
+    with open(path, "wb") as f:
+        f.write(msgpack.packb(batch))
+    return str(path)
+
+
+def same_molecule_pairs_per_batch(url, batch_size=16, buffer=64, epochs=3):
+    loader = StreamingLoader(LoaderConfig(url=url, batch_size=batch_size, shuffle_buffer=buffer), rank=0,
+                             world_size=1)
+    pairs = batches = 0
+    for _ in range(epochs):  # each pass over the loader is a new epoch with a new shard order
+        for batch in loader:
+            molecules = [key.split("-")[1] for key in batch["keys"]]
+            counts = np.unique(molecules, return_counts=True)[1]
+            pairs += int((counts * (counts - 1) // 2).sum())
+            batches += 1
+    return pairs / batches
+
+
+def test_interleaved_conformers_rarely_meet_in_a_batch(tmp_path):
+    """120 molecules x 10 conformers; the loader shuffles shard order and a 64-sample buffer. Under a perfect
+    shuffle of the train split a batch of 16 holds C(16, 2) x P(two samples share a molecule) pairs of one
+    molecule's conformers; interleaved shards stay near that, shards in molecule order far above it."""
+    source = synthetic_geom(tmp_path / "fake.msgpack", 120, 10)
+    plain = build_geom(str(tmp_path / "plain"), source, conformers=10, shard_size=4, interleave=1, progress=False)
+    spread = build_geom(str(tmp_path / "spread"), source, conformers=10, shard_size=4, progress=False)
+    assert spread.data["details"]["interleave"]["shards_per_split_and_chunk"] == 10
+    assert plain.count("train") == spread.count("train")
+    # each interleaved shard holds at most one conformer of a molecule
+    for shard in spread.shards("train"):
+        with open(spread.shard_url(shard), "rb") as f:
+            keys = [s["__key__"].split("-")[1] for s in read_shard_samples(f.read())]
+        assert len(keys) == len(set(keys))
+    n = spread.count("train")
+    samples = all_samples(str(tmp_path / "spread"))[1]
+    per_molecule = n / len({key.split("-")[1] for key, (split, _) in samples.items() if split == "train"})
+    random_pairs = 16 * 15 / 2 * (per_molecule - 1) / (n - 1)
+    plain_pairs = same_molecule_pairs_per_batch(str(tmp_path / "plain"))
+    spread_pairs = same_molecule_pairs_per_batch(str(tmp_path / "spread"))
+    print(f"pairs per batch: random {random_pairs:.2f}, plain {plain_pairs:.2f}, interleaved {spread_pairs:.2f}")
+    assert spread_pairs < 2 * random_pairs
+    assert plain_pairs > 4 * random_pairs

@@ -1,0 +1,55 @@
+"""Validation curves of BENCHMARKS.md experiments from run directories' metrics.jsonl: a table and a PNG.
+
+    python docs/figures/curves.py OUT.png LABEL=RUN_DIR[,RUN_DIR...] [LABEL=...]
+
+Runs given together under one label are seeds of one arm: the table shows their mean and half their range
+(the spread) at every validation; the x axis is training molecules seen (step x molecules per step, read from
+each run's config.json).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def validations(run_dir: str) -> dict[int, dict]:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    per_step = cfg["data"]["batch_size"] * cfg["deepspeed"]["gradient_accumulation_steps"]
+    rows = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "valid/loss" in r:
+                rows[r["step"] * per_step] = r
+    return rows
+
+
+def main(out_png: str, arms: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        label, dirs = arm.split("=", 1)
+        runs = [validations(d) for d in dirs.split(",")]
+        seen = sorted(set.intersection(*(set(r) for r in runs)))
+        loss = np.array([[r[m]["valid/loss"] for m in seen] for r in runs])
+        mean, spread = loss.mean(0), (loss.max(0) - loss.min(0)) / 2
+        print(f"\n{label} ({len(runs)} seeds): molecules seen | valid loss mean +- spread | valid LUMO MAE (meV)")
+        for k, m in enumerate(seen):
+            mae = [r[m].get("valid/mae_lumo") for r in runs]
+            mae_text = f"{np.mean(mae):.1f} +- {(max(mae) - min(mae)) / 2:.1f}" if None not in mae else "-"
+            print(f"  {m:>8,} | {mean[k]:.4f} +- {spread[k]:.4f} | {mae_text}")
+        ax.errorbar(seen, mean, yerr=spread, label=label, capsize=3, marker="o", markersize=3)
+    ax.set_xlabel("training molecules seen")
+    ax.set_ylabel("validation loss (EMA weights)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
