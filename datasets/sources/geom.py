@@ -195,12 +195,14 @@ def edm_splits(permutation_path: str, conformers: int) -> np.ndarray:
         perm = np.load(permutation_path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise InputError(f"--edm-permutation {permutation_path}: not a numpy .npy file ({err})") from None
+    if not isinstance(perm, np.ndarray):  # an .npz archive
+        raise InputError(f"--edm-permutation {permutation_path}: not a numpy .npy file (an .npz archive)")
     n = len(perm) if perm.ndim == 1 else -1
     if n != conformers:
         raise InputError(f"--edm-permutation {permutation_path} holds {n if n >= 0 else perm.shape} indices, but "
-                         f"EDM's conformer list of this source has {conformers} (every molecule's lowest-energy "
-                         f"conformers, up to --conformers each); use the permutation made for this file, with the "
-                         f"same --conformers")
+                         f"EDM's conformer list of this source has {conformers} (every molecule of the whole file, "
+                         f"--limit or not, with its lowest-energy conformers, up to --conformers each); use the "
+                         f"permutation made for this file, with the same --conformers")
     if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(np.sort(perm), np.arange(n)):
         raise InputError(f"--edm-permutation {permutation_path} is not a permutation of 0..{n - 1}")
     val_end = int(n * EDM_SPLIT_FRACTION)
@@ -280,12 +282,14 @@ def _conformer_arrays(conf: dict):
     return z_float.astype(np.int64), xyz[:, 1:], None, None
 
 
-def _energy_or_inf(conf) -> float:
+def _edm_energy_key(conf) -> tuple:
+    """Sort key of a conformer in EDM's numpy argsort of the energies: -inf first, +inf after the finite ones,
+    NaN last (an unreadable energy, on which EDM would fail, with the NaNs)."""
     try:
         energy = float(conf["totalenergy"])
     except (KeyError, TypeError, ValueError):
-        return math.inf
-    return energy if math.isfinite(energy) else math.inf
+        return (1, 0.0)
+    return (1, 0.0) if math.isnan(energy) else (0, energy)
 
 
 def add_molecule(sink, index: int, smiles: str, mol_data, params: dict, edm_first: int | None = None) -> None:
@@ -334,9 +338,10 @@ def add_molecule(sink, index: int, smiles: str, mol_data, params: dict, edm_firs
         sink.notes["unparsable_smiles"] += 1
     molecule_split = assign_split(params["seed"], smiles)
     if edm_first is not None:
-        # EDM's list holds the K lowest energies of all the molecule's conformers (a stable sort); the ones
-        # rejected here leave their positions empty rather than letting the next conformer take them
-        energies = [_energy_or_inf(conf) for conf in confs]
+        # EDM's list holds the K lowest energies of all the molecule's conformers; the ones rejected here leave
+        # their positions empty rather than letting the next conformer take them. Equal energies: a stable sort
+        # here, numpy's default (unstable) argsort in EDM, which may order a tie otherwise
+        energies = [_edm_energy_key(conf) for conf in confs]
         edm_position = {c: p for p, c in enumerate(sorted(range(len(confs)), key=lambda c: (energies[c], c))[:keep])}
         kept = [cand for cand in candidates if cand[1] in edm_position]
         sink.notes["conformers_not_in_edm_list"] += len(candidates[:keep]) - len(kept)

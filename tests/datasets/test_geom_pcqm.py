@@ -494,3 +494,138 @@ def test_interleaved_conformers_rarely_meet_in_a_batch(tmp_path):
     print(f"pairs per batch: random {random_pairs:.2f}, plain {plain_pairs:.2f}, interleaved {spread_pairs:.2f}")
     assert spread_pairs < 2 * random_pairs
     assert plain_pairs > 4 * random_pairs
+
+
+def varied_geom(path, molecules=37, per_object=3, seed=5):
+    """A msgpack source of ``molecules`` fake molecules in objects of ``per_object``, with 0 to 7 conformers each
+    (random distinct energies); molecule 5 holds Se (rejected here, still in EDM's list), molecule 14 a NaN energy,
+    molecule 20 a NaN coordinate in its lowest conformer. Returns (path, energies per molecule)."""
+    rng = np.random.default_rng(seed)
+    atoms = [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    objects, energies_of = [{}], []
+    for m in range(molecules):
+        n = int(rng.integers(0, 8)) if m not in (14, 20) else 6
+        z = [6, 34, 6] if m == 5 else atoms
+        confs = [{"totalenergy": float(rng.normal()), "xyz": [[a, *rng.normal(size=3).tolist()] for a in z]}
+                 for _ in range(n)]
+        if m == 14:
+            confs[2]["totalenergy"] = float("nan")
+        if m == 20:
+            confs[int(np.argmin([c["totalenergy"] for c in confs]))]["xyz"][0][1] = float("nan")
+        energies_of.append([c["totalenergy"] for c in confs])
+        if len(objects[-1]) == per_object:
+            objects.append({})
+        objects[-1][f"CCO.{m}"] = {"conformers": confs}
+    with open(path, "wb") as f:
+        f.writelines(msgpack.packb(o) for o in objects)
+    return str(path), energies_of
+
+
+def edm_recipe(energies_of, perm, k):
+    """EDM's list and split, written from its recipe: molecules in stream order, each one's k lowest energies
+    (numpy argsort, NaN last), appended one by one; perm[:int(0.1 n)] valid, the next int(0.1 n) test, rest train.
+    Returns {(molecule, conformer): split name}."""
+    items = [(m, int(c)) for m, e in enumerate(energies_of)
+             for c in np.argsort(np.asarray(e, float), kind="stable")[:k]]
+    assert len(items) == len(perm)
+    n = len(items)
+    val_end, test_end = int(n * 0.1), int(n * 0.1) + int(n * 0.1)
+    names = {i: "train" for i in range(n)}
+    names.update({int(i): "valid" for i in perm[:val_end]})
+    names.update({int(i): "test" for i in perm[val_end:test_end]})
+    return {item: names[i] for i, item in enumerate(items)}
+
+
+def test_geom_edm_split_counts_every_molecule_of_the_stream(tmp_path):
+    """37 molecules with 0-7 conformers, K=4, chunks of 9 molecules: each kept conformer, found by its energy, sits
+    in the split EDM's recipe gives its position; rejected molecules and conformers keep their positions; a --limit
+    build takes the same full-length permutation and gives the same splits."""
+    k = 4
+    source, energies_of = varied_geom(tmp_path / "drugs_crude.msgpack")
+    n = sum(min(k, len(e)) for e in energies_of)
+    assert any(len(e) > k for e in energies_of) and any(0 < len(e) < k for e in energies_of)
+    assert any(len(e) == 0 for e in energies_of)
+    perm = np.random.default_rng(11).permutation(n).astype("int32")
+    perm_file = tmp_path / "geom_permutation.npy"
+    np.save(perm_file, perm)
+    expected = edm_recipe(energies_of, perm, k)
+    manifest = build_geom(str(tmp_path / "full"), source, conformers=k, split_by="conformer", shard_size=2,
+                          edm_permutation=str(perm_file), progress=False)
+    assert manifest.data["details"]["chunks"] == 5  # objects of 3 molecules, chunks of at least 2 x 4
+    split = manifest.data["details"]["split"]
+    assert split["edm_conformers"] == n and split["sha256"] and split["edm_permutation"] == str(perm_file)
+    _, samples = all_samples(str(tmp_path / "full"))
+    kept = {}
+    for key, (name, s) in samples.items():
+        m, rank = (int(part) for part in key.split("-")[1:])
+        c = energies_of[m].index(s["props"]["totalenergy"])
+        assert name == expected[m, c], key
+        kept.setdefault(m, []).append((rank, c))
+    # what is kept: EDM's conformers of each molecule but the ones rejected here, ranks 0.. in energy order
+    assert 5 not in kept and 14 in kept and 20 in kept
+    for m, pairs in kept.items():
+        edm_confs = [c for mm, c in expected if mm == m]
+        rejected = {i for i, e in enumerate(energies_of[m]) if not np.isfinite(e)} | \
+            ({int(np.nanargmin(energies_of[m]))} if m == 20 else set())
+        assert [c for _, c in sorted(pairs)] == [c for c in edm_confs if c not in rejected], m
+    assert len(kept[20]) == k - 1  # the fifth-lowest conformer has no EDM position: not kept
+    assert {name for name, _ in samples.values()} == {"train", "valid", "test"}
+    # --limit: the permutation of the whole file, the same split for the molecules kept
+    build_geom(str(tmp_path / "limit"), source, conformers=k, split_by="conformer", shard_size=2, limit=16,
+               edm_permutation=str(perm_file), progress=False)
+    _, limited = all_samples(str(tmp_path / "limit"))
+    assert {key: name for key, (name, _) in limited.items()} == \
+        {key: name for key, (name, _) in samples.items() if int(key.split("-")[1]) < 16}
+
+
+def test_geom_edm_permutation_refusals(tmp_path, msgpack_source, rdkit_folder, caplog):
+    perm = tmp_path / "perm.npy"
+    np.save(perm, np.arange(69))
+    with pytest.raises(InputError, match="msgpack source"):
+        build_geom(str(tmp_path / "r"), rdkit_folder, conformers=K, trust_pickle=True, split_by="conformer",
+                   edm_permutation=str(perm), progress=False)
+    with pytest.raises(InputError, match="--split-by conformer"):
+        build_geom(str(tmp_path / "m"), msgpack_source, conformers=K, edm_permutation=str(perm), progress=False)
+    archive = tmp_path / "perm.npz"
+    np.savez(archive, perm=np.arange(69))
+    with pytest.raises(InputError, match=r"perm\.npz: not a numpy \.npy file"):
+        build_geom(str(tmp_path / "z"), msgpack_source, conformers=K, split_by="conformer",
+                   edm_permutation=str(archive), progress=False)
+    with pytest.raises(InputError, match="does not exist"):
+        build_geom(str(tmp_path / "a"), msgpack_source, conformers=K, split_by="conformer",
+                   edm_permutation=str(tmp_path / "absent.npy"), progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing was built
+    # without the file: this project's seeded split, with a warning
+    with caplog.at_level("WARNING", logger="molscale.datasets.sources.geom"):
+        build_geom(str(tmp_path / "seeded"), msgpack_source, conformers=K, split_by="conformer", limit=4,
+                   progress=False)
+    assert "not the one of the published GEOM tables" in caplog.text
+
+
+def test_geom_interleaved_build_resumes(tmp_path, msgpack_source, monkeypatch):
+    """A killed interleaved build (3 shards per split and chunk) resumes into the same bytes."""
+    import molscale.datasets.sources.geom as geom
+    reference = build_geom(str(tmp_path / "ref"), msgpack_source, conformers=K, shard_size=2, progress=False)
+    assert reference.data["details"]["chunks"] == 3
+    names = {sh["name"] for sh in reference.shards("train")}
+    assert {"train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar"} <= names
+    out = str(tmp_path / "partial")
+    real = geom.add_molecule
+
+    def crash_in_last_chunk(sink, index, *args):
+        if index == 21:
+            raise RuntimeError("killed")
+        return real(sink, index, *args)
+
+    monkeypatch.setattr(geom, "add_molecule", crash_in_last_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_geom(out, msgpack_source, conformers=K, shard_size=2, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "_parts"))) == ["build.json", "chunk-000000.json",
+                                                               "chunk-000001.json"]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    with open(os.path.join(out, ".tmp-train-000007.tar-killed"), "wb") as f:
+        f.write(b"half a shard")
+    monkeypatch.setattr(geom, "add_molecule", real)
+    manifest = build_geom(out, msgpack_source, conformers=K, shard_size=2, progress=False)
+    assert manifest.data["splits"] == reference.data["splits"]
+    assert shard_bytes(out) == shard_bytes(reference.url)
