@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
                    help="the network's matrix products while sampling: fp32 (as the research code samples; default), "
                         "tf32 (TF32 tensor cores on GPUs) or bf16 (autocast, as bf16 training; coordinates stay "
-                        "fp32). Speeds measured in BENCHMARKS.md; quality is not yet compared")
+                        "fp32). Speeds and a small CPU quality comparison in BENCHMARKS.md")
     p.add_argument("--workers", type=int, default=None,
                    help="sampling actors (default: one per GPU, else one per CPU of the cluster)")
     p.add_argument("--split", default="test", help="with --dataset: the split to evaluate (default test)")

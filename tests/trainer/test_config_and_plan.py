@@ -128,12 +128,12 @@ def test_bf16_refuses_a_deepspeed_without_torch_autocast(monkeypatch):
 
 def test_dry_run_prints_the_deepspeed_config_it_would_use():
     from molscale.trainer.train.engine import deepspeed_config
-    extra = ["--set", 'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}']
+    extra = ["--set", 'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}', "--set", "deepspeed.bf16=true"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     r = main_py("--config", "cluster/geom_64gpu.json", *extra, "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.strip().startswith("deepspeed_config ")]
     assert len(lines) == 1, r.stdout
     printed = json.loads(lines[0].split("deepspeed_config", 1)[1])
-    assert printed == deepspeed_config(load_config("cluster/geom_64gpu.json", [extra[1]]), 64)
-    assert printed["torch_autocast"]["lower_precision_safe_modules"] == []  # geom_64gpu: ZeRO-2, bf16
+    assert printed == deepspeed_config(load_config("cluster/geom_64gpu.json", [extra[1], extra[3]]), 64)
+    assert printed["torch_autocast"]["lower_precision_safe_modules"] == []  # ZeRO-2 with bf16: fp32 reduction

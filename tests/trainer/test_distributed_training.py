@@ -211,7 +211,7 @@ def test_torchrun_launch_trains_the_same_way(qm9_small, tmp_path):
 
 
 def test_zero2_with_bf16_autocast_trains(qm9_small, tmp_path):
-    """The geom_64gpu settings (ZeRO-2, bf16 autocast, adaptive clipping through DeepSpeed's optimizer)."""
+    """ZeRO-2 with bf16 autocast and adaptive clipping through DeepSpeed's optimizer."""
     run_dir = tmp_path / "zero2"
     rc = finish(launch(run_dir, qm9_small, "train.max_steps=6", "deepspeed.zero_stage=2", "deepspeed.bf16=true",
                        "evaluation.every_steps=3", "checkpoint.every_steps=3", "logging.every_steps=4"))
