@@ -90,6 +90,13 @@ def run(args) -> int:
         trainer = Trainer(cfg, cfg.train.run_dir, manifest, resume=args.resume)
         code = trainer.train(cfg.train.max_steps)
         dist.barrier()
+    except MolscaleError as err:
+        if getattr(err, "all_ranks", False):
+            # every rank leaves here together: close the process group now, so that no communication thread is
+            # still alive when the interpreter exits (that aborted a rank now and then: "terminate called
+            # without an active exception", and the launcher reported that rank's signal, not exit code 2)
+            dist.destroy_process_group()
+        raise
     except RuntimeError as err:  # a rank that is gone makes the others' collectives fail: say so in one line
         lost = lost_rank_error(err, cfg.train.run_dir)
         if lost is None:
