@@ -1,10 +1,11 @@
 """Validation curves of BENCHMARKS.md experiments from run directories' metrics.jsonl: a table and a PNG.
 
-    python docs/figures/curves.py OUT.png LABEL=RUN_DIR[,RUN_DIR...] [LABEL=...]
+    python docs/figures/curves.py [--metric valid/eps] OUT.png LABEL=RUN_DIR[,RUN_DIR...] [LABEL=...]
 
 Runs given together under one label are seeds of one arm: the table shows their mean and half their range
 (the spread) at every validation; the x axis is training molecules seen (step x molecules per step, read from
-each run's config.json).
+each run's config.json). --metric picks the validation value plotted and tabulated (default valid/loss; the
+run logs every loss term, e.g. valid/eps).
 """
 
 import json
@@ -27,7 +28,7 @@ def validations(run_dir: str) -> dict[int, dict]:
     return rows
 
 
-def main(out_png: str, arms: list[str]) -> None:
+def main(out_png: str, arms: list[str], metric: str = "valid/loss") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -36,20 +37,24 @@ def main(out_png: str, arms: list[str]) -> None:
         label, dirs = arm.split("=", 1)
         runs = [validations(d) for d in dirs.split(",")]
         seen = sorted(set.intersection(*(set(r) for r in runs)))
-        loss = np.array([[r[m]["valid/loss"] for m in seen] for r in runs])
+        loss = np.array([[r[m][metric] for m in seen] for r in runs])
         mean, spread = loss.mean(0), (loss.max(0) - loss.min(0)) / 2
-        print(f"\n{label} ({len(runs)} seeds): molecules seen | valid loss mean +- spread | valid LUMO MAE (meV)")
+        print(f"\n{label} ({len(runs)} seeds): molecules seen | {metric} mean +- spread | valid LUMO MAE (meV)")
         for k, m in enumerate(seen):
             mae = [r[m].get("valid/mae_lumo") for r in runs]
             mae_text = f"{np.mean(mae):.1f} +- {(max(mae) - min(mae)) / 2:.1f}" if None not in mae else "-"
             print(f"  {m:>8,} | {mean[k]:.4f} +- {spread[k]:.4f} | {mae_text}")
         ax.errorbar(seen, mean, yerr=spread, label=label, capsize=3, marker="o", markersize=3)
     ax.set_xlabel("training molecules seen")
-    ax.set_ylabel("validation loss (EMA weights)")
+    ax.set_ylabel(f"{metric} (EMA weights)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    chosen = "valid/loss"
+    if args[:1] == ["--metric"]:
+        chosen, args = args[1], args[2:]
+    main(args[0], args[1:], chosen)

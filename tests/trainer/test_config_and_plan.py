@@ -62,6 +62,36 @@ def test_every_cluster_config_is_valid():
     assert geom.data.url.startswith("s3://") and len(geom.model.atom_vocab) == 16
 
 
+@pytest.mark.parametrize("pretrain, finetune", [
+    ("cpu_pretrain_smoke", "cpu_smoke"), ("cpu_pretrain_moses", "cpu_demo"),
+    ("pcqm4mv2_pretrain_64gpu", "qm9_1gpu"), ("geom_pretrain_64gpu", "geom_64gpu"),
+])
+def test_pretraining_configs_pretrain_the_trunk_of_their_finetuning_config(pretrain, finetune):
+    """Same objective in every pretraining config, and a trunk that init_from can load whole: the same blocks,
+    width, t_n and noise schedule as the UniGEM it initialises."""
+    import dataclasses
+
+    from molscale.trainer.model.networks import UniGEM
+    from molscale.trainer.model.pretraining import TRUNK_PREFIXES, MoleculeJAE
+    pre, fine = load_config(f"cluster/{pretrain}.json"), load_config(f"cluster/{finetune}.json")
+    assert pre.objective == "moleculejae" and fine.objective == "diffusion"
+    assert pre.diffusion == fine.diffusion
+    vocab = [1, 6, 7, 8, 9]
+    jae = MoleculeJAE(dataclasses.replace(pre.model, atom_vocab=pre.model.atom_vocab or vocab), pre.pretrain,
+                      pre.diffusion, pre.loss)
+    unigem = UniGEM(dataclasses.replace(fine.model, atom_vocab=fine.model.atom_vocab or vocab), fine.diffusion)
+    trunk = {k: v.shape for k, v in jae.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+    assert trunk == {k: v.shape for k, v in unigem.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+    assert pre.model.t_nucleation == fine.model.t_nucleation
+
+
+def test_dry_run_of_a_pretraining_config_names_the_objective():
+    r = main_py("--config", "cluster/geom_pretrain_64gpu.json", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "moleculejae (pretraining: trunk = embed, shared, nucleation on UniGEM's inputs" in r.stdout
+    assert "world_size                 64" in r.stdout
+
+
 def test_missing_dataset_says_how_to_make_it(tmp_path):
     r = main_py("--config", "cluster/cpu_smoke.json", "--set", f"data.url={tmp_path}/qm9-smoke")
     assert r.returncode == 2

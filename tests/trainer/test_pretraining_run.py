@@ -25,7 +25,7 @@ def pretrained(qm9_small, tmp_path_factory):
 def test_pretraining_loss_falls(pretrained):
     rows = metrics(pretrained)
     assert [r["step"] for r in rows] == list(range(1, 41))
-    for term in ("loss", "score_3d", "score_2d", "contrastive"):
+    for term in ("loss", "score_3d", "score_2d", "atom_type", "contrastive"):
         values = np.array([r[term] for r in rows])
         assert np.all(np.isfinite(values)), term
         assert values[-10:].mean() < values[:10].mean(), (term, values.round(3).tolist())
@@ -59,7 +59,8 @@ def test_init_from_loads_the_trunk_and_reports(pretrained):
     assert {n.split(".")[0] for n in report["new"]} == {"atom_type_head", "prop_node", "prop_out"}
     for name in report["new"]:
         torch.testing.assert_close(state[name], fresh[name])  # left as initialised
-    assert {n.split(".")[0] for n in report["skipped"]} >= {"clean_encoder", "score_2d", "atom_embed"}
+    assert {n.split(".")[0] for n in report["skipped"]} == {"clean_encoder", "score_2d", "type_head", "proj_clean",
+                                                             "proj_noised"}
     assert set(report["skipped"].values()) == {"not in this model"}
 
 
@@ -80,9 +81,12 @@ def test_bad_pretraining_config_fails_before_work(tmp_path):
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "trainer/main.py", "--config", PRETRAIN, "--run-dir", str(tmp_path / "r"),
-                          "--set", "pretrain.sigma_min=0"], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "pretrain.sigma_min" in out.stderr
+                          "--set", "pretrain.temperature=0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "pretrain.temperature" in out.stderr
     out = subprocess.run([sys.executable, "trainer/main.py", "--config", PRETRAIN, "--run-dir", str(tmp_path / "r"),
                           "--set", 'model.properties=["lumo"]'], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "model.properties must be empty" in out.stderr
+    assert out.returncode == 2 and "model.properties must be empty" in out.stderr
+    out = subprocess.run([sys.executable, "trainer/main.py", "--config", PRETRAIN, "--run-dir", str(tmp_path / "r"),
+                          "--set", "loss.reduction=reference"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "loss.reduction must be 'molecule'" in out.stderr
     assert not (tmp_path / "r").exists()

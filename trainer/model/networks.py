@@ -77,6 +77,24 @@ def time_channel(t, num_steps, like):
     return frac[:, None, None].expand(like.shape[0], like.shape[1], 1)
 
 
+def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, layout="dense"):
+    """UniGEM's trunk: what the EGNN stack sees and returns, defined once for UniGEM and its pretraining.
+
+    The only inputs are the noised coordinates pos_t [B, N, 3], node_mask [B, N] and the step t [B]: node features
+    start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path). Returns the node
+    features h [B, N, H] after `blocks` and eps [B, N, 3], the CoM-free coordinate update.
+    """
+    mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
+    node_in = torch.cat([mask, time_channel(t, num_steps, pos_t) * mask], dim=-1)
+    graph = GRAPH_LAYOUTS[layout](pos_t, node_mask)
+    h = (embed(node_in) * mask).to(pos_t.dtype)
+    h, pos = graph.nodes(h), graph.nodes(pos_t)
+    for block in blocks:
+        h, pos = graph.run(block, h, pos)
+    h, pos = graph.dense(h), graph.dense(pos)
+    return h, diffusion.remove_mean(pos - pos_t, node_mask)
+
+
 class DiffusionModel(nn.Module):
     """What both models share: config, schedule, property normalisation, the loss as forward()."""
 
@@ -230,14 +248,10 @@ class UniGEM(DiffusionModel):
 
     def _denoise(self, pos_t, node_mask, t, branch, heads):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
-        node_in = torch.cat([mask, time_channel(t, self.num_steps, pos_t) * mask], dim=-1)
-        graph = self.build_graph(pos_t, node_mask)
-        h = (self.embed(node_in) * mask).to(pos_t.dtype)
-        h, pos = graph.nodes(h), graph.nodes(pos_t)
         branch_blocks = self.growth if branch == "growth" else self.nucleation
-        h, pos = self.run_blocks([*self.shared, *branch_blocks], h, pos, graph)
-        h, pos = graph.dense(h), graph.dense(pos)
-        out = {"eps": diffusion.remove_mean(pos - pos_t, node_mask)}
+        h, eps = run_trunk(self.embed, [*self.shared, *branch_blocks], pos_t, node_mask, t, self.num_steps,
+                           self.cfg.layout)
+        out = {"eps": eps}
         if heads:
             if branch != "growth":
                 raise ValueError("the atom-type and property heads sit on the growth branch only")

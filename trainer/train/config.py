@@ -228,6 +228,9 @@ class RunConfig:
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
             _require(self.model.model_class() is UniGEM,
                      "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
+            _require(self.loss.reduction == "molecule",
+                     "objective 'moleculejae' reduces per molecule: loss.reduction must be 'molecule' "
+                     "(loss.nominal_batch applies)")
         _require(self.optimizer.steps_per_batch == 1 or self.deepspeed.zero_stage == 0,
                  "optimizer.steps_per_batch > 1 needs deepspeed.zero_stage 0 (the repeated steps reuse the averaged "
                  "gradients in p.grad, which ZeRO keeps partitioned in its own buffers)")

@@ -57,8 +57,10 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
     act_bytes = 2 if cfg.deepspeed.bf16 else 4
     activations = pairs * cfg.model.hidden * act_bytes * EDGE_TENSORS_PER_BLOCK * path_blocks
     out.update({
-        "objective": cfg.objective + (" (pretraining: trunk = embed, shared, nucleation; 3D + 2D scores, "
-                                      f"contrastive weight {cfg.pretrain.contrastive_weight})"
+        "objective": cfg.objective + (" (pretraining: trunk = embed, shared, nucleation on UniGEM's inputs and "
+                                      f"{cfg.diffusion.schedule} schedule; 3D + 2D scores, atom types "
+                                      f"{'as targets' if cfg.pretrain.atom_types else 'unseen'}, contrastive "
+                                      f"weight {cfg.pretrain.contrastive_weight})"
                                       if cfg.objective == "moleculejae" else ""),
         "init_from": cfg.init_from,
         "model": model.describe(),

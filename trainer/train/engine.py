@@ -317,11 +317,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Loss on the validation split (EMA weights) and, for UniGEM with properties, the MAE in
-        dataset units; averaged over ranks."""
+        """Every loss term on the validation split (EMA weights; 'valid/loss', 'valid/eps', ...) and, for UniGEM
+        with properties, the MAE in dataset units; averaged over the molecules of every rank."""
         from molscale.trainer.model.sampling import predict_properties
         # Sums stay on the run's device: no host read per batch, and NCCL all-reduces device tensors only.
-        sums = torch.zeros(2 + len(self.cfg.model.properties), dtype=torch.float64, device=self.device)
+        # Layout: [molecules, property MAE sums..., loss-term sums...]; the terms are the model's (the same
+        # names on every rank, which all see the same number of validation batches).
+        n_props = len(self.cfg.model.properties)
+        sums, names = None, []
         generator = torch.Generator().manual_seed(1234 + self.rank)
         self.valid_loader.load_state_dict(self._valid_start)
         ctx = self.ema.applied_to(self.model) if self.ema else contextlib.nullcontext(self.model)
@@ -332,16 +335,22 @@ class Trainer:
                     break
                 batch = self._to_device(batch)
                 n = batch["num_atoms"].shape[0]
-                sums[0] += model(batch, generator=generator)["loss"].double() * n
-                sums[1] += n
-                if self.cfg.model.properties:
+                terms = model(batch, generator=generator)
+                if sums is None:
+                    names = sorted(terms)
+                    sums = torch.zeros(1 + n_props + len(names), dtype=torch.float64, device=self.device)
+                sums[0] += n
+                sums[1 + n_props:] += torch.stack([terms[k].detach().double().reshape(()) for k in names]) * n
+                if n_props:
                     pred = predict_properties(model, batch)
-                    sums[2:] += (pred - batch["props"]).abs().sum(0).double()
+                    sums[1:1 + n_props] += (pred - batch["props"]).abs().sum(0).double()
             model.train()
+        if sums is None:
+            raise RunError(f"validation split {self.cfg.data.valid_split!r} gave no batch on rank {self.rank}")
         dist.all_reduce(sums)
-        loss, count, *mae = sums.tolist()  # the one read back to the host
-        out = {"valid/loss": loss / count}
-        for name, total in zip(self.cfg.model.properties, mae):
+        count, *rest = sums.tolist()  # the one read back to the host
+        out = {f"valid/{name}": total / count for name, total in zip(names, rest[n_props:])}
+        for name, total in zip(self.cfg.model.properties, rest[:n_props]):
             out[f"valid/mae_{name}"] = total / count
         return out
 

@@ -42,7 +42,7 @@ def property_normalisation(cfg: RunConfig, manifest: Manifest) -> dict:
 def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | None = None) -> torch.nn.Module:
     """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
     if cfg.objective == "moleculejae":
-        return MoleculeJAE(model_cfg, cfg.pretrain)
+        return MoleculeJAE(model_cfg, cfg.pretrain, cfg.diffusion, cfg.loss)
     stats = prop_stats or {}
     return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None, cfg.loss)
 
