@@ -77,7 +77,8 @@ class PretrainConfig:
     bond_blocks: int = 2  # message-passing layers of the 2D head over the noised bond graph
     bond_channels: int = 5  # one-hot of bond order 0..4 (none, single, double, triple, aromatic)
 
-    def validate(self):
+    def validate(self, loss: LossConfig | None = None):
+        """This section's checks, and (given the run's loss section) that the loss reduces per molecule."""
         def check(ok, name, what):
             if not ok:
                 raise ValueError(f"pretrain.{name} must be {what}, got {getattr(self, name)!r}")
@@ -89,6 +90,9 @@ class PretrainConfig:
         check(isinstance(self.encoder_blocks, int) and self.encoder_blocks >= 1, "encoder_blocks", "an integer >= 1")
         check(isinstance(self.bond_blocks, int) and self.bond_blocks >= 0, "bond_blocks", "an integer >= 0")
         check(isinstance(self.bond_channels, int) and self.bond_channels >= 2, "bond_channels", "an integer >= 2")
+        if loss is not None and loss.reduction != "molecule":
+            raise ValueError("objective 'moleculejae' reduces per molecule: loss.reduction must be 'molecule' "
+                             "(loss.nominal_batch applies)")
 
 
 def masked_mean(x, node_mask):
@@ -191,8 +195,9 @@ class BondGraphScore(nn.Module):
         g = self.node(self.norm(h))
         for layer in self.layers:
             g = layer(g, edge, a_t, pair_mask)
+        per_node = F.linear(g, self.pair_sum.weight)  # W g, once per atom: W (g_i + g_j) = W g_i + W g_j
         pre = edge + self.pair_prod(g.unsqueeze(2) * g.unsqueeze(1))
-        pre = pre + F.linear(g, self.pair_sum.weight).unsqueeze(2) + F.linear(g, self.pair_sum.weight).unsqueeze(1)
+        pre = pre + per_node.unsqueeze(2) + per_node.unsqueeze(1)
         return self.out(pre + self.pair_sum.bias)
 
 
@@ -207,11 +212,9 @@ class MoleculeJAE(nn.Module):
             raise ValueError("MoleculeJAE pretrains a UniGEM trunk: it needs model.kind 'unigem' and an atom_vocab")
         diffusion = diffusion or DiffusionConfig()
         cfg.validate(diffusion)
-        pre.validate()
         loss = loss or LossConfig()
         loss.validate()
-        if loss.reduction != "molecule":
-            raise ValueError("objective 'moleculejae' reduces per molecule: loss.reduction must be 'molecule'")
+        pre.validate(loss)
         self.cfg, self.pre = cfg, pre
         # per-molecule terms are divided by the batch's molecules, or by this fixed count (atom-pair-budget
         # batches: every molecule weighs the same whatever its batch, as in UniGEM's loss)

@@ -216,7 +216,7 @@ class RunConfig:
                 section.validate()
             self.model.validate(self.diffusion)
             if self.objective == "moleculejae":
-                self.pretrain.validate()
+                self.pretrain.validate(self.loss)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _require(self.objective in ("diffusion", "moleculejae"),
@@ -228,9 +228,6 @@ class RunConfig:
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
             _require(self.model.model_class() is UniGEM,
                      "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
-            _require(self.loss.reduction == "molecule",
-                     "objective 'moleculejae' reduces per molecule: loss.reduction must be 'molecule' "
-                     "(loss.nominal_batch applies)")
         _require(self.optimizer.steps_per_batch == 1 or self.deepspeed.zero_stage == 0,
                  "optimizer.steps_per_batch > 1 needs deepspeed.zero_stage 0 (the repeated steps reuse the averaged "
                  "gradients in p.grad, which ZeRO keeps partitioned in its own buffers)")
