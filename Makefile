@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) -m datasets build qm9 --out data/qm9
 	DS_ACCELERATOR=cpu WANDB_SILENT=true $(VENV)/bin/deepspeed --num_accelerators 2 \
 	    trainer/main.py --config cluster/cpu_demo.json --run-dir $(DEMO_RUN) --resume auto
-	WANDB_SILENT=true $(PY) evals/generate.py --checkpoint $(DEMO_RUN) --n-samples 200 --batch 100 --steps 5 \
+	WANDB_SILENT=true $(PY) evals/generate.py --checkpoint $(DEMO_RUN) --n-samples 200 --batch 100 --steps 200 \
 	    --property --out $(DEMO_RUN)/eval
 	@echo
 	@echo "dataset:     data/qm9 (python -m datasets inspect data/qm9)"

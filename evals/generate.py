@@ -29,6 +29,7 @@ if importlib.util.find_spec("molscale") is None:  # a checkout without `pip inst
 
 
 def parse_args(argv=None):
+    from molscale.trainer.model.sampling import SAMPLERS
     p = argparse.ArgumentParser(
         prog="evals/generate.py",
         description="Generate molecules from a trained checkpoint over a Ray cluster and compute the EDM-protocol "
@@ -43,7 +44,13 @@ def parse_args(argv=None):
                    help="molecules to generate (default 10,000, the standard run)")
     p.add_argument("--batch", type=int, default=250, help="molecules per sampling chunk (one actor call)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sample on every k-th of the T diffusion steps (default: all T)")
+                   help="denoising steps K, one network evaluation each, on a grid respaced evenly over the T "
+                        "diffusion steps and holding UniGEM's t_n (default: all T); every sampler adds one read-out "
+                        "evaluation at t = 0")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
+                   help="ancestral (EDM's stochastic sampler; default), ddim (deterministic DDIM, eta 0) or dpm2m "
+                        "(DPM-Solver++(2M), deterministic, second order, one evaluation per step); quality against "
+                        "steps in BENCHMARKS.md")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "

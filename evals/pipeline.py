@@ -171,6 +171,9 @@ def run(args) -> int:
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
         reference_url = args.reference or loaded.dataset_url
         source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
+        if args.steps is not None and args.steps > loaded.model.num_steps:
+            raise InputError(f"--steps {args.steps}: this model's diffusion has T = {loaded.model.num_steps} "
+                             f"steps; sample with at most that many")
         if args.property and not loaded.model.cfg.properties:
             raise InputError("--property: this checkpoint's model predicts no properties")
     else:
@@ -213,11 +216,12 @@ def run(args) -> int:
             log.warning("--workers %d is more than the cluster's %d %s(s): sampling with %d", workers, capacity,
                         unit, capacity)
             workers = capacity
-        stride = args.steps or 1
-        molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, stride, args.seed,
-                                              workers, histogram, args.cuda_graphs, args.precision)
+        steps = args.steps or loaded.model.num_steps
+        molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed,
+                                              workers, histogram, args.cuda_graphs, args.precision, args.sampler)
         sample_seconds = time.perf_counter() - started
-        source.update(n_samples=args.n_samples, seed=args.seed, step_stride=stride, workers=workers,
+        source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
+                      network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
                       chunks_per_node=chunks_per_node,
                       sampling_seconds=round(sample_seconds, 2),

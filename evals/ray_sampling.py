@@ -52,15 +52,15 @@ def sampler_actor_class(ray):
             if self.device == "cuda":  # this process is the actor's own: the flag touches nothing else
                 torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
-        def sample(self, num_atoms: list[int], seed: int, stride: int) -> dict:
+        def sample(self, num_atoms: list[int], seed: int, steps: int | None, sampler: str) -> dict:
             import torch
 
             from molscale.trainer.model.sampling import sample
             generator = torch.Generator(device=self.device).manual_seed(seed)
             # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                out = sample(self.loaded.model, torch.tensor(num_atoms), stride=stride, generator=generator,
-                             device=self.device)
+                out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
+                             device=self.device, sampler=sampler)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id()}
@@ -90,9 +90,10 @@ def sampler_capacity(ray) -> tuple[int, str]:
     return (gpus, "GPU") if gpus else (max(1, int(resources.get("CPU", 1))), "CPU")
 
 
-def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed: int, workers: int,
+def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None, seed: int, workers: int,
              histogram: dict[int, int], cuda_graphs: bool = False,
-             precision: str = "fp32") -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             precision: str = "fp32",
+             sampler: str = "ancestral") -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever)."""
     from ray.util import ActorPool
@@ -105,7 +106,7 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, stride: int, seed
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}
-    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], stride), plan)
+    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], steps, sampler), plan)
     for (_, idx, counts), out in tqdm(zip(plan, results), total=len(plan), desc="sampling", unit="chunk"):
         for row, i in enumerate(idx):
             n = int(out["num_atoms"][row])

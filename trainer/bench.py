@@ -128,7 +128,6 @@ def step_functions(model, batch, layout, args):
                 else contextlib.nullcontext())
     # foreach: what torch picks by default for CUDA parameters (the trainer's optimizer on a GPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, foreach=True)
-    stride = model.num_steps // args.sample_steps
 
     def train_step():
         model.cfg.layout = layout
@@ -143,7 +142,7 @@ def step_functions(model, batch, layout, args):
         model.cfg.layout = layout
         generator = torch.Generator().manual_seed(args.seed)
         with autocast:
-            sample(model, batch["num_atoms"].cpu(), stride=stride, generator=generator)
+            sample(model, batch["num_atoms"].cpu(), steps=args.sample_steps, generator=generator)
 
     return train_step, sample_run
 
@@ -161,7 +160,8 @@ def main(argv=None):
                         help="'both': dense and the research code's edge-list layout; 'all': also edge-list-real")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed training steps per layout")
-    parser.add_argument("--sample-steps", type=int, default=4, help="sampler grid steps per timed sampling run")
+    parser.add_argument("--sample-steps", type=int, default=4,
+                        help="denoising steps (network evaluations, plus the read-out) per timed sampling run")
     parser.add_argument("--sample-iters", type=int, default=3, help="timed sampling runs per layout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--manifest", metavar="DATASET",
@@ -193,7 +193,7 @@ def main(argv=None):
     steps = {layout: step_functions(model, batch, layout, args) for layout in layouts}
     train_s = interleaved_medians({k: v[0] for k, v in steps.items()}, device, args.warmup, args.iters)
     sample_s = interleaved_medians({k: v[1] for k, v in steps.items()}, device, 1, args.sample_iters)
-    evaluations = len(timestep_grid(model.num_steps, model.num_steps // args.sample_steps))  # grid steps + t = 0
+    evaluations = len(timestep_grid(model.num_steps, args.sample_steps))  # K steps + the read-out at t = 0
     train_step, sample_run = steps[layouts[0]]
     ema = EMA(model, 0.9999)
     calls = {"train_step (forward, backward, AdamW)": operator_calls(train_step),

@@ -52,6 +52,8 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     assert r.returncode == 2 and "corrupt checkpoint" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--n-samples", "0", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--n-samples must be at least 1" in r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--steps", "1001", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--steps 1001: this model's diffusion has T = 1000 steps" in r.stderr
     r = generate("--dataset", qm9_small, "--split", "tset", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no split 'tset'" in r.stderr
     assert "Started a local Ray" not in r.stderr + r.stdout
@@ -64,7 +66,7 @@ def read_sdf_coords(path):
 
 
 def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_checkpoint, tmp_path):
-    common = ["--checkpoint", tiny_checkpoint, "--n-samples", "24", "--batch", "6", "--steps", "100",
+    common = ["--checkpoint", tiny_checkpoint, "--n-samples", "24", "--batch", "6", "--steps", "10",
               "--seed", "7", "--num-cpus", "2"]
     r2 = generate(*common, "--workers", "2", "--out", str(tmp_path / "two"))
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -86,12 +88,14 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
     r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--precision", "bf16",
-                  "--out", str(tmp_path / "other"))
+                  "--sampler", "dpm2m", "--out", str(tmp_path / "other"))
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
     source = json.loads((tmp_path / "other" / "metrics.json").read_text())["source"]
-    assert (source["precision"], source["cuda_graphs"]) == ("bf16", False)
+    assert (source["precision"], source["cuda_graphs"], source["sampler"]) == ("bf16", False, "dpm2m")
+    assert (source["steps"], source["network_evaluations"]) == (10, 11)
     assert json.loads((out / "metrics.json").read_text())["source"]["precision"] == "fp32"
+    assert json.loads((out / "metrics.json").read_text())["source"]["sampler"] == "ancestral"
 
 
 def test_data_row_of_a_real_split(qm9_small, tmp_path):
@@ -126,7 +130,7 @@ def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
         out = tmp_path / "job-out"
         job = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT,
                               "--", "python", "evals/generate.py", "--checkpoint", tiny_checkpoint,
-                              "--n-samples", "12", "--batch", "6", "--steps", "200", "--no-wandb", "--out", str(out)],
+                              "--n-samples", "12", "--batch", "6", "--steps", "5", "--no-wandb", "--out", str(out)],
                              capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr

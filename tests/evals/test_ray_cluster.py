@@ -53,7 +53,7 @@ def submit(cluster, *args, out):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CLUSTER_ENV, cwd=ROOT)
 
 
-SAMPLING = ["--n-samples", "16", "--batch", "2", "--steps", "4", "--seed", "3", "--workers", "5"]
+SAMPLING = ["--n-samples", "16", "--batch", "2", "--steps", "250", "--seed", "3", "--workers", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_killed_sampler_is_restarted_and_gives_the_same_molecules(two_nodes, t
 
     killer = threading.Thread(target=kill_one_sampler)
     killer.start()
-    job = submit(two_nodes, "--checkpoint", tiny_checkpoint, *SAMPLING[:-2], "--steps", "1", out=out)
+    job = submit(two_nodes, "--checkpoint", tiny_checkpoint, *SAMPLING[:-2], "--steps", "1000", out=out)
     job.communicate(timeout=600)
     killer.join()
     assert killed, "no sampler was seen sampling"
@@ -100,7 +100,7 @@ def test_a_killed_sampler_is_restarted_and_gives_the_same_molecules(two_nodes, t
     steps_1 = read_sdf_coords(out / "samples.sdf")
     # the same run undisturbed (every chunk's seed is fixed: the restarted actor redoes its chunk exactly)
     again = tmp_path / "again"
-    job = submit(two_nodes, "--checkpoint", tiny_checkpoint, *SAMPLING[:-2], "--steps", "1", out=again)
+    job = submit(two_nodes, "--checkpoint", tiny_checkpoint, *SAMPLING[:-2], "--steps", "1000", out=again)
     log, _ = job.communicate(timeout=600)
     assert job.returncode == 0, log[-3000:]
     assert steps_1 == read_sdf_coords(again / "samples.sdf")

@@ -64,7 +64,7 @@ def test_evaluation_joins_the_training_runs_group(qm9_small, tmp_path):
 
     out = tmp_path / "eval"
     env = {k: v for k, v in ENV.items() if k not in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP")}
-    r = generate("--checkpoint", str(run_dir), "--n-samples", "6", "--batch", "6", "--steps", "200",
+    r = generate("--checkpoint", str(run_dir), "--n-samples", "6", "--batch", "6", "--steps", "5",
                  "--num-cpus", "2", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "W&B logging failed" not in r.stderr

@@ -64,7 +64,7 @@ def test_graphed_sampling_equals_eager(kind):
 
     def draw():
         generator = torch.Generator(device="cuda").manual_seed(3)
-        return sample(model, sizes, stride=50, generator=generator, device="cuda")
+        return sample(model, sizes, steps=20, generator=generator, device="cuda")
     eager = draw()
     model.use_cuda_graphs()
     for _ in range(2):

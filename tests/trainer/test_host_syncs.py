@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.model.pretraining import MoleculeJAE, PretrainConfig
-from molscale.trainer.model.sampling import predict_properties, sample
+from molscale.trainer.model.sampling import SAMPLERS, predict_properties, sample
 from molscale.trainer.train.ema import EMA
 
 aten = torch.ops.aten
@@ -87,14 +87,15 @@ def test_sampling_steps_stay_on_the_device():
     model = meta_model("unigem")
     num_atoms = torch.tensor([5, 9, 7])
 
-    def record(stride):
+    def record(steps, sampler):
         with HostTraffic() as traffic:
-            out = sample(model, num_atoms, stride=stride, device="meta")
+            out = sample(model, num_atoms, steps=steps, device="meta", sampler=sampler)
         assert out["pos"].device.type == "meta"
         return traffic.events
 
-    few, more = record(stride=250), record(stride=125)  # 5 and 9 network evaluations
-    assert few == more
+    for sampler in SAMPLERS:  # 5 and 9 network evaluations; each crosses the branch switch
+        few, more = record(4, sampler), record(8, sampler)
+        assert few == more, sampler
 
 
 def test_property_prediction_stays_on_the_device():

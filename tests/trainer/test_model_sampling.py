@@ -1,10 +1,14 @@
-"""Ancestral sampler, atom counts from a histogram, branch routing while sampling, property prediction."""
+"""Samplers (ancestral, DDIM, DPM-Solver++(2M)) on respaced grids, atom counts from a histogram, branch routing while
+sampling, property prediction."""
 
 import pytest
 import torch
 
 from molscale.trainer.model.sampling import (
+    SAMPLERS,
+    DPMSolver2M,
     ancestral_step,
+    ddim_step,
     predict_properties,
     sample,
     sample_num_atoms,
@@ -23,17 +27,30 @@ def test_atom_counts_follow_the_histogram():
         sample_num_atoms({5: 0}, 3)
 
 
-def test_timestep_grid():
+def test_timestep_grid_counts_steps_and_holds_the_branch_switch():
     assert timestep_grid(1000) == list(range(1000, -1, -1))
-    assert timestep_grid(1000, 300) == [1000, 700, 400, 100, 0]
-    assert timestep_grid(10, 10) == [10, 0]
+    assert timestep_grid(1000, None, 10) == list(range(1000, -1, -1))
+    assert timestep_grid(1000, 4) == [1000, 750, 500, 250, 0]
+    assert timestep_grid(10, 1) == [10, 0] and timestep_grid(1000, 1, 10) == [1000, 0]
+    assert timestep_grid(1000, 2, 10) == [1000, 10, 0]
+    assert timestep_grid(1000, 500, 10) == list(range(1000, -1, -2))  # what the old stride 2 visited
+    for steps in (3, 25, 50, 100, 200, 333, 990, 999):
+        grid = timestep_grid(1000, steps, 10)
+        assert len(grid) == steps + 1 and grid[0] == 1000 and grid[-1] == 0
+        assert all(a > b for a, b in zip(grid, grid[1:])) and 10 in grid
+        assert sum(t <= 10 for t in grid[:-1]) >= 1  # at least one growth-branch step before the read-out
+    assert timestep_grid(1000, 100, 10)[-5:] == [40, 30, 20, 10, 0]
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match=r"sampling steps must be in \[1, 1000\]"):
+            timestep_grid(1000, bad, 10)
 
 
-@pytest.mark.parametrize("stride", [1, 37])
-def test_samples_are_com_free_and_well_formed(kind, stride):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("steps", [1000, 27])
+def test_samples_are_com_free_and_well_formed(kind, steps, sampler):
     model = tiny_model(kind, hidden=8, layers=2, dtype=torch.float32)
     num_atoms = torch.tensor([3, 6, 4])
-    out = sample(model, num_atoms, stride=stride, generator=torch.Generator().manual_seed(0))
+    out = sample(model, num_atoms, steps=steps, generator=torch.Generator().manual_seed(0), sampler=sampler)
     mask = out["node_mask"]
     assert out["pos"].shape == (3, 6, 3) and out["pos"].dtype == torch.float32
     assert torch.equal(mask.sum(1), num_atoms)
@@ -49,8 +66,8 @@ def test_samples_are_com_free_and_well_formed(kind, stride):
 def test_sampling_is_reproducible_and_chunking_is_invisible():
     model = tiny_model("unigem", hidden=8, layers=2, dtype=torch.float32)
     num_atoms = torch.tensor([3, 6, 4, 6, 2])
-    a = sample(model, num_atoms, stride=100, generator=torch.Generator().manual_seed(1))
-    b = sample(model, num_atoms, stride=100, generator=torch.Generator().manual_seed(1))
+    a = sample(model, num_atoms, steps=10, generator=torch.Generator().manual_seed(1))
+    b = sample(model, num_atoms, steps=10, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a["pos"], b["pos"]) and torch.equal(a["atom_type"], b["atom_type"])
 
 
@@ -64,11 +81,20 @@ def test_unigem_sampling_routes_each_step_to_its_phase_branch():
         return original(pos, node_mask, t, branch, heads)
 
     model.denoise = spy
-    sample(model, torch.tensor([4, 4]), stride=5, generator=torch.Generator().manual_seed(0))
-    assert [c[0] for c in calls] == timestep_grid(1000, 5)  # one chunk: one call per grid time
-    for t, branch, heads in calls:
-        assert branch == ("growth" if t <= 10 else "nucleation")
-        assert heads == (t == 0)
+    for sampler in SAMPLERS:
+        calls.clear()
+        sample(model, torch.tensor([4, 4]), steps=40, generator=torch.Generator().manual_seed(0), sampler=sampler)
+        assert [c[0] for c in calls] == timestep_grid(1000, 40, 10)  # one chunk: K steps, then the read-out at 0
+        assert len(calls) == 41
+        for t, branch, heads in calls:
+            assert branch == ("growth" if t <= 10 else "nucleation")
+            assert heads == (t == 0)
+
+
+def test_unknown_sampler_is_refused():
+    model = tiny_model("unigem", hidden=8, layers=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sample(model, torch.tensor([3]), steps=2, sampler="euler")
 
 
 def test_ancestral_step_matches_the_forward_marginals():
@@ -112,9 +138,61 @@ def test_final_step_recovers_a_point_mass_with_an_oracle_denoiser(kind):
         return out
 
     model.denoise = lambda *args, **kwargs: oracle(*args)
-    out = sample(model, torch.tensor([3, 3]), stride=50, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out["pos"], x0.expand(2, -1, -1), atol=1e-8, rtol=0)
-    assert torch.equal(out["atom_type"], types.expand(2, -1))
+    for sampler in SAMPLERS:
+        out = sample(model, torch.tensor([3, 3]), steps=20, generator=torch.Generator().manual_seed(0),
+                     sampler=sampler)
+        torch.testing.assert_close(out["pos"], x0.expand(2, -1, -1), atol=1e-8, rtol=0)
+        assert torch.equal(out["atom_type"], types.expand(2, -1))
+
+
+def _exact_eps_for_gaussian_data(schedule, z, t, scale):
+    # data x0 ~ N(0, scale^2) in the CoM-free subspace: E[eps | z_t] = sigma_t z_t / (alpha_t^2 scale^2 + sigma_t^2)
+    alpha, sigma = schedule.host_alpha_sigma(t)
+    return z * (sigma / (alpha**2 * scale**2 + sigma**2))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm2m"])
+def test_deterministic_samplers_follow_the_probability_flow(sampler):
+    # For Gaussian data the probability-flow ODE maps z_T to z_0 = z_T * sqrt(alpha_0^2 s^2 + sigma_0^2) /
+    # sqrt(alpha_T^2 s^2 + sigma_T^2) exactly; a consistent solver gets closer with more steps, and the
+    # second-order one converges faster than DDIM.
+    model = tiny_model("unigem", hidden=8, layers=2)
+    sched, scale = model.schedule, 1.7
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    z_T = torch.tensor([[[1.0, -0.5, 0.2], [-0.3, 0.4, 0.9], [0.1, 0.6, -1.4], [-0.8, -0.5, 0.3]]],
+                       dtype=torch.float64)
+    z_T = z_T - z_T.mean(1, keepdim=True)
+
+    def variance(t):
+        alpha, sigma = sched.host_alpha_sigma(t)
+        return alpha**2 * scale**2 + sigma**2
+
+    exact = z_T * (variance(0) / variance(1000)) ** 0.5
+
+    def solve(steps):
+        grid, z = timestep_grid(1000, steps, 10), z_T
+        solver = DPMSolver2M(sched)
+        for t, s in zip(grid[:-1], grid[1:]):
+            eps = _exact_eps_for_gaussian_data(sched, z, t, scale)
+            z = ddim_step(sched, z, eps, t, s, mask) if sampler == "ddim" else solver.step("pos", z, eps, t, s, mask)
+        return (z - exact).abs().max().item() / exact.abs().max().item()
+
+    errors = [solve(k) for k in (10, 40, 160)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02
+    if sampler == "dpm2m":
+        assert errors[1] / errors[2] > 6.0  # two doublings of the steps: first order (DDIM) gains 4, this about 10
+
+
+def test_dpm_solver_restarts_its_history_at_the_branch_switch():
+    model = tiny_model("unigem", hidden=8, layers=2, dtype=torch.float32)
+    restarts = []
+    original = DPMSolver2M.restart
+    try:
+        DPMSolver2M.restart = lambda self: restarts.append(1) or original(self)
+        sample(model, torch.tensor([3, 3]), steps=30, generator=torch.Generator().manual_seed(0), sampler="dpm2m")
+    finally:
+        DPMSolver2M.restart = original
+    assert len(restarts) == 2  # at construction and when the grid first reaches t_n (the growth branch)
 
 
 def test_property_prediction_returns_dataset_units():

@@ -1,11 +1,16 @@
-"""Ancestral sampling (EDM's sample_p_zs_given_zt) and property prediction, for UniGEM and EDM models.
+"""Samplers (ancestral as EDM's sample_p_zs_given_zt, deterministic DDIM and DPM-Solver++(2M)) and property
+prediction, for UniGEM and EDM models.
 
-The sampler visits a grid of time steps T = t_K > ... > t_1 > t_0 = 0 (all T steps, or every `stride`-th),
-takes the ancestral step t -> s between neighbours and ends with the prediction at t = 0:
-x = (z_0 - sigma_0 eps_hat) / alpha_0. UniGEM routes the whole batch through the branch of the current phase
-and reads atom types from the growth branch's head at t = 0; EDM takes the argmax of the one-hot channels.
+``steps`` K is the number of denoising steps, each one network evaluation, on a respaced grid of integer times
+T = t_0 > t_1 > ... > t_K = 0 (timestep_grid); every sampler then reads the molecule out with one more evaluation
+at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (EDM's sample_p_xh_given_z0), which for UniGEM is also where the
+growth branch's head gives the atom types. K = T is EDM's 1000-step sampler. UniGEM routes the whole batch through
+the branch of the current phase; the grid always holds t_n, so the growth branch takes over exactly there, and
+the multistep solver restarts its history at that switch (the two branches are different networks).
 Sampler state is float32 (the dtype of the model's first parameter when that is float64, for tests).
 """
+
+import math
 
 import torch
 
@@ -18,6 +23,8 @@ from molscale.trainer.model.diffusion import (
     remove_mean,
 )
 from molscale.trainer.model.packing import plan_chunks, take
+
+SAMPLERS = ("ancestral", "ddim", "dpm2m")
 
 
 def sample_num_atoms(histogram, num_samples, generator=None):
@@ -32,12 +39,28 @@ def sample_num_atoms(histogram, num_samples, generator=None):
     return sizes[draws.cpu()]
 
 
-def timestep_grid(num_steps, stride=1):
-    """[T, T - stride, ..., 0]: always starts at T and ends at 0."""
-    if stride < 1:
-        raise ValueError(f"sampling stride must be >= 1, got {stride}")
-    grid = list(range(num_steps, 0, -stride))
-    return grid + [0]
+def _even_points(start, stop, count):
+    # count + 1 integers from start down to stop, as evenly spaced as integers allow
+    return [round(start + (stop - start) * i / count) for i in range(count + 1)]
+
+
+def timestep_grid(num_steps, steps=None, t_switch=None):
+    """K = ``steps`` denoising steps (default: all T) -> [T, ..., 0], K + 1 strictly decreasing integer times.
+
+    The grid is evenly spaced in t. With ``t_switch`` (UniGEM's t_n) it holds t_switch, and the steps are shared
+    between (t_switch, T] and [0, t_switch] in proportion to their lengths (at least one each when K >= 2), so a
+    few-step grid still denoises on the growth branch before the read-out. steps = T gives every integer time.
+    """
+    steps = num_steps if steps is None else steps
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"sampling steps must be in [1, {num_steps}] (the diffusion's T), got {steps}")
+    if not t_switch or t_switch >= num_steps or steps < 2:
+        return _even_points(num_steps, 0, steps)
+    growth = min(max(1, round(steps * t_switch / num_steps)), t_switch, steps - 1)
+    nucleation = steps - growth
+    if nucleation > num_steps - t_switch:  # more steps than integer times above t_switch: give the rest below
+        nucleation, growth = num_steps - t_switch, steps - (num_steps - t_switch)
+    return _even_points(num_steps, t_switch, nucleation) + _even_points(t_switch, 0, growth)[1:]
 
 
 def _state_dtype(model):
@@ -45,22 +68,29 @@ def _state_dtype(model):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _switch_time(model):
+    return model.cfg.t_nucleation if hasattr(model, "branch_of") else None
+
+
 @torch.no_grad()
-def sample(model, num_atoms, stride=1, generator=None, device=None):
-    """Generate molecules. num_atoms: LongTensor [B] (e.g. from sample_num_atoms).
+def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral"):
+    """Generate molecules. num_atoms: LongTensor [B] (e.g. from sample_num_atoms); steps: denoising steps K
+    (default T); sampler: one of SAMPLERS.
 
     Returns pos [B, N, 3] (Angstrom, CoM-free), node_mask [B, N], atom_type [B, N] (vocabulary index, 0 at
     padding), z [B, N] (atomic numbers, 0 at padding), num_atoms [B]; N = max(num_atoms).
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).cpu()
     batch_size, n_max = len(num_atoms), int(num_atoms.max())
-    grid = timestep_grid(model.num_steps, stride)
+    grid = timestep_grid(model.num_steps, steps, _switch_time(model))
     pos = torch.zeros(batch_size, n_max, 3, dtype=_state_dtype(model), device=device)
     atom_type = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)
     for idx, n_pad in plan_chunks(num_atoms.tolist(), chunk_cost(model, device)):
         node_mask = torch.arange(n_pad)[None, :] < num_atoms[idx][:, None]  # [b, n_pad]
-        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype)
+        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler)
         pos[idx.to(device), :n_pad] = pos_c
         atom_type[idx.to(device), :n_pad] = type_c
     node_mask = (torch.arange(n_max)[None, :] < num_atoms[:, None]).to(device)
@@ -77,16 +107,74 @@ def ancestral_step(schedule, z_t, eps_hat, t: int, s: int, node_mask, generator=
     inv_alpha_ts, eps_coef, std = schedule.step_coefficients(t, s)
     draw = com_free_noise if com_free else masked_noise
     z_s = z_t * inv_alpha_ts - eps_coef * eps_hat + std * draw(z_t.shape, node_mask, generator, z_t.dtype)
-    return remove_mean(z_s, node_mask) if com_free else z_s * node_mask.to(z_s.dtype).unsqueeze(-1)
+    return _project(z_s, node_mask, com_free)
 
 
-def _sample_chunk(model, node_mask, grid, generator, dtype):
+def _project(z, node_mask, com_free):
+    # coordinates back onto the zero-CoM subspace (round-off drifts off it); other latents zero at padding
+    return remove_mean(z, node_mask) if com_free else z * node_mask.to(z.dtype).unsqueeze(-1)
+
+
+def ddim_step(schedule, z_t, eps_hat, t: int, s: int, node_mask, com_free=True):
+    """Deterministic DDIM (eta = 0): z_s = alpha_s x_hat + sigma_s eps_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t.
+
+    Both terms are CoM-free when z_t and eps_hat are, so the step stays in the zero-CoM subspace."""
+    a_t, s_t = schedule.host_alpha_sigma(t)
+    a_s, s_s = schedule.host_alpha_sigma(s)
+    return _project(z_t * (a_s / a_t) + eps_hat * (s_s - a_s * s_t / a_t), node_mask, com_free)
+
+
+class DPMSolver2M:
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep): the second-order step reuses the clean
+    estimate of the previous step, so it costs one network evaluation per step, like DDIM. Its first step, and
+    the first after ``restart()`` (the UniGEM branch switch), is first order, which is DDIM's step."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+        self.restart()
+
+    def restart(self):
+        self.previous = {}  # latent name -> (lambda at its time, x_hat)
+
+    def _lambda(self, t):
+        alpha, sigma = self.schedule.host_alpha_sigma(t)
+        return math.log(alpha / sigma)
+
+    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, com_free=True):
+        a_t, s_t = self.schedule.host_alpha_sigma(t)
+        a_s, s_s = self.schedule.host_alpha_sigma(s)
+        lam_t, lam_s = self._lambda(t), self._lambda(s)
+        h = lam_s - lam_t
+        x_hat = (z_t - eps_hat * s_t) * (1.0 / a_t)
+        direction = x_hat
+        if name in self.previous:
+            lam_prev, x_prev = self.previous[name]
+            r = (lam_t - lam_prev) / h
+            direction = x_hat * (1.0 + 0.5 / r) - x_prev * (0.5 / r)
+        self.previous[name] = (lam_t, x_hat)
+        z_s = z_t * (s_s / s_t) - direction * (a_s * math.expm1(-h))
+        return _project(z_s, node_mask, com_free)
+
+
+def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral"):
     # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
     latents = model.initial_latents(node_mask, generator, dtype)
-    for t, s in zip(grid[:-1], grid[1:]):
+    solver = DPMSolver2M(model.schedule) if sampler == "dpm2m" else None
+    branch_of = getattr(model, "branch_of", lambda t: None)
+    for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
         eps = model.predict_noise(latents, node_mask, t, final=False)
-        latents = {name: ancestral_step(model.schedule, z, eps[name], t, s, node_mask, generator,
-                                        com_free=name == "pos") for name, z in latents.items()}
+        if solver is not None and branch_of(t) != branch_of(prev_t):
+            solver.restart()  # the network changed: its earlier estimate is not a history of this one
+        stepped = {}
+        for name, z in latents.items():
+            com_free = name == "pos"
+            if sampler == "ancestral":
+                stepped[name] = ancestral_step(model.schedule, z, eps[name], t, s, node_mask, generator, com_free)
+            elif sampler == "ddim":
+                stepped[name] = ddim_step(model.schedule, z, eps[name], t, s, node_mask, com_free)
+            else:
+                stepped[name] = solver.step(name, z, eps[name], t, s, node_mask, com_free)
+        latents = stepped
     # final prediction at t = 0
     out = model.predict_noise(latents, node_mask, 0, final=True)
     alpha0, sigma0 = model.schedule.host_alpha_sigma(0)
