@@ -3,6 +3,7 @@
     python evals/generate.py --checkpoint RUN_DIR --n-samples 10000 --out OUT      # local Ray
     ray job submit --working-dir . -- python evals/generate.py --checkpoint /abs/RUN_DIR --out OUT
     python evals/generate.py --dataset data/qm9 --split test --out OUT             # the "data" row
+    python evals/generate.py --molecules other_model.sdf --reference data/qm9 --out OUT   # molecules from elsewhere
 
 Sampling actors load the EMA model once (one GPU each where there are GPUs) and sample chunks of
 similar-sized molecules; atom counts come from the train histogram stored in the checkpoint. Every
@@ -38,6 +39,10 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (its latest checkpoint) or a checkpoint folder")
     src.add_argument("--dataset", help="dataset folder or URL: evaluate its real molecules (the 'data' row)")
+    src.add_argument("--molecules", metavar="FILE",
+                     help="evaluate the 3D molecules of an SDF or XYZ file (another model's samples, say) with the "
+                          "same metrics and outputs; records that cannot be read are counted and listed in "
+                          "metrics.json. Novelty and the distribution metrics need --reference")
     p.add_argument("--out", required=True,
                    help="output folder or URL (s3://...): metrics.json, samples.sdf, plots, report.html")
     p.add_argument("--n-samples", type=int, default=10000,
@@ -63,7 +68,8 @@ def parse_args(argv=None):
                    help="sampling actors (default: one per GPU, else one per CPU of the cluster)")
     p.add_argument("--split", default="test", help="with --dataset: the split to evaluate (default test)")
     p.add_argument("--reference", default=None,
-                   help="dataset for novelty and the distribution metrics (default: the checkpoint's dataset)")
+                   help="dataset for novelty and the distribution metrics (default: the checkpoint's or --dataset's; "
+                        "none with --molecules)")
     p.add_argument("--reference-split", default="test", help="split the distribution metrics compare with")
     p.add_argument("--property", action="store_true",
                    help="also report property MAEs: with --checkpoint, the model's (UniGEM with properties) on the "

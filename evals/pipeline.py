@@ -130,6 +130,30 @@ def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str |
     return rows
 
 
+def file_molecules(path: str) -> tuple[list, list, dict]:
+    """(records, molecules [(z, pos)] of the usable ones, source fields) of an SDF/XYZ file for --molecules.
+
+    Molecules are evaluated as given: no hydrogens are added, nothing is re-embedded."""
+    from molscale.datasets.sources.molecule_files import file_format, read_molecule_file, rejection_counts
+    if file_format(path) == "smiles":
+        raise InputError(f"--molecules {path}: SMILES carry no 3D coordinates to evaluate; give an SDF or XYZ file")
+    records = read_molecule_file(path, add_hydrogens=False)
+    if not records:
+        raise InputError(f"--molecules {path} holds no molecules")
+    molecules = [(r.z, r.conformers[0]) for r in records if r.ok]
+    if not molecules:
+        first = records[0]
+        raise InputError(f"--molecules {path}: none of its {len(records)} records could be read (record "
+                         f"{first.index}: {first.reason})")
+    rejected = [{"index": r.index, "name": r.name, "reason": r.reason} for r in records if not r.ok]
+    if rejected:
+        log.warning("--molecules %s: %d of %d records rejected (%s); listed in metrics.json source.rejected_records",
+                    path, len(rejected), len(records), rejection_counts(records))
+    source = {"molecules": path, "records": len(records), "evaluated": len(molecules),
+              "rejected": rejection_counts(records), "rejected_records": rejected}
+    return records, molecules, source
+
+
 def _json_safe(value):
     """NaN (a metric undefined for this set, e.g. bond-type TV when no bonds were generated) -> null."""
     if isinstance(value, dict):
@@ -176,18 +200,30 @@ def run(args) -> int:
                              f"steps; sample with at most that many")
         if args.property and not loaded.model.cfg.properties:
             raise InputError("--property: this checkpoint's model predicts no properties")
+    elif args.molecules:
+        if args.property:
+            raise InputError("--property needs a model (--checkpoint) or property labels (--dataset); "
+                             "--molecules has neither")
+        _, file_mols, source = file_molecules(args.molecules)
+        reference_url = args.reference
+        vocab = sorted({int(a) for z, _ in file_mols for a in z})
     else:
         manifest = load_manifest(args.dataset)
         manifest.split(args.split)
         vocab = manifest.atom_vocab
         reference_url = args.reference or args.dataset
         source = {"dataset": args.dataset, "split": args.split}
-    if not args.checkpoint and reference_url == args.dataset:
+    if args.dataset and reference_url == args.dataset:
         reference = manifest
     elif args.reference:  # asked for by name: it must be there
         reference = load_manifest(args.reference)
+    elif reference_url is None:
+        log.info("no --reference: novelty and the distribution metrics are skipped")
+        reference = None
     else:  # the checkpoint's own dataset may not be reachable from here: evaluate without it
         reference = _reference_manifest(reference_url)
+    if args.molecules and reference is not None:
+        vocab = sorted(set(vocab) | set(reference.atom_vocab))
     if reference is not None:
         reference.split(args.reference_split)
     # --property: with a checkpoint, its model's MAE on the reference split (and the train-mean baseline);
@@ -226,6 +262,8 @@ def run(args) -> int:
                       chunks_per_node=chunks_per_node,
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))
+    elif args.molecules:
+        molecules = file_mols
     else:
         from molscale.evals.protocol.molecules import load_split_molecules
         molecules = load_split_molecules(manifest, args.split)
@@ -258,13 +296,16 @@ def run(args) -> int:
         json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
     write_report(flat, local_out, histograms=stats.get("histograms"), reference=ref_hist,
                  example_smiles=sorted(set(stats.get("valid_smiles", [])))[:20],
-                 title="Generated molecules" if args.checkpoint else f"Real molecules: {args.split} split",
-                 notes={**{k: str(v) for k, v in source.items()},
+                 title="Generated molecules" if args.checkpoint else
+                 f"Molecules of {os.path.basename(args.molecules)}" if args.molecules else
+                 f"Real molecules: {args.split} split",
+                 notes={**{k: str(v) for k, v in source.items() if k != "rejected_records"},
                         "reference": str(metrics["reference"]["dataset"])})
     if not args.no_wandb:
         try:
-            _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project,
-                       {**source, "out": args.out}, training=loaded.wandb if args.checkpoint else None,
+            config = {**{k: v for k, v in source.items() if k != "rejected_records"}, "out": args.out}
+            _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project, config,
+                       training=loaded.wandb if args.checkpoint else None,
                        training_step=source.get("step"))
         except Exception as err:  # the metrics are on disk already; W&B trouble must not lose them
             log.error("W&B logging failed: %s", err)

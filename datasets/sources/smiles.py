@@ -61,24 +61,35 @@ def moses_file(name: str) -> str:
     return path
 
 
-def read_smiles(path: str):
-    """SMILES strings of a text or CSV file (plain or gzip), in file order."""
+def read_named_smiles(path: str):
+    """(SMILES, name) pairs of a text or CSV file (plain or gzip), in file order. Name: the text line's second
+    whitespace-separated token, or a CSV's ``name`` / ``id`` column; "" when there is none."""
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     text = io.TextIOWrapper(gzip.open(path, "rb") if gzipped else open(path, "rb"), encoding="utf-8",
                             newline="")
     with text:
         first = text.readline()
-        header = next(csv.reader([first]), [])
-        column = next((i for i, name in enumerate(header) if name.strip().lower() == "smiles"), None)
-        if column is not None:  # a CSV with a smiles column
+        header = [name.strip().lower() for name in next(csv.reader([first]), [])]
+        if "smiles" in header:  # a CSV with a smiles column
+            column = header.index("smiles")
+            name_column = next((header.index(n) for n in ("name", "id") if n in header), None)
             for row in csv.reader(text):
                 if row:
-                    yield row[column].strip() if column < len(row) else ""
+                    smiles = row[column].strip() if column < len(row) else ""
+                    name = row[name_column].strip() if name_column is not None and name_column < len(row) else ""
+                    yield smiles, name
             return
         for line in itertools.chain([first], text):  # no header: the first line is data
             if line.strip() and not line.startswith("#"):
-                yield line.split()[0]
+                parts = line.split()
+                yield parts[0], " ".join(parts[1:])
+
+
+def read_smiles(path: str):
+    """SMILES strings of a text or CSV file (plain or gzip), in file order."""
+    for smiles, _ in read_named_smiles(path):
+        yield smiles
 
 
 def smiles_chunks(path: str, chunk_molecules: int, limit: int | None):

@@ -12,29 +12,12 @@ import pytest
 from rdkit import Chem
 
 from tests.conftest import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-           RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-ENV.pop("RAY_ADDRESS", None)
+from tests.evals.conftest import ENV, ROOT
 
 
 def generate(*args, env=ENV, timeout=600):
     return subprocess.run([sys.executable, "evals/generate.py", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(qm9_small, tmp_path_factory):
-    """A real UniGEM checkpoint: cpu_smoke trained for 6 steps on the small QM9 shards."""
-    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
-    r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json",
-                        "--run-dir", str(run_dir), "--max-steps", "6", "--set", f"data.url={qm9_small}",
-                        "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
-                        "--set", "logging.wandb.enabled=false"],
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(run_dir)
 
 
 def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_path):
@@ -107,6 +90,35 @@ def test_data_row_of_a_real_split(qm9_small, tmp_path):
     assert metrics["n_samples"] == load_manifest(qm9_small).count("test")
     assert metrics["atom_stability"] > 0.95 and metrics["validity"] > 0.9
     assert metrics["atom_type_tv"] < 0.1  # the test split against itself
+
+    # the same molecules from a file (as another model's samples arrive), plus one record that cannot be read:
+    # the same metrics, and the bad record counted
+    from molscale.datasets.chemistry.elements import Z_TO_SYMBOL
+    from molscale.evals.protocol.molecules import load_split_molecules
+    lines = []
+    for i, (z, pos) in enumerate(load_split_molecules(load_manifest(qm9_small), "test")):
+        lines += [str(len(z)), f"test {i}"] + [f"{Z_TO_SYMBOL[int(a)]} {x:.6f} {y:.6f} {w:.6f}"
+                                                for a, (x, y, w) in zip(z, pos)]
+        if i == 2:
+            lines += ["2", "a frame with a bad atom", "C 0 0 0", "Xx 1 0 0"]
+    xyz = tmp_path / "samples.xyz"
+    xyz.write_text("\n".join(lines) + "\n")
+    r = generate("--molecules", str(xyz), "--reference", qm9_small, "--out", str(tmp_path / "file"),
+                 "--num-cpus", "2", "--no-wandb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from_file = json.loads((tmp_path / "file" / "metrics.json").read_text())
+    for key in ("n_samples", "atom_stability", "mol_stability", "validity", "uniqueness", "novelty", "atom_type_tv",
+                "bond_length_w1", "valency_w1"):
+        assert from_file[key] == pytest.approx(metrics[key], abs=1e-6), key
+    source = from_file["source"]
+    assert (source["records"], source["evaluated"]) == (metrics["n_samples"] + 1, metrics["n_samples"])
+    assert source["rejected"] == {"unknown element symbol": 1}
+    assert source["rejected_records"][0]["index"] == 3 and "'Xx'" in source["rejected_records"][0]["reason"]
+    assert (tmp_path / "file" / "report.html").stat().st_size > 0
+    smi = tmp_path / "samples.smi"
+    smi.write_text("CCO\n")
+    r = generate("--molecules", str(smi), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "SMILES carry no 3D coordinates" in r.stderr
 
 
 def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):

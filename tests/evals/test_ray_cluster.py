@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.evals.test_generate_job import ENV, ROOT, read_sdf_coords, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.evals.conftest import ENV, ROOT
+from tests.evals.test_generate_job import read_sdf_coords
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 CLUSTER_ENV = dict(ENV, PATH=os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""),
@@ -57,7 +58,7 @@ SAMPLING = ["--n-samples", "16", "--batch", "2", "--steps", "250", "--seed", "3"
 
 
 @pytest.fixture(scope="module")
-def undisturbed(two_nodes, tiny_checkpoint, tmp_path_factory):  # noqa: F811
+def undisturbed(two_nodes, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray2") / "undisturbed"
     job = submit(two_nodes, "--checkpoint", tiny_checkpoint, *SAMPLING, out=out)
     log, _ = job.communicate(timeout=600)
@@ -74,7 +75,7 @@ def test_sampling_uses_both_nodes_and_clamps_workers(undisturbed):
     assert len(read_sdf_coords(out / "samples.sdf")) == 16
 
 
-def test_a_killed_sampler_is_restarted_and_gives_the_same_molecules(two_nodes, tiny_checkpoint, undisturbed,  # noqa: F811
+def test_a_killed_sampler_is_restarted_and_gives_the_same_molecules(two_nodes, tiny_checkpoint, undisturbed,
                                                                        tmp_path):
     out = tmp_path / "disturbed"
     killed = []

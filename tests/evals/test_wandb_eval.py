@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.evals.test_generate_job import ENV, ROOT, generate
+from tests.evals.conftest import ENV, ROOT
+from tests.evals.test_generate_job import generate
 from tests.wandb_records import history, run_info
 
 

@@ -1,0 +1,66 @@
+"""Predict a trained UniGEM's properties for your own molecules (SDF, XYZ or SMILES) -> one CSV row each.
+
+    python evals/predict.py --checkpoint RUN_DIR --input molecules.sdf --out preds.csv
+    python evals/predict.py --checkpoint RUN_DIR --input smiles.smi --conformers 5 --out preds.csv
+
+Rows follow the input order and carry the record's name (SDF title, XYZ comment, SMILES name column) and
+SMILES; a record that cannot be read, embedded or handled by the model stays in the file with status
+"rejected" and the reason. Inputs larger than --chunk records fan out over Ray (RAY_ADDRESS, the job's cluster,
+or a local one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import types
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    del sys.path[0]  # evals/ holds molscale.evals' modules, not top-level ones
+if importlib.util.find_spec("molscale") is None:  # a checkout without `pip install -e .`: serve it from here
+    sys.modules["molscale"] = types.ModuleType("molscale")
+    sys.modules["molscale"].__path__ = [os.path.dirname(_HERE)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="evals/predict.py",
+        description="Predict the properties a trained UniGEM checkpoint predicts (its growth branch at t = 0, from "
+                    "3D coordinates) for the molecules of an SDF, XYZ or SMILES file, and write them as CSV, one row "
+                    "per input record in input order, with units in the header.")
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--input", required=True,
+                   help="molecules: .sdf/.sd/.mol (3D records; implicit hydrogens are placed by RDKit), .xyz (one or "
+                        "more frames), .smi/.txt (SMILES [name] per line) or .csv (a smiles column, optionally name "
+                        "or id); .gz allowed")
+    p.add_argument("--out", required=True, help="CSV file to write, local or a URL (s3://...)")
+    p.add_argument("--properties", default=None,
+                   help="comma-separated subset of the model's properties (default: all it predicts)")
+    p.add_argument("--conformers", type=int, default=5,
+                   help="SMILES only: RDKit ETKDGv3 + MMFF conformers per molecule; the row holds their mean and "
+                        "standard deviation (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the SMILES conformers (with each record's index)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="records per Ray task; inputs up to this size run in this process (default 256)")
+    p.add_argument("--local", action="store_true", help="never use Ray: every record in this process")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from molscale.datasets.errors import MolscaleError, report
+    from molscale.evals.prediction import run
+    try:
+        return run(args)
+    except MolscaleError as err:  # 2: bad arguments, input file or checkpoint; 1: failed while running
+        return report(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

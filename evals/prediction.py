@@ -1,0 +1,180 @@
+"""What ``evals/predict.py`` does: read a file of users' molecules, predict the model's properties for each,
+write one CSV row per input record, in input order.
+
+UniGEM predicts properties from coordinates alone (the growth branch at t = 0, ``predict_properties``); a
+SMILES gets K RDKit conformers and its row holds the mean over them and their standard deviation (ddof 0).
+Large inputs fan out as Ray tasks, one per chunk of records, each loading the checkpoint once; the rows
+come back in input order whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+
+from molscale.datasets.errors import InputError
+from molscale.datasets.sources.molecule_files import parse_record, split_records
+
+log = logging.getLogger("evals.predict")
+PREDICT_BATCH = 128  # conformers per network call
+
+
+def property_units(dataset_url: str, names) -> dict[str, str]:
+    """Units of the model's properties: from its training dataset's manifest when that is readable here, else
+    from the QM9 table (the same names and units the QM9 builder writes), else ""."""
+    from molscale.datasets.chemistry.properties import QM9_PROPERTIES
+    from molscale.datasets.shards.manifest import ManifestError, load_manifest
+    units = {p.name: p.unit for p in QM9_PROPERTIES}
+    try:
+        declared = load_manifest(dataset_url).data.get("properties", {}) if dataset_url else {}
+        units.update({n: spec.get("unit", "") for n, spec in declared.items() if isinstance(spec, dict)})
+    except (ManifestError, OSError, ValueError) as err:
+        log.info("training dataset %s not readable here (%s): units from the QM9 table", dataset_url, err)
+    return {n: units.get(n, "") for n in names}
+
+
+def csv_columns(names, units) -> list[str]:
+    props = []
+    for n in names:
+        unit = f" ({units[n]})" if units.get(n) else ""
+        props += [f"{n}{unit}", f"{n}_std{unit}"]
+    return ["index", "name", "smiles", "status", "atoms", "conformers", *props, "reason", "note"]
+
+
+def _predict_conformers(model, conformers: list[np.ndarray], batch: int) -> np.ndarray:
+    """[C, P] predictions (dataset units) for C conformers (float32 [N_i, 3], CoM-free)."""
+    import torch
+
+    from molscale.trainer.model.sampling import predict_properties
+    out = []
+    for start in range(0, len(conformers), batch):
+        part = conformers[start:start + batch]
+        n_max = max(len(p) for p in part)
+        pos = np.zeros((len(part), n_max, 3), dtype=np.float32)
+        mask = np.zeros((len(part), n_max), dtype=bool)
+        for i, p in enumerate(part):
+            pos[i, :len(p)], mask[i, :len(p)] = p, True
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            pred = predict_properties(model, {"pos": torch.from_numpy(pos).to(device),
+                                              "node_mask": torch.from_numpy(mask).to(device)})
+        out.append(pred.double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(model.cfg.properties)))
+
+
+def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conformers: int, seed: int,
+                  model=None, batch: int = PREDICT_BATCH) -> list[dict]:
+    """Rows for the raw records ``raw`` (``split_records`` items) whose first has input index ``first``."""
+    if model is None:
+        import torch
+
+        from molscale.trainer.train.checkpoints import load_for_eval
+        torch.set_num_threads(1)  # one task per core
+        model = load_for_eval(checkpoint).model
+    vocab = tuple(model.cfg.atom_vocab)
+    records = [parse_record(first + i, fmt, payload, conformers, seed, vocab) for i, (fmt, payload) in enumerate(raw)]
+    usable = [r for r in records if r.ok]
+    flat = [c for r in usable for c in r.conformers]
+    pred = _predict_conformers(model, flat, batch)
+    columns = [list(model.cfg.properties).index(n) for n in names]
+    rows, at = [], 0
+    for r in records:
+        row = {"index": r.index, "name": r.name, "smiles": r.smiles, "status": "ok" if r.ok else "rejected",
+               "atoms": len(r.z) if r.z is not None else "", "conformers": len(r.conformers),
+               "reason": r.reason or "", "kind": r.kind, "note": r.note, "values": None}
+        if r.ok:
+            values = pred[at:at + len(r.conformers)][:, columns]
+            at += len(r.conformers)
+            row["values"] = (values.mean(0), values.std(0))
+        rows.append(row)
+    return rows
+
+
+def write_rows(rows: list[dict], names, units) -> str:
+    """The CSV text: one row per input record; a rejected record's value cells are empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_columns(names, units))
+    for row in rows:
+        cells = []
+        for j in range(len(names)):
+            if row["values"] is None:
+                cells += ["", ""]
+            else:
+                cells += [f"{row['values'][0][j]:.6g}", f"{row['values'][1][j]:.6g}"]
+        writer.writerow([row["index"], row["name"], row["smiles"], row["status"], row["atoms"], row["conformers"],
+                         *cells, row["reason"], row["note"]])
+    return buffer.getvalue()
+
+
+def _check_args(args) -> None:
+    if args.conformers < 1:
+        raise InputError(f"--conformers must be at least 1 (got {args.conformers})")
+    if args.chunk < 1:
+        raise InputError(f"--chunk must be at least 1 (got {args.chunk})")
+
+
+def _rows_over_ray(args, raw, names) -> list[dict]:
+    from tqdm import tqdm
+
+    from molscale.evals.pipeline import _ray_get
+    from molscale.evals.ray_sampling import connect_ray
+    ray = connect_ray(args.num_cpus)
+    task = ray.remote(num_cpus=1)(predict_chunk)
+    refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed)
+            for start in range(0, len(raw), args.chunk)]
+    rows: list[dict] = []
+    for ref in tqdm(refs, desc="predicting", unit="chunk"):  # in order: rows come back in input order
+        rows += _ray_get(ray, ref)
+    return rows
+
+
+def run(args) -> int:
+    from molscale.datasets.shards import storage
+    from molscale.trainer.train.checkpoints import load_for_eval
+    _check_args(args)
+    # Everything that can be wrong with the inputs fails here, before any molecule is embedded.
+    loaded = load_for_eval(args.checkpoint)
+    predicted = list(loaded.model.cfg.properties) if getattr(loaded.model, "predicts_properties", False) else []
+    if not predicted:
+        raise InputError(f"--checkpoint {args.checkpoint}: this model predicts no properties (train UniGEM with "
+                         f"model.properties set)")
+    names = predicted if not args.properties else [n.strip() for n in args.properties.split(",") if n.strip()]
+    unknown = [n for n in names if n not in predicted]
+    if unknown:
+        raise InputError(f"--properties: the model does not predict {', '.join(unknown)} (it predicts "
+                         f"{', '.join(predicted)})")
+    raw = split_records(args.input)
+    if not raw:
+        raise InputError(f"--input {args.input} holds no molecules")
+    try:
+        fs, out_path = storage.get_fs(args.out)
+        if storage.is_local(fs):
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    except (ValueError, ImportError, OSError) as err:
+        raise InputError(f"--out {args.out} cannot be written: {err}") from None
+    units = property_units(loaded.dataset_url, names)
+
+    use_ray = not args.local and (len(raw) > args.chunk or bool(os.environ.get("RAY_ADDRESS")))
+    if use_ray:
+        rows = _rows_over_ray(args, raw, names)
+    else:
+        rows = predict_chunk(args.checkpoint, 0, raw, names, args.conformers, args.seed, model=loaded.model)
+    storage.write_bytes(fs, out_path, write_rows(rows, names, units).encode())
+
+    ok = sum(r["status"] == "ok" for r in rows)
+    counts = Counter(r["kind"] for r in rows if r["status"] != "ok")
+    summary = f"{ok} of {len(rows)} molecules predicted ({', '.join(names)}) -> {args.out}"
+    if counts:
+        summary += "; rejected, listed in the CSV with the reason: " + ", ".join(
+            f"{n} {kind}" for kind, n in counts.most_common())
+    print(summary)
+    if not ok:
+        raise InputError(f"--input {args.input}: none of its {len(rows)} records could be used; the reasons are "
+                         f"in {args.out}")
+    return 0
