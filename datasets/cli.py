@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a dataset from a source",
                        description="Build WebDataset shards and manifest.json from a molecule source. "
                                    "Rerunning a complete build with the same parameters does nothing.")
-    b.add_argument("source", help="molecule source: qm9, geom, pcqm4mv2, smiles")
+    b.add_argument("source", help="molecule source: qm9, geom, pcqm4mv2, smiles, or your own sdf / xyz file")
     b.add_argument("--out", required=True, help="destination folder or URL, e.g. data/qm9 or s3://bucket/qm9")
     b.add_argument("--limit", type=int, default=None,
                    help="keep only the first N molecules in source order (each in the split the full build gives it)")
@@ -57,11 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     pc = b.add_argument_group("pcqm4mv2", "PCQM4Mv2 options")
     pc.add_argument("--sdf", default=None, help="pcqm4m-v2-train.sdf (plain or .gz)")
     pc.add_argument("--csv", default=None, help="data.csv.gz (idx, smiles, homolumogap in eV)")
-    sm = b.add_argument_group("smiles", "SMILES -> RDKit conformers (ETKDGv3 + MMFF94)")
+    sm = b.add_argument_group("smiles, sdf, xyz", "SMILES -> RDKit conformers (ETKDGv3 + MMFF94); your own 3D files")
     sm.add_argument("--input", default=None,
-                    help="a file of SMILES (one per line, or a CSV with a smiles column; .gz allowed), or moses "
-                         "/ moses:test / moses:test_scaffolds (needs `pip install --no-deps molsets`); "
-                         "--conformers K sets conformers per molecule (default 5 for smiles)")
+                    help="smiles: a file of SMILES (one per line, or a CSV with a smiles column; .gz allowed), or "
+                         "moses / moses:test / moses:test_scaffolds (needs `pip install --no-deps molsets`); "
+                         "--conformers K sets conformers per molecule (default 5). sdf: an SDF file of 3D records. "
+                         "xyz: a (multi-frame) XYZ file, extended-XYZ key=value comments allowed")
+    sm.add_argument("--properties", default=None, metavar="NAME[:UNIT],...",
+                    help="fields to keep as properties, with their units: CSV columns (smiles), SD tags (sdf) or "
+                         "key=value comment fields (xyz); a record without a number in one is rejected and counted. "
+                         "Train on them with model.properties")
     b.add_argument("--seed", type=int, default=0,
                    help="split seed for geom, pcqm4mv2 and smiles; also the ETKDG seed of smiles (default 0)")
 
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
                 DEFAULT_CONFORMERS as SMILES_CONFORMERS,
             )
             from molscale.datasets.sources.smiles import build_smiles
+            from molscale.datasets.sources.user_files import build_molecule_file
             from molscale.datasets.summary import summary
             backend = {"backend": args.backend or "process"}
             builders = {
@@ -111,8 +117,14 @@ def main(argv=None) -> int:
                                                              **kw),
                 "smiles": lambda out, **kw: build_smiles(out, args.input,
                                                          conformers=args.conformers or SMILES_CONFORMERS,
-                                                         seed=args.seed, backend=args.backend or "ray", **kw),
+                                                         seed=args.seed, backend=args.backend or "ray",
+                                                         properties=args.properties, **kw),
+                **{fmt: (lambda out, fmt=fmt, **kw: build_molecule_file(out, fmt, args.input, args.properties,
+                                                                       seed=args.seed, **backend, **kw))
+                   for fmt in ("sdf", "xyz")},
             }
+            if args.properties and args.source not in ("smiles", "sdf", "xyz"):
+                raise InputError(f"--properties is for smiles, sdf and xyz builds; {args.source} has its own")
             if args.source not in builders:
                 raise InputError(f"unknown source {args.source!r}; choose one of: {', '.join(builders)}")
             manifest = builders[args.source](args.out, limit=args.limit, shard_size=args.shard_size,

@@ -17,6 +17,7 @@ Formats, by file extension (``.gz`` allowed after it):
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ class MoleculeRecord:
     smiles: str = ""           # the input SMILES, or RDKit's for an SDF/XYZ record when it sanitises
     z: np.ndarray | None = None                                      # int64 [N] atomic numbers
     conformers: list[np.ndarray] = field(default_factory=list)      # float32 [N, 3] Angstrom, each CoM-free
+    bonds: np.ndarray | None = None  # int32 [E, 3] (i < j, order; aromatic 4) from an SDF bond table or RDKit
+    fields: dict = field(default_factory=dict)  # SD tags, extended-XYZ key=value pairs, CSV columns
     reason: str | None = None  # why the record cannot be used (one line, with the details); None when it can
     kind: str = ""             # the reason's category, for counting ("unparsable SMILES", ...)
     note: str = ""             # what was done to it (hydrogens added, fewer conformers than asked)
@@ -76,13 +79,13 @@ def _text(path: str) -> str:
 def split_records(path: str, fmt: str | None = None) -> list[tuple[str, object]]:
     """The raw records of a molecule file, in file order: [(format, payload)] for ``parse_record``.
 
-    Payloads: an SDF record's mol block; an XYZ frame's (first line number, lines) or, where the frame layout
-    breaks, (line number, error message); a SMILES's (smiles, name)."""
+    Payloads: an SDF record's text; an XYZ frame's (first line number, lines) or, where the frame layout
+    breaks, (line number, error message); a SMILES's (smiles, name, fields)."""
     fmt = fmt or file_format(path)
     if fmt == "smiles":
-        from molscale.datasets.sources.smiles import read_named_smiles
+        from molscale.datasets.sources.smiles import read_smiles_records
         try:
-            return [("smiles", item) for item in read_named_smiles(path)]
+            return [("smiles", item) for item in read_smiles_records(path)]
         except (OSError, EOFError, UnicodeDecodeError) as err:
             raise InputError(f"--input {path} cannot be read as text: {err}") from None
     text = _text(path)
@@ -113,6 +116,30 @@ def _xyz_frames(lines: list[str]):
             return
         yield (i + 1, frame)
         i += 2 + count
+
+
+def sd_tags(block: str) -> dict[str, str]:
+    """The SD data items after ``M  END``: ``> <name>`` lines, each followed by its value lines up to a blank."""
+    tags, name, lines = {}, None, []
+    for line in block.split("M  END", 1)[-1].splitlines() if "M  END" in block else []:
+        if line.startswith(">"):
+            start, end = line.find("<"), line.find(">", line.find("<") + 1)
+            name, lines = (line[start + 1:end].strip(), []) if start >= 0 and end > start else (None, [])
+        elif name is not None and line.strip() == "":
+            tags[name], name = "\n".join(lines).strip(), None
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        tags[name] = "\n".join(lines).strip()
+    return tags
+
+
+def _xyz_comment(line: str) -> tuple[str, dict[str, str]]:
+    """(name, fields) of an XYZ comment line: ``key=value`` tokens are fields (extended XYZ); the name is the
+    ``name=`` or ``id=`` field, or the whole line when it holds no fields."""
+    fields = dict(token.split("=", 1) for token in line.split() if "=" in token and not token.startswith("="))
+    name = fields.get("name", fields.get("id", "")) if fields else line.strip()
+    return name, fields
 
 
 def _centred(pos) -> np.ndarray:
@@ -148,6 +175,7 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[
         record.reject("unreadable SDF record", "RDKit could not parse its mol block")
         return None
     record.name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
+    record.fields = sd_tags(block)
     if mol.GetNumAtoms() == 0:
         record.reject("no atoms")
         return None
@@ -163,6 +191,12 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[
         mol = Chem.AddHs(mol, addCoords=True)
         record.note = f"{implicit} implicit hydrogen(s) placed by RDKit"
     record.smiles = _smiles_of(mol)
+    if mol.GetNumBonds():
+        from molscale.datasets.chemistry.bonds import bonds_from_mol
+        try:
+            record.bonds = bonds_from_mol(mol)
+        except ValueError as err:  # a bond type the shards cannot hold (dative, ...): kept without bonds
+            record.note = (record.note + "; " if record.note else "") + f"bonds dropped: {err}"
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     return z, mol.GetConformer().GetPositions()
 
@@ -172,7 +206,7 @@ def _from_xyz(record: MoleculeRecord, payload) -> tuple[np.ndarray, np.ndarray] 
     if isinstance(frame, str):  # the frame layout broke here
         record.reject("broken XYZ frame", frame)
         return None
-    record.name = frame[1].strip()
+    record.name, record.fields = _xyz_comment(frame[1])
     symbols, coords = [], []
     for offset, line in enumerate(frame[2:]):
         parts = line.split()
@@ -200,7 +234,7 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
     from rdkit.Chem import AllChem
 
     from molscale.datasets.sources.smiles import conformers as embed
-    smiles, name = payload
+    smiles, name, record.fields = payload
     record.smiles, record.name = smiles, name
     mol = Chem.MolFromSmiles(smiles) if smiles else None
     if mol is None:
@@ -219,6 +253,8 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
         return None
     if len(ranked) < conformers:
         record.note = f"{len(ranked)} of {conformers} conformers embedded"
+    from molscale.datasets.chemistry.bonds import bonds_from_mol
+    record.bonds = bonds_from_mol(mol)
     return z, [mol.GetConformer(conf_id).GetPositions() for _, conf_id in ranked]
 
 
@@ -250,6 +286,39 @@ def read_molecule_file(path: str, conformers: int = 1, seed: int = 0, vocab=None
     """Every record of ``path``, parsed here, in file order (``split_records`` + ``parse_record``)."""
     return [parse_record(i, fmt, payload, conformers, seed, vocab, add_hydrogens)
             for i, (fmt, payload) in enumerate(split_records(path))]
+
+
+def parse_properties(text: str | None) -> list[tuple[str, str]]:
+    """``"gap:eV,logp"`` -> [("gap", "eV"), ("logp", "")]: field names to keep as properties, with units."""
+    specs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, unit = item.partition(":")
+        name = name.strip()
+        if not name:
+            raise InputError(f"--properties {text!r}: an entry has no field name (give name or name:unit)")
+        if name in {n for n, _ in specs}:
+            raise InputError(f"--properties {text!r}: {name!r} is named twice")
+        specs.append((name, unit.strip()))
+    return specs
+
+
+def property_values(fields: dict, specs) -> tuple[dict, str | None]:
+    """({name: float}, None), or ({}, reason) when a chosen field is missing or not a finite number."""
+    values = {}
+    for name, _ in specs:
+        raw = fields.get(name)
+        if raw is None or raw == "":
+            return {}, f"missing property: {name}"
+        try:
+            value = float(raw)
+        except ValueError:
+            return {}, f"property not a number: {name} = {raw[:30]!r}"
+        if not math.isfinite(value):
+            return {}, f"property not a number: {name} = {raw[:30]!r}"
+        values[name] = value
+    return values, None
 
 
 def rejection_counts(records) -> dict[str, int]:

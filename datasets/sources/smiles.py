@@ -35,6 +35,7 @@ from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
 from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
+from molscale.datasets.sources.molecule_files import parse_properties, property_values
 
 RDLogger.DisableLog("rdApp.*")
 
@@ -61,43 +62,47 @@ def moses_file(name: str) -> str:
     return path
 
 
-def read_named_smiles(path: str):
-    """(SMILES, name) pairs of a text or CSV file (plain or gzip), in file order. Name: the text line's second
-    whitespace-separated token, or a CSV's ``name`` / ``id`` column; "" when there is none."""
+def read_smiles_records(path: str):
+    """(SMILES, name, fields) of each record of a text or CSV file (plain or gzip), in file order.
+
+    A CSV (a header with a ``smiles`` column): name from a ``name`` or ``id`` column, fields every column by
+    header name. A text file: one SMILES per line (blank lines and lines starting with # skipped), the rest of
+    the line its name, no fields."""
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     text = io.TextIOWrapper(gzip.open(path, "rb") if gzipped else open(path, "rb"), encoding="utf-8",
                             newline="")
     with text:
         first = text.readline()
-        header = [name.strip().lower() for name in next(csv.reader([first]), [])]
-        if "smiles" in header:  # a CSV with a smiles column
-            column = header.index("smiles")
-            name_column = next((header.index(n) for n in ("name", "id") if n in header), None)
+        header = [name.strip() for name in next(csv.reader([first]), [])]
+        lower = [name.lower() for name in header]
+        if "smiles" in lower:  # a CSV with a smiles column
+            column = lower.index("smiles")
+            name_column = next((lower.index(n) for n in ("name", "id") if n in lower), None)
             for row in csv.reader(text):
                 if row:
-                    smiles = row[column].strip() if column < len(row) else ""
-                    name = row[name_column].strip() if name_column is not None and name_column < len(row) else ""
-                    yield smiles, name
+                    cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
+                    yield cells[column], cells[name_column] if name_column is not None else "", dict(zip(header, cells))
             return
         for line in itertools.chain([first], text):  # no header: the first line is data
             if line.strip() and not line.startswith("#"):
                 parts = line.split()
-                yield parts[0], " ".join(parts[1:])
+                yield parts[0], " ".join(parts[1:]), {}
 
 
 def read_smiles(path: str):
     """SMILES strings of a text or CSV file (plain or gzip), in file order."""
-    for smiles, _ in read_named_smiles(path):
+    for smiles, _, _ in read_smiles_records(path):
         yield smiles
 
 
-def smiles_chunks(path: str, chunk_molecules: int, limit: int | None):
+def smiles_chunks(path: str, chunk_molecules: int, limit: int | None, fields: tuple[str, ...] = ()):
+    """Chunks of (first index, items): an item is the SMILES, or (SMILES, {field: raw value}) with ``fields``."""
     chunk, first, items = 0, 0, []
-    for index, smiles in enumerate(read_smiles(path)):
+    for index, (smiles, _, row) in enumerate(read_smiles_records(path)):
         if limit is not None and index >= limit:
             break
-        items.append(smiles)
+        items.append((smiles, {f: row.get(f) for f in fields}) if fields else smiles)
         if len(items) == chunk_molecules:
             yield chunk, (first, items), len(items)
             chunk, first, items = chunk + 1, first + len(items), []
@@ -120,11 +125,15 @@ def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int]]:
     return sorted((energy, conf_id) for conf_id, (_, energy) in zip(ids, results))
 
 
-def add_molecule(sink, index: int, smiles: str, params: dict) -> None:
+def add_molecule(sink, index: int, smiles: str, params: dict, fields: dict | None = None) -> None:
     rejected, record = sink.rejected, f"smiles {index} ({smiles})"
     mol = Chem.MolFromSmiles(smiles) if smiles else None
     if mol is None:
         rejected.add(record, "unparsable smiles")
+        return
+    values, reason = property_values(fields or {}, params.get("properties", []))
+    if reason:
+        rejected.add(record, reason)
         return
     bad = sorted({a.GetAtomicNum() for a in mol.GetAtoms()} - _VOCAB)
     if bad:
@@ -149,21 +158,23 @@ def add_molecule(sink, index: int, smiles: str, params: dict) -> None:
             continue
         pos = pos - pos.mean(axis=0, keepdims=True)
         sample = encode_sample(f"smiles-{index:08d}-{rank:02d}", pos, z,
-                               {"mmff_energy": float(energy), "energy_rank": rank}, bonds, smiles)
-        sink.write(split, sample, z, {"mmff_energy": float(energy)})
+                               {"mmff_energy": float(energy), "energy_rank": rank, **values}, bonds, smiles)
+        sink.write(split, sample, z, {"mmff_energy": float(energy), **values})
 
 
 def smiles_chunk(sink, payload, params: dict) -> None:
     """Worker (a Ray task): every molecule of one chunk."""
     first, items = payload
-    for offset, smiles in enumerate(items):
+    for offset, item in enumerate(items):
         sink.notes["molecules_read"] += 1
-        add_molecule(sink, first + offset, smiles, params)
+        smiles, fields = item if isinstance(item, (tuple, list)) else (item, None)
+        add_molecule(sink, first + offset, smiles, params, fields)
 
 
 def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS, limit: int | None = None,
                  shard_size: int | None = None, seed: int = 0, workers: int = 1, backend: str = "ray",
-                 storage_options: dict | None = None, command: str = "", progress: bool = True):
+                 storage_options: dict | None = None, command: str = "", progress: bool = True,
+                 properties: str | None = None):
     """SMILES file or MOSES -> conformer shards + manifest; chunks of ``shard_size`` molecules are built by
     Ray tasks (``backend="ray"``, a local Ray of ``workers`` CPUs unless $RAY_ADDRESS names a cluster) or
     worker processes; a rerun resumes a killed build."""
@@ -186,11 +197,23 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
         if not os.path.isfile(path):
             raise InputError(f"--input {source} does not exist (give a SMILES file or 'moses').")
         name = path
+    specs = parse_properties(properties)
+    if specs:
+        header = next(read_smiles_records(path), ("", "", {}))[2]
+        missing = [n for n, _ in specs if n not in header]
+        if missing:
+            columns = f"its columns: {', '.join(header)}" if header else "properties need a CSV with a smiles column"
+            raise InputError(f"--properties: {source} has no column {', '.join(missing)} ({columns})")
+        if "mmff_energy" in dict(specs) or "energy_rank" in dict(specs):
+            raise InputError("--properties: mmff_energy and energy_rank are the builder's own; rename the column")
     params = {"source": "smiles", "input": name, "conformers": conformers, "seed": seed, "limit": limit,
               "shard_size": shard_size, "format": FORMAT,
               "rdkit": Chem.rdBase.rdkitVersion, "method": "ETKDGv3 + MMFF94"}
+    if specs:  # only then: the parameters of builds without properties stay what they were
+        params["properties"] = [list(spec) for spec in specs]
+    fields = tuple(n for n, _ in specs)
     done, merged, finalize = chunked_build(out_url, params, storage_options,
-                                           lambda: smiles_chunks(path, shard_size, limit), smiles_chunk,
+                                           lambda: smiles_chunks(path, shard_size, limit, fields), smiles_chunk,
                                            SPLIT_NAMES, workers, progress, "smiles -> conformers",
                                            backend=backend, unit_total=limit)
     if done is not None:
@@ -199,7 +222,7 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
     manifest = chunked_manifest(
         merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,
         source={"name": "moses" if name.startswith("moses") else "smiles", "input": name, "path": path},
-        properties={"mmff_energy": {"unit": "kcal/mol"}},
+        properties={"mmff_energy": {"unit": "kcal/mol"}, **{n: {"unit": unit} for n, unit in specs}},
         notes={
             "molecules_read": {"total": notes["molecules_read"], "meaning": "SMILES read from the input"},
             "conformers_short": {"total": notes["conformers_short"],

@@ -122,7 +122,7 @@ def test_smiles_get_conformers_and_unusable_ones_are_listed(tiny_checkpoint, qm9
         assert 1 <= int(row["conformers"]) <= 3 and float(row["lumo_std (meV)"]) >= 0
     # predicted from the conformers RDKit embeds: their mean is the row's value
     from molscale.datasets.sources.molecule_files import parse_record
-    record = parse_record(0, "smiles", (smiles[0], ""), 3, 0, (1, 6, 7, 8, 9))
+    record = parse_record(0, "smiles", (smiles[0], "", {}), 3, 0, (1, 6, 7, 8, 9))
     values = model_predictions(tiny_checkpoint, [("", record.z, c, "") for c in record.conformers])
     assert float(rows[0]["lumo (meV)"]) == pytest.approx(values.mean(), rel=1e-4, abs=0.01)
     assert float(rows[0]["lumo_std (meV)"]) == pytest.approx(values.std(), rel=1e-3, abs=0.01)
