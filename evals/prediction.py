@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import os
 from collections import Counter
 
@@ -20,22 +19,7 @@ import numpy as np
 from molscale.datasets.errors import InputError
 from molscale.datasets.sources.molecule_files import parse_record, split_records
 
-log = logging.getLogger("evals.predict")
 PREDICT_BATCH = 128  # conformers per network call
-
-
-def property_units(dataset_url: str, names) -> dict[str, str]:
-    """Units of the model's properties: from its training dataset's manifest when that is readable here, else
-    from the QM9 table (the same names and units the QM9 builder writes), else ""."""
-    from molscale.datasets.chemistry.properties import QM9_PROPERTIES
-    from molscale.datasets.shards.manifest import ManifestError, load_manifest
-    units = {p.name: p.unit for p in QM9_PROPERTIES}
-    try:
-        declared = load_manifest(dataset_url).data.get("properties", {}) if dataset_url else {}
-        units.update({n: spec.get("unit", "") for n, spec in declared.items() if isinstance(spec, dict)})
-    except (ManifestError, OSError, ValueError) as err:
-        log.info("training dataset %s not readable here (%s): units from the QM9 table", dataset_url, err)
-    return {n: units.get(n, "") for n in names}
 
 
 def csv_columns(names, units) -> list[str]:
@@ -137,6 +121,7 @@ def _rows_over_ray(args, raw, names) -> list[dict]:
 def run(args) -> int:
     from molscale.datasets.shards import storage
     from molscale.trainer.train.checkpoints import load_for_eval
+    from molscale.trainer.train.exported import property_units
     _check_args(args)
     # Everything that can be wrong with the inputs fails here, before any molecule is embedded.
     loaded = load_for_eval(args.checkpoint)
@@ -158,7 +143,7 @@ def run(args) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     except (ValueError, ImportError, OSError) as err:
         raise InputError(f"--out {args.out} cannot be written: {err}") from None
-    units = property_units(loaded.dataset_url, names)
+    units = loaded.property_units or property_units(loaded.dataset_url, names)
 
     use_ray = not args.local and (len(raw) > args.chunk or bool(os.environ.get("RAY_ADDRESS")))
     if use_ray:

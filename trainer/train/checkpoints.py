@@ -114,6 +114,7 @@ class LoadedModel:
     dataset_url: str
     used_ema: bool
     wandb: dict | None = None  # the training run's W&B identity (entity, project, id, group, name, mode)
+    property_units: dict | None = None  # {property: unit} from an exported file's card (None: ask the dataset)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -162,6 +163,12 @@ def model_configs(state: dict) -> tuple[ModelConfig, DiffusionConfig]:
 
 
 def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
+    """The model of a run directory, a checkpoint folder or an exported .safetensors file (trainer/export.py)."""
+    if path.endswith(".safetensors") and not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        from molscale.trainer.train.exported import load_exported
+        return load_exported(path, device)
     folder, states, state = read_model_states(path)
     for key in ("model_config", "module"):
         if key not in state:

@@ -1,0 +1,152 @@
+"""Shareable models: one ``.safetensors`` file with the weights and a JSON card that says how to rebuild them.
+
+The card travels inside the file (safetensors metadata, key ``molscale_card``), so the file alone is enough to
+generate and predict: model and diffusion configs, atom vocabulary, property names, units and normalisation,
+the train split's atom-count histogram (for sampling molecule sizes), the dataset's URL and the SHA-256 of
+its manifest, the training step and which weights were exported (EMA when the run kept them). A copy of the
+card is written next to the file as ``<file>.json`` for people and model registries; loading reads the
+embedded one. ``weights_sha256`` (over the tensors in name order) makes a corrupted file fail on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+
+from molscale.trainer.model.networks import build_model
+
+CARD_KEY = "molscale_card"
+CARD_FORMAT = "molscale-model/1"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def manifest_digest(dataset_url: str) -> str | None:
+    """SHA-256 of the dataset's manifest.json, or None when it cannot be read from here."""
+    from molscale.datasets.shards import storage
+    try:
+        fs, path = storage.get_fs(dataset_url)
+        return hashlib.sha256(fs.cat_file(storage.join(path, "manifest.json"))).hexdigest()
+    except Exception:  # an unreachable bucket, a moved folder: the card says "unknown" rather than failing
+        return None
+
+
+def property_units(dataset_url: str, names) -> dict[str, str]:
+    """Units of ``names``: the dataset manifest's when it is readable here, else the QM9 table's, else ""."""
+    from molscale.datasets.chemistry.properties import QM9_PROPERTIES
+    from molscale.datasets.shards.manifest import ManifestError, load_manifest
+    units = {p.name: p.unit for p in QM9_PROPERTIES}
+    try:
+        declared = load_manifest(dataset_url).data.get("properties", {}) if dataset_url else {}
+        units.update({n: spec.get("unit", "") for n, spec in declared.items() if isinstance(spec, dict)})
+    except (ManifestError, OSError, ValueError):
+        pass
+    return {n: units.get(n, "") for n in names}
+
+
+def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
+    """Write the weights of ``run`` (a run directory or checkpoint folder) to ``out``; returns the card."""
+    from safetensors.torch import save_file
+
+    from molscale.trainer.train.checkpoints import CheckpointError, model_configs, model_weights, read_model_states
+    folder, states, state = read_model_states(run)
+    if state.get("objective", "diffusion") != "diffusion":
+        raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint; export the run "
+                              f"fine-tuned from it")
+    cfg, diffusion = model_configs(state)
+    weights, used_ema = model_weights(state, use_ema)
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
+    stats = state.get("prop_stats") or {"mean": None, "mad": None}
+    card = {
+        "format": CARD_FORMAT,
+        "model_config": dataclasses.asdict(cfg),
+        "diffusion_config": dataclasses.asdict(diffusion),
+        "atom_vocab": list(cfg.atom_vocab),
+        "properties": list(cfg.properties),
+        "property_units": property_units(state.get("dataset_url", ""), cfg.properties),
+        "property_stats": stats,
+        "atom_count_histogram": {str(k): int(v) for k, v in state["atom_count_histogram"].items()},
+        "dataset": {"url": state.get("dataset_url", ""),
+                    "manifest_sha256": manifest_digest(state.get("dataset_url", ""))},
+        "step": int(state.get("step", 0)),
+        "weights": "ema" if used_ema else "model",
+        "exported_from": os.path.abspath(folder),
+        "weights_sha256": weights_digest(tensors),
+    }
+    folder_out = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder_out, exist_ok=True)
+    save_file(tensors, out, metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
+    with open(out + ".json", "w") as f:
+        json.dump(card, f, indent=1, sort_keys=True)
+    return card
+
+
+def read_card(path: str) -> dict:
+    from safetensors import safe_open
+
+    from molscale.trainer.train.checkpoints import CheckpointError
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}): "
+                              f"corrupt or truncated?") from None
+    if CARD_KEY not in metadata:
+        raise CheckpointError(f"{path} has no molscale card: not a file written by `python -m trainer.export`")
+    try:
+        card = json.loads(metadata[CARD_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: its molscale card is not JSON ({err})") from None
+    if card.get("format") != CARD_FORMAT:
+        raise CheckpointError(f"{path}: card format {card.get('format')!r} is not {CARD_FORMAT!r}; export it again "
+                              f"with this version")
+    return card
+
+
+def load_exported(path: str, device="cpu"):
+    """The LoadedModel of an exported file; CheckpointError for a corrupt file or weights that do not fit."""
+    from safetensors.torch import load_file
+
+    from molscale.trainer.model.networks import ModelConfig
+    from molscale.trainer.model.schedule import DiffusionConfig
+    from molscale.trainer.train.checkpoints import CheckpointError, LoadedModel
+    card = read_card(path)
+    try:
+        tensors = load_file(path)
+    except Exception as err:
+        raise CheckpointError(f"{path}: the tensors cannot be read ({type(err).__name__}: {err}): corrupt or "
+                              f"truncated?") from None
+    if weights_digest(tensors) != card.get("weights_sha256"):
+        raise CheckpointError(f"{path}: the weights do not match the digest in its card: the file is corrupt")
+    try:
+        cfg, diffusion = ModelConfig(**card["model_config"]), DiffusionConfig(**card["diffusion_config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: its card does not describe a model this version builds ({err})") from None
+    stats = card.get("property_stats") or {}
+    model = build_model(cfg, diffusion, stats.get("mean") or None, stats.get("mad") or None)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shapes that differ from the card's model
+        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    return LoadedModel(model=model, step=int(card.get("step", 0)), checkpoint=os.path.abspath(path),
+                       atom_count_histogram={int(k): int(v) for k, v in card["atom_count_histogram"].items()},
+                       dataset_url=card.get("dataset", {}).get("url", ""), used_ema=card.get("weights") == "ema",
+                       property_units=card.get("property_units"))
