@@ -34,8 +34,8 @@ from molscale.datasets.errors import InputError
 from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
+from molscale.datasets.sources.fields import parse_properties, property_values
 from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
-from molscale.datasets.sources.molecule_files import parse_properties, property_values
 
 RDLogger.DisableLog("rdApp.*")
 

@@ -21,14 +21,9 @@ from molscale.datasets.errors import InputError
 from molscale.datasets.shards.chunked import chunked_build, chunked_manifest
 from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
+from molscale.datasets.sources.fields import parse_properties, property_values
 from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
-from molscale.datasets.sources.molecule_files import (
-    file_format,
-    parse_properties,
-    parse_record,
-    property_values,
-    split_records,
-)
+from molscale.datasets.sources.molecule_files import file_format, parse_record, split_records
 
 DEFAULT_CHUNK_RECORDS = 1000
 

@@ -84,7 +84,7 @@ def test_corrupt_and_mismatched_files_are_refused(tiny_checkpoint, tmp_path):
     tensors = load_file(str(good))
     dropped = sorted(tensors)[0]
     del tensors[dropped]
-    from molscale.trainer.train.exported import CARD_KEY, weights_digest
+    from molscale.trainer.train.checkpoints import CARD_KEY, weights_digest
     card = json.loads(metadata[CARD_KEY])
     card["weights_sha256"] = weights_digest(tensors)  # a consistent file whose weights miss one tensor
     mismatched = tmp_path / "mismatched.safetensors"

@@ -11,6 +11,8 @@ Written through DeepSpeed, plus what DeepSpeed does not know.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -167,7 +169,6 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     if path.endswith(".safetensors") and not os.path.isdir(path):
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        from molscale.trainer.train.exported import load_exported
         return load_exported(path, device)
     folder, states, state = read_model_states(path)
     for key in ("model_config", "module"):
@@ -188,3 +189,72 @@ def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool =
     return LoadedModel(model=model, step=int(state.get("step", 0)), checkpoint=folder,
                        atom_count_histogram={int(k): int(v) for k, v in state["atom_count_histogram"].items()},
                        dataset_url=state.get("dataset_url", ""), used_ema=used_ema, wandb=state.get("wandb"))
+
+
+# --- exported models (trainer/export.py writes them) ------------------------------------------------------
+
+CARD_KEY = "molscale_card"  # safetensors metadata key of the JSON card
+CARD_FORMAT = "molscale-model/1"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_card(path: str) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}): "
+                              f"corrupt or truncated?") from None
+    if CARD_KEY not in metadata:
+        raise CheckpointError(f"{path} has no molscale card: not a file written by `python -m trainer.export`")
+    try:
+        card = json.loads(metadata[CARD_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: its molscale card is not JSON ({err})") from None
+    if card.get("format") != CARD_FORMAT:
+        raise CheckpointError(f"{path}: card format {card.get('format')!r} is not {CARD_FORMAT!r}; export it again "
+                              f"with this version")
+    return card
+
+
+def load_exported(path: str, device="cpu"):
+    """The LoadedModel of an exported file; CheckpointError for a corrupt file or weights that do not fit."""
+    from safetensors.torch import load_file
+    card = read_card(path)
+    try:
+        tensors = load_file(path)
+    except Exception as err:
+        raise CheckpointError(f"{path}: the tensors cannot be read ({type(err).__name__}: {err}): corrupt or "
+                              f"truncated?") from None
+    if weights_digest(tensors) != card.get("weights_sha256"):
+        raise CheckpointError(f"{path}: the weights do not match the digest in its card: the file is corrupt")
+    try:
+        cfg, diffusion = ModelConfig(**card["model_config"]), DiffusionConfig(**card["diffusion_config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: its card does not describe a model this version builds ({err})") from None
+    stats = card.get("property_stats") or {}
+    model = build_model(cfg, diffusion, stats.get("mean") or None, stats.get("mad") or None)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shapes that differ from the card's model
+        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    return LoadedModel(model=model, step=int(card.get("step", 0)), checkpoint=os.path.abspath(path),
+                       atom_count_histogram={int(k): int(v) for k, v in card["atom_count_histogram"].items()},
+                       dataset_url=card.get("dataset", {}).get("url", ""), used_ema=card.get("weights") == "ema",
+                       property_units=card.get("property_units"))

@@ -1,4 +1,5 @@
-"""Shareable models: one ``.safetensors`` file with the weights and a JSON card that says how to rebuild them.
+"""Exporting a run as a shareable model: one ``.safetensors`` file with the weights and a JSON card that says how
+to rebuild them (reading it back is checkpoints.load_exported, next to the other checkpoint readers).
 
 The card travels inside the file (safetensors metadata, key ``molscale_card``), so the file alone is enough to
 generate and predict: model and diffusion configs, atom vocabulary, property names, units and normalisation,
@@ -15,23 +16,15 @@ import hashlib
 import json
 import os
 
-import torch
-
-from molscale.trainer.model.networks import build_model
-
-CARD_KEY = "molscale_card"
-CARD_FORMAT = "molscale-model/1"
-
-
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+from molscale.trainer.train.checkpoints import (
+    CARD_FORMAT,
+    CARD_KEY,
+    CheckpointError,
+    model_configs,
+    model_weights,
+    read_model_states,
+    weights_digest,
+)
 
 
 def manifest_digest(dataset_url: str) -> str | None:
@@ -60,8 +53,6 @@ def property_units(dataset_url: str, names) -> dict[str, str]:
 def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
     """Write the weights of ``run`` (a run directory or checkpoint folder) to ``out``; returns the card."""
     from safetensors.torch import save_file
-
-    from molscale.trainer.train.checkpoints import CheckpointError, model_configs, model_weights, read_model_states
     folder, states, state = read_model_states(run)
     if state.get("objective", "diffusion") != "diffusion":
         raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint; export the run "
@@ -92,61 +83,3 @@ def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
     with open(out + ".json", "w") as f:
         json.dump(card, f, indent=1, sort_keys=True)
     return card
-
-
-def read_card(path: str) -> dict:
-    from safetensors import safe_open
-
-    from molscale.trainer.train.checkpoints import CheckpointError
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}): "
-                              f"corrupt or truncated?") from None
-    if CARD_KEY not in metadata:
-        raise CheckpointError(f"{path} has no molscale card: not a file written by `python -m trainer.export`")
-    try:
-        card = json.loads(metadata[CARD_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: its molscale card is not JSON ({err})") from None
-    if card.get("format") != CARD_FORMAT:
-        raise CheckpointError(f"{path}: card format {card.get('format')!r} is not {CARD_FORMAT!r}; export it again "
-                              f"with this version")
-    return card
-
-
-def load_exported(path: str, device="cpu"):
-    """The LoadedModel of an exported file; CheckpointError for a corrupt file or weights that do not fit."""
-    from safetensors.torch import load_file
-
-    from molscale.trainer.model.networks import ModelConfig
-    from molscale.trainer.model.schedule import DiffusionConfig
-    from molscale.trainer.train.checkpoints import CheckpointError, LoadedModel
-    card = read_card(path)
-    try:
-        tensors = load_file(path)
-    except Exception as err:
-        raise CheckpointError(f"{path}: the tensors cannot be read ({type(err).__name__}: {err}): corrupt or "
-                              f"truncated?") from None
-    if weights_digest(tensors) != card.get("weights_sha256"):
-        raise CheckpointError(f"{path}: the weights do not match the digest in its card: the file is corrupt")
-    try:
-        cfg, diffusion = ModelConfig(**card["model_config"]), DiffusionConfig(**card["diffusion_config"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: its card does not describe a model this version builds ({err})") from None
-    stats = card.get("property_stats") or {}
-    model = build_model(cfg, diffusion, stats.get("mean") or None, stats.get("mad") or None)
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as err:  # shapes that differ from the card's model
-        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: "
-                              f"{str(err).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: the weights do not fit the model its card describes: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-    model.to(device).eval()
-    return LoadedModel(model=model, step=int(card.get("step", 0)), checkpoint=os.path.abspath(path),
-                       atom_count_histogram={int(k): int(v) for k, v in card["atom_count_histogram"].items()},
-                       dataset_url=card.get("dataset", {}).get("url", ""), used_ema=card.get("weights") == "ema",
-                       property_units=card.get("property_units"))
