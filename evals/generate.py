@@ -29,6 +29,16 @@ if importlib.util.find_spec("molscale") is None:  # a checkout without `pip inst
     sys.modules["molscale"].__path__ = [os.path.dirname(_HERE)]
 
 
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers such as 1000 or 1000,100,25") from None
+    if not steps or len(set(steps)) != len(steps):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct step counts")
+    return steps
+
+
 def parse_args(argv=None):
     from molscale.trainer.model.sampling import SAMPLERS
     p = argparse.ArgumentParser(
@@ -48,10 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10000,
                    help="molecules to generate (default 10,000, the standard run)")
     p.add_argument("--batch", type=int, default=250, help="molecules per sampling chunk (one actor call)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=_steps_list, default=None, metavar="K[,K2,...]",
                    help="denoising steps K, one network evaluation each, on a grid respaced evenly over the T "
                         "diffusion steps and holding UniGEM's t_n (default: all T); every sampler adds one read-out "
-                        "evaluation at t = 0")
+                        "evaluation at t = 0. Several (--steps 1000,100,25): sample the same molecules at each K and "
+                        "add the quality-against-steps table and plot to the report (outputs are the first K's)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
                    help="ancestral (EDM's stochastic sampler; default), ddim (deterministic DDIM, eta 0) or dpm2m "
                         "(DPM-Solver++(2M), deterministic, second order, one evaluation per step); quality against "

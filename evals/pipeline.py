@@ -27,8 +27,11 @@ def _check_args(args) -> None:
         raise InputError(f"--n-samples must be at least 1 (got {args.n_samples})")
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1 (got {args.batch})")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be at least 1 (got {args.steps})")
+    for steps in args.steps or ():
+        if steps < 1:
+            raise InputError(f"--steps must be at least 1 (got {steps})")
+    if args.steps and len(args.steps) > 1 and not args.checkpoint:
+        raise InputError("--steps with several values sweeps a checkpoint's sampler; it needs --checkpoint")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1 (got {args.workers})")
 
@@ -154,6 +157,14 @@ def file_molecules(path: str) -> tuple[list, list, dict]:
     return records, molecules, source
 
 
+def _curve_row(metrics: dict, steps: int, seconds: float, args) -> dict:
+    """One row of the quality-against-steps table (metrics.json "steps_curve")."""
+    keys = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty")
+    return {"steps": steps, "network_evaluations": steps + 1, "sampler": args.sampler,
+            **{k: metrics.get(k) for k in keys}, "sampling_seconds": round(seconds, 2),
+            "seconds_per_1000": round(1000 * seconds / args.n_samples, 2)}
+
+
 def _json_safe(value):
     """NaN (a metric undefined for this set, e.g. bond-type TV when no bonds were generated) -> null."""
     if isinstance(value, dict):
@@ -195,9 +206,10 @@ def run(args) -> int:
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
         reference_url = args.reference or loaded.dataset_url
         source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
-        if args.steps is not None and args.steps > loaded.model.num_steps:
-            raise InputError(f"--steps {args.steps}: this model's diffusion has T = {loaded.model.num_steps} "
-                             f"steps; sample with at most that many")
+        for steps in args.steps or ():
+            if steps > loaded.model.num_steps:
+                raise InputError(f"--steps {steps}: this model's diffusion has T = {loaded.model.num_steps} "
+                                 f"steps; sample with at most that many")
         if args.property and not loaded.model.cfg.properties:
             raise InputError("--property: this checkpoint's model predicts no properties")
     elif args.molecules:
@@ -245,6 +257,7 @@ def run(args) -> int:
 
     ray = connect_ray(args.num_cpus)
     started = time.perf_counter()
+    swept = []  # (K, molecules, sampling seconds) of a sweep's other step counts
     if args.checkpoint:
         capacity, unit = sampler_capacity(ray)
         workers = args.workers or capacity
@@ -252,10 +265,16 @@ def run(args) -> int:
             log.warning("--workers %d is more than the cluster's %d %s(s): sampling with %d", workers, capacity,
                         unit, capacity)
             workers = capacity
-        steps = args.steps or loaded.model.num_steps
-        molecules, chunks_per_node = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed,
-                                              workers, histogram, args.cuda_graphs, args.precision, args.sampler)
-        sample_seconds = time.perf_counter() - started
+        sweep = args.steps or [loaded.model.num_steps]
+        for steps in sweep:
+            began = time.perf_counter()
+            sampled, chunks = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed, workers,
+                                       histogram, args.cuda_graphs, args.precision, args.sampler)
+            if steps == sweep[0]:
+                molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
+            else:
+                swept.append((steps, sampled, time.perf_counter() - began))
+        steps = sweep[0]
         source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
                       network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
@@ -275,6 +294,13 @@ def run(args) -> int:
         ref_hist = reference_histograms(reference_url, args.reference_split, all_single)
         train_smiles = _ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
+    steps_curve = None
+    if swept:
+        steps_curve = [_curve_row(metrics, steps, sample_seconds, args)]
+        for k, sampled, seconds in swept:
+            row_metrics = compute_metrics(_stats_over_ray(ray, sampled, all_single), train_smiles, ref_hist)
+            steps_curve.append(_curve_row(row_metrics, k, seconds, args))
+        metrics["steps_curve"] = steps_curve
     if props_to_eval:
         if args.checkpoint:
             rows = _property_mae(ray, reference, args.reference_split, props_to_eval, args.checkpoint)
@@ -300,7 +326,8 @@ def run(args) -> int:
                  f"Molecules of {os.path.basename(args.molecules)}" if args.molecules else
                  f"Real molecules: {args.split} split",
                  notes={**{k: str(v) for k, v in source.items() if k != "rejected_records"},
-                        "reference": str(metrics["reference"]["dataset"])})
+                        "reference": str(metrics["reference"]["dataset"])},
+                 steps_curve=steps_curve)
     if not args.no_wandb:
         try:
             config = {**{k: v for k, v in source.items() if k != "rejected_records"}, "out": args.out}

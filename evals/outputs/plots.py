@@ -25,7 +25,9 @@ from molscale.evals.protocol.distribution import (  # noqa: E402
 GEN_STYLE = {"color": "tab:blue", "label": "generated"}
 REF_STYLE = {"color": "tab:orange", "label": "reference"}
 PLOT_FILES = {"atom_counts": "atom_counts.png", "bond_lengths": "bond_lengths.png",
-              "bond_angles": "bond_angles.png", "metrics_table": "metrics_table.png"}
+              "bond_angles": "bond_angles.png", "metrics_table": "metrics_table.png",
+              "steps_curve": "steps_curve.png"}
+CURVE_METRICS = ("atom_stability", "mol_stability", "validity", "valid_unique")
 
 
 def _density(hist: np.ndarray, group: int = 1) -> np.ndarray:
@@ -131,6 +133,24 @@ def plot_metrics_table(metrics: dict, path: str) -> str:
     table = ax.table(cellText=rows, colLabels=["metric", "value"], loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
+    return _save(fig, path)
+
+
+def plot_steps_curve(rows: list[dict], path: str) -> str:
+    """Quality against denoising steps (``metrics.json`` "steps_curve" rows), steps on a log axis."""
+    rows = sorted(rows, key=lambda r: r["steps"])
+    steps = [r["steps"] for r in rows]
+    fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in CURVE_METRICS:
+        values = [r.get(name) for r in rows]
+        if any(v is not None for v in values):
+            ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", label=name)
+    ax.set(xscale="log", xlabel="denoising steps K (network evaluations - 1)", ylabel="fraction", ylim=(0, 1.02),
+           title=f"quality against steps ({rows[0].get('sampler', '')})")
+    ax.legend(fontsize=8)
+    ax_time.plot(steps, [r["seconds_per_1000"] for r in rows], marker="o", color="tab:gray")
+    ax_time.set(xscale="log", yscale="log", xlabel="denoising steps K", ylabel="s per 1,000 molecules",
+                title="sampling wall time")
     return _save(fig, path)
 
 

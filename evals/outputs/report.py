@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import os
 
-from molscale.evals.outputs.plots import format_value, make_plots
+from molscale.evals.outputs.plots import CURVE_METRICS, PLOT_FILES, format_value, make_plots, plot_steps_curve
 
 METRIC_HELP = {
     "n_samples": "molecules evaluated",
@@ -45,15 +45,19 @@ def _metrics_rows(metrics: dict) -> str:
 
 def write_report(metrics: dict, out_dir: str, histograms: dict | None = None, reference: dict | None = None,
                  example_smiles: list[str] | None = None, title: str = "Molecule generation report",
-                 notes: dict | None = None, max_examples: int = 20) -> str:
+                 notes: dict | None = None, max_examples: int = 20, steps_curve: list[dict] | None = None) -> str:
     """Write plots and ``report.html`` into ``out_dir`` (local); returns the path of the HTML file.
 
     metrics: the flat dict of ``metrics.compute_metrics``; histograms / reference: generated and reference
     histograms (distribution.py layout), plotted when given; example_smiles: shown up to ``max_examples``;
-    notes: extra key/value lines (checkpoint, dataset, command) shown under the title.
+    notes: extra key/value lines (checkpoint, dataset, command) shown under the title; steps_curve: the rows of
+    a sweep over denoising steps (``--steps K1,K2,...``), shown as a table and a plot.
     """
     os.makedirs(out_dir, exist_ok=True)
     plots = make_plots(histograms, out_dir, reference, metrics) if histograms is not None else {}
+    if steps_curve:
+        plots["steps_curve"] = os.path.basename(plot_steps_curve(steps_curve, os.path.join(out_dir,
+                                                                                           PLOT_FILES["steps_curve"])))
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     if notes:
@@ -63,6 +67,14 @@ def write_report(metrics: dict, out_dir: str, histograms: dict | None = None, re
               _metrics_rows(metrics), "</table>"]
     captions = {"atom_counts": "Atoms per molecule", "bond_lengths": "Bond lengths per bond kind",
                 "bond_angles": "Bond angles per central atom type"}
+    if steps_curve:
+        columns = ("steps", "network_evaluations", *CURVE_METRICS, "uniqueness", "seconds_per_1000")
+        parts += ["<h2>Quality against sampling steps</h2><p class='note'>the same seed and atom counts at every "
+                  "K; the metrics above are those of the first K asked for</p><table><tr>",
+                  "".join(f"<th>{html.escape(c)}</th>" for c in columns), "</tr>"]
+        parts += ["<tr>" + "".join(f"<td class='num'>{html.escape(format_value(row.get(c)))}</td>" for c in columns)
+                  + "</tr>" for row in steps_curve]
+        parts.append(f"</table><img src='{html.escape(plots['steps_curve'])}' alt='quality against steps'>")
     for name, caption in captions.items():
         if name in plots:
             parts.append(f"<h2>{caption}</h2><img src='{html.escape(plots[name])}' alt='{html.escape(caption)}'>")
