@@ -33,12 +33,17 @@ demo: $(STAMP)
 	$(PY) -m datasets build qm9 --out data/qm9
 	DS_ACCELERATOR=cpu WANDB_SILENT=true $(VENV)/bin/deepspeed --num_accelerators 2 \
 	    trainer/main.py --config cluster/cpu_demo.json --run-dir $(DEMO_RUN) --resume auto
-	WANDB_SILENT=true $(PY) evals/generate.py --checkpoint $(DEMO_RUN) --n-samples 200 --batch 100 --steps 200 \
+	WANDB_SILENT=true $(PY) evals/generate.py --checkpoint $(DEMO_RUN) --n-samples 200 --batch 100 --steps 200,50 \
 	    --property --out $(DEMO_RUN)/eval
+	$(PY) -m trainer.export $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
+	printf 'CCO ethanol\nc1ccccc1 benzene\nCC(=O)O acetic-acid\nC1CC not-a-molecule\n' > $(DEMO_RUN)/mine.smi
+	$(PY) evals/predict.py --checkpoint $(DEMO_RUN)/model.safetensors --input $(DEMO_RUN)/mine.smi \
+	    --out $(DEMO_RUN)/predictions.csv
 	@echo
 	@echo "dataset:     data/qm9 (python -m datasets inspect data/qm9)"
 	@echo "training:    $(DEMO_RUN)/metrics.jsonl, checkpoints $(DEMO_RUN)/step*, W&B offline run in $(DEMO_RUN)/wandb"
-	@echo "evaluation:  $(DEMO_RUN)/eval/report.html, metrics.json, samples.sdf, *.png"
+	@echo "evaluation:  $(DEMO_RUN)/eval/report.html (with quality at 200 and 50 steps), metrics.json, samples.sdf, *.png"
+	@echo "your own:    $(DEMO_RUN)/model.safetensors (+ .json card), LUMO of $(DEMO_RUN)/mine.smi in $(DEMO_RUN)/predictions.csv"
 
 bench: $(STAMP)
 	$(PY) -m datasets bench data/qm9

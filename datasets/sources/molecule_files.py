@@ -233,6 +233,7 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
     from rdkit.Chem import AllChem
 
     from molscale.datasets.sources.smiles import conformers as embed
+    from molscale.datasets.sources.smiles import embedding_seed
     smiles, name, record.fields = payload
     record.smiles, record.name = smiles, name
     mol = Chem.MolFromSmiles(smiles) if smiles else None
@@ -246,7 +247,7 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
     if not AllChem.MMFFHasAllMoleculeParams(mol):
         record.reject("no MMFF parameters", "its conformers could not be optimised as `build smiles` does")
         return None
-    ranked = embed(mol, conformers, seed * 1_000_003 + record.index)
+    ranked = embed(mol, conformers, embedding_seed(seed, record.index))
     if not ranked:
         record.reject("embedding failed", "RDKit ETKDGv3 found no conformer, also from random coordinates")
         return None

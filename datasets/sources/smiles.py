@@ -110,6 +110,16 @@ def smiles_chunks(path: str, chunk_molecules: int, limit: int | None, fields: tu
         yield chunk, (first, items), len(items)
 
 
+ZERO_SEED_STANDIN = 2**30  # RDKit embeds K copies of one conformer for randomSeed 0 (and 2**31 - 1; measured): never 0
+
+
+def embedding_seed(seed: int, index: int) -> int:
+    """ETKDG's randomSeed for molecule ``index`` of a build with ``seed`` (so that the result does not depend on
+    which worker embeds it)."""
+    # RDKit takes a 32-bit signed seed (larger ones raise OverflowError): wrap, which keeps every smaller seed
+    return (seed * 1_000_003 + index) % (2**31 - 1) or ZERO_SEED_STANDIN
+
+
 def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int]]:
     """Embed up to k ETKDGv3 conformers and MMFF-optimise them: [(energy kcal/mol, conformer id)] sorted."""
     params = AllChem.ETKDGv3()
@@ -143,7 +153,7 @@ def add_molecule(sink, index: int, smiles: str, params: dict, fields: dict | Non
     if not AllChem.MMFFHasAllMoleculeParams(mol):
         rejected.add(record, "no MMFF parameters")
         return
-    ranked = conformers(mol, params["conformers"], params["seed"] * 1_000_003 + index)
+    ranked = conformers(mol, params["conformers"], embedding_seed(params["seed"], index))
     if not ranked:
         rejected.add(record, "embedding failed")
         return
@@ -230,7 +240,8 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
         },
         details={
             "conformers_per_molecule": conformers,
-            "method": f"RDKit {Chem.rdBase.rdkitVersion}: AddHs, ETKDGv3 (randomSeed = seed * 1000003 + index), "
+            "method": f"RDKit {Chem.rdBase.rdkitVersion}: AddHs, ETKDGv3 (randomSeed = (seed * 1000003 + index) "
+                      f"mod (2^31 - 1), {ZERO_SEED_STANDIN} in place of 0), "
                       f"MMFF94 optimisation (maxIters {MMFF_MAX_ITERS}); conformers ranked by MMFF energy",
             "split": {"by": "molecule", "fractions": dict(zip(SPLIT_NAMES, SPLIT_FRACTIONS)), "seed": seed,
                       "method": "blake2b(seed:canonical smiles) -> uniform [0,1) -> 80/10/10"},

@@ -108,3 +108,18 @@ def test_smiles_bad_arguments(tmp_path):
     with pytest.raises(InputError, match="--conformers"):
         build_smiles(str(tmp_path / "x"), "moses", conformers=0, progress=False)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_first_molecule_of_a_seed_0_build_gets_distinct_conformers():
+    """RDKit's randomSeed 0 gives K identical conformers; molecule 0 of a seed-0 build must not get them."""
+    from rdkit import Chem
+
+    from molscale.datasets.sources.smiles import conformers, embedding_seed
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCCCO"))
+    ranked = conformers(mol, 4, embedding_seed(0, 0))
+    positions = [mol.GetConformer(conf_id).GetPositions() for _, conf_id in ranked]
+    assert len(positions) == 4
+    assert max(float(abs(positions[0] - p).max()) for p in positions[1:]) > 0.5
+    assert embedding_seed(0, 7) == 7 and embedding_seed(2, 7) == 2_000_013  # every other molecule as before
+    assert 0 < embedding_seed(5000, 3) < 2**31  # a large --seed wraps instead of overflowing RDKit's int
+
