@@ -67,6 +67,19 @@ def parse_args(argv=None):
                    help="ancestral (EDM's stochastic sampler; default), ddim (deterministic DDIM, eta 0) or dpm2m "
                         "(DPM-Solver++(2M), deterministic, second order, one evaluation per step); quality against "
                         "steps in BENCHMARKS.md")
+    p.add_argument("--guide", metavar="PROPERTY=VALUE", default=None,
+                   help="steer sampling toward a property value (dataset units) with the gradient of the model's own "
+                        "growth-branch property head (classifier guidance, no retraining; UniGEM with that property)")
+    p.add_argument("--guide-scale", type=float, default=10.0,
+                   help="guidance strength: 1 / variance of the Gaussian likelihood of the target in normalised "
+                        "property units (default 10; not tuned yet)")
+    p.add_argument("--guide-from", type=int, default=None, metavar="T0",
+                   help="guide at every step with t <= T0 (default: t_n, the growth phase, where the head was "
+                        "trained; earlier steps cost one more network evaluation each)")
+    p.add_argument("--scorer", default=None, metavar="CHECKPOINT",
+                   help="with --guide: a second, independently trained UniGEM (run directory or exported file) that "
+                        "predicts the guided property of the generated molecules; metrics.json 'guidance' reports "
+                        "its MAE to the target next to the guiding model's own")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "

@@ -34,6 +34,10 @@ def _check_args(args) -> None:
         raise InputError("--steps with several values sweeps a checkpoint's sampler; it needs --checkpoint")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1 (got {args.workers})")
+    if args.guide is not None and not args.checkpoint:
+        raise InputError("--guide steers a checkpoint's sampler; it needs --checkpoint")
+    if args.scorer is not None and args.guide is None:
+        raise InputError("--scorer scores the guided property; it needs --guide PROPERTY=VALUE")
 
 
 def _ray_get(ray, refs):
@@ -157,6 +161,56 @@ def file_molecules(path: str) -> tuple[list, list, dict]:
     return records, molecules, source
 
 
+def _guide(args, model) -> tuple | None:
+    """(property, value, scale, start) of --guide, checked against the model; None without --guide."""
+    if args.guide is None:
+        return None
+    name, sep, value = args.guide.partition("=")
+    try:
+        target = float(value) if sep else None
+    except ValueError:
+        target = None
+    if target is None:
+        raise InputError(f"--guide {args.guide}: give PROPERTY=VALUE, such as lumo=-500")
+    from molscale.trainer.model.sampling import guidance_for
+    try:
+        guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from)
+    except ValueError as err:
+        raise InputError(f"--guide {args.guide}: {err}") from None
+    if args.scorer is not None:
+        from molscale.trainer.train.checkpoints import load_for_eval
+        scorer = load_for_eval(args.scorer).model
+        if name.strip() not in getattr(scorer.cfg, "properties", ()):
+            raise InputError(f"--scorer {args.scorer} does not predict {name.strip()!r}")
+    return name.strip(), target, args.guide_scale, args.guide_from
+
+
+def _guidance_metrics(ray, args, guide, molecules) -> dict:
+    """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
+    --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
+    name, target, scale, start = guide
+
+    @ray.remote(num_cpus=1)
+    def predictions(checkpoint: str):
+        import torch
+
+        from molscale.evals.prediction import predict_conformers
+        from molscale.trainer.train.checkpoints import load_for_eval
+        torch.set_num_threads(1)
+        model = load_for_eval(checkpoint).model
+        values = predict_conformers(model, [pos for _, pos in molecules], 128)
+        return values[:, list(model.cfg.properties).index(name)]
+
+    refs = {"self": predictions.remote(args.checkpoint)}
+    if args.scorer:
+        refs["scorer"] = predictions.remote(args.scorer)
+    row = {"property": name, "target": target, "scale": scale, "start": start, "scorer": args.scorer}
+    for key, ref in refs.items():
+        values = np.asarray(_ray_get(ray, ref), dtype=np.float64)
+        row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - target).mean()), float(values.mean())
+    return row
+
+
 def _curve_row(metrics: dict, steps: int, seconds: float, args) -> dict:
     """One row of the quality-against-steps table (metrics.json "steps_curve")."""
     keys = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty")
@@ -201,6 +255,7 @@ def run(args) -> int:
     _check_args(args)
 
     # Everything that can be wrong with the inputs fails here, before Ray starts.
+    guide = None
     if args.checkpoint:
         loaded = load_for_eval(args.checkpoint)
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
@@ -212,6 +267,7 @@ def run(args) -> int:
                                  f"steps; sample with at most that many")
         if args.property and not loaded.model.cfg.properties:
             raise InputError("--property: this checkpoint's model predicts no properties")
+        guide = _guide(args, loaded.model)
     elif args.molecules:
         if args.property:
             raise InputError("--property needs a model (--checkpoint) or property labels (--dataset); "
@@ -269,12 +325,13 @@ def run(args) -> int:
         for steps in sweep:
             began = time.perf_counter()
             sampled, chunks = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed, workers,
-                                       histogram, args.cuda_graphs, args.precision, args.sampler)
+                                       histogram, args.cuda_graphs, args.precision, args.sampler, guide)
             if steps == sweep[0]:
                 molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
             else:
                 swept.append((steps, sampled, time.perf_counter() - began))
         steps = sweep[0]
+        source.update(guide=list(guide) if guide else None)
         source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
                       network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
@@ -294,6 +351,11 @@ def run(args) -> int:
         ref_hist = reference_histograms(reference_url, args.reference_split, all_single)
         train_smiles = _ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
+    if guide:
+        metrics["guidance"] = _guidance_metrics(ray, args, guide, molecules)
+        for key in ("self_mae", "scorer_mae"):
+            if metrics["guidance"].get(key) is not None:
+                metrics[f"guidance_{key}"] = metrics["guidance"][key]
     steps_curve = None
     if swept:
         steps_curve = [_curve_row(metrics, steps, sample_seconds, args)]

@@ -30,7 +30,7 @@ def csv_columns(names, units) -> list[str]:
     return ["index", "name", "smiles", "status", "atoms", "conformers", *props, "reason", "note"]
 
 
-def _predict_conformers(model, conformers: list[np.ndarray], batch: int) -> np.ndarray:
+def predict_conformers(model, conformers: list[np.ndarray], batch: int) -> np.ndarray:
     """[C, P] predictions (dataset units) for C conformers (float32 [N_i, 3], CoM-free)."""
     import torch
 
@@ -64,7 +64,7 @@ def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conf
     records = [parse_record(first + i, fmt, payload, conformers, seed, vocab) for i, (fmt, payload) in enumerate(raw)]
     usable = [r for r in records if r.ok]
     flat = [c for r in usable for c in r.conformers]
-    pred = _predict_conformers(model, flat, batch)
+    pred = predict_conformers(model, flat, batch)
     columns = [list(model.cfg.properties).index(n) for n in names]
     rows, at = [], 0
     for r in records:

@@ -52,15 +52,17 @@ def sampler_actor_class(ray):
             if self.device == "cuda":  # this process is the actor's own: the flag touches nothing else
                 torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
-        def sample(self, num_atoms: list[int], seed: int, steps: int | None, sampler: str) -> dict:
+        def sample(self, num_atoms: list[int], seed: int, steps: int | None, sampler: str,
+                   guide: tuple | None = None) -> dict:
             import torch
 
-            from molscale.trainer.model.sampling import sample
+            from molscale.trainer.model.sampling import guidance_for, sample
             generator = torch.Generator(device=self.device).manual_seed(seed)
+            guidance = guidance_for(self.loaded.model, *guide) if guide else None
             # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
-                             device=self.device, sampler=sampler)
+                             device=self.device, sampler=sampler, guidance=guidance)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id()}
@@ -92,10 +94,11 @@ def sampler_capacity(ray) -> tuple[int, str]:
 
 def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None, seed: int, workers: int,
              histogram: dict[int, int], cuda_graphs: bool = False,
-             precision: str = "fp32",
-             sampler: str = "ancestral") -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             precision: str = "fp32", sampler: str = "ancestral",
+             guide: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
-    per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever)."""
+    per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever);
+    ``guide``: (property, value, scale, start) for guidance_for, or None."""
     from ray.util import ActorPool
     from tqdm import tqdm
     unit = sampler_capacity(ray)[1]
@@ -106,7 +109,7 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}
-    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], steps, sampler), plan)
+    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], steps, sampler, guide), plan)
     for (_, idx, counts), out in tqdm(zip(plan, results), total=len(plan), desc="sampling", unit="chunk"):
         for row, i in enumerate(idx):
             n = int(out["num_atoms"][row])

@@ -37,6 +37,14 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     assert r.returncode == 2 and "--n-samples must be at least 1" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--steps", "1001", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--steps 1001: this model's diffusion has T = 1000 steps" in r.stderr
+    for guide, message in (("lumo", "give PROPERTY=VALUE"), ("homo=1", "not 'homo'")):
+        r = generate("--checkpoint", tiny_checkpoint, "--guide", guide, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--guide", "lumo=1", "--guide-scale", "0",
+                 "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "must be positive" in r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--scorer", tiny_checkpoint, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "it needs --guide" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--steps", "10,x", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "'10,x' is not a list of integers" in r.stderr
     r = generate("--dataset", qm9_small, "--steps", "10,5", "--out", str(tmp_path / "o"))
@@ -75,13 +83,18 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
     r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--precision", "bf16",
-                  "--sampler", "dpm2m", "--steps", "10,3", "--out", str(tmp_path / "other"))
+                  "--sampler", "dpm2m", "--steps", "10,3", "--guide", "lumo=-300", "--guide-from", "300",
+                  "--scorer", tiny_checkpoint, "--out", str(tmp_path / "other"))
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
     other = json.loads((tmp_path / "other" / "metrics.json").read_text())
     source = other["source"]
     assert (source["precision"], source["cuda_graphs"], source["sampler"]) == ("bf16", False, "dpm2m")
     assert (source["steps"], source["network_evaluations"]) == (10, 11)
+    guidance = other["guidance"]
+    assert (guidance["property"], guidance["target"], guidance["start"]) == ("lumo", -300.0, 300)
+    assert guidance["self_mae"] > 0 and guidance["scorer_mae"] == pytest.approx(guidance["self_mae"])  # same model
+    assert source["guide"] == ["lumo", -300.0, 10.0, 300]
     # the sweep: a row per K, the first one the outputs' own
     curve = other["steps_curve"]
     assert [(row["steps"], row["network_evaluations"]) for row in curve] == [(10, 11), (3, 4)]

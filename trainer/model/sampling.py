@@ -11,6 +11,7 @@ Sampler state is float32 (the dtype of the model's first parameter when that is 
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -73,9 +74,9 @@ def _switch_time(model):
 
 
 @torch.no_grad()
-def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral"):
+def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral", guidance=None):
     """Generate molecules. num_atoms: LongTensor [B] (e.g. from sample_num_atoms); steps: denoising steps K
-    (default T); sampler: one of SAMPLERS.
+    (default T); sampler: one of SAMPLERS; guidance: a Guidance (guidance_for) or None.
 
     Returns pos [B, N, 3] (Angstrom, CoM-free), node_mask [B, N], atom_type [B, N] (vocabulary index, 0 at
     padding), z [B, N] (atomic numbers, 0 at padding), num_atoms [B]; N = max(num_atoms).
@@ -90,7 +91,7 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     atom_type = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)
     for idx, n_pad in plan_chunks(num_atoms.tolist(), chunk_cost(model, device)):
         node_mask = torch.arange(n_pad)[None, :] < num_atoms[idx][:, None]  # [b, n_pad]
-        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler)
+        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler, guidance)
         pos[idx.to(device), :n_pad] = pos_c
         atom_type[idx.to(device), :n_pad] = type_c
     node_mask = (torch.arange(n_max)[None, :] < num_atoms[:, None]).to(device)
@@ -156,13 +157,69 @@ class DPMSolver2M:
         return _project(z_s, node_mask, com_free)
 
 
-def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral"):
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier guidance by UniGEM's own property head, no retraining: sampling follows the score of
+    p(x_t | y) = p(x_t) p(y | x_t) with p(y | x_t) = N(y; f(x_t), 1 / scale) in normalised property units, f the
+    growth branch's head read at x_t. As eps = -sigma_t score, the guided estimate is
+    eps + sigma_t * grad_x [scale / 2 * (f(x_t) - target)^2], at every step with t <= ``start`` (t_n by default:
+    the growth phase, where the head was trained; earlier steps read the growth branch out of its training range
+    and cost one more evaluation each). f is invariant, so the gradient is equivariant and free of the CoM. The
+    added term is capped, per molecule, at the norm of eps (an undertrained head's gradients are huge)."""
+    property_index: int
+    target: float   # normalised: (value - train mean) / train MAD
+    scale: float
+    start: int
+
+
+def guidance_for(model, name: str, value: float, scale: float, start: int | None = None) -> Guidance:
+    """Guidance toward ``value`` (dataset units) of property ``name``; ValueError for what cannot be guided."""
+    if not (getattr(model, "predicts_properties", False) and model.cfg.properties):
+        raise ValueError("guidance needs a UniGEM model with a property head (model.properties)")
+    if name not in model.cfg.properties:
+        raise ValueError(f"the model predicts {list(model.cfg.properties)}, not {name!r}")
+    if not scale > 0:
+        raise ValueError(f"the guidance scale must be positive (got {scale})")
+    start = model.cfg.t_nucleation if start is None else start
+    if not 1 <= start <= model.num_steps:
+        raise ValueError(f"guidance start must be in [1, {model.num_steps}] (got {start})")
+    j = list(model.cfg.properties).index(name)
+    mean, mad = (v.double()[j].item() for v in model.prop_normalisation(torch.zeros(1)))
+    return Guidance(j, (value - mean) / mad, float(scale), int(start))
+
+
+def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance):
+    """The guided eps estimate of coordinates ``pos`` at time t (Guidance); eps: the unguided one."""
+    t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+    with torch.enable_grad():
+        x = pos.detach().requires_grad_(True)
+        # eager network (CUDA graphs replay forward passes only)
+        out = model._denoise(x, node_mask, t_batch, "growth", heads=True)
+        error = out["props"][:, guidance.property_index].float() - guidance.target
+        (grad,) = torch.autograd.grad(0.5 * guidance.scale * (error * error).sum(), x)
+    if model.branch_of(t) == "growth":
+        eps = out["eps"].detach()  # the same pass gave the growth branch's own estimate
+    _, sigma = model.schedule.host_alpha_sigma(t)
+    push = remove_mean(sigma * grad.to(eps.dtype), node_mask)
+    # A head far from its training data (an undertrained model, large t) can have gradients that throw atoms
+    # hundreds of Angstrom away in one step: the push is capped, per molecule, at the size of eps itself.
+    size = lambda x: x.square().sum((1, 2), keepdim=True).sqrt()  # noqa: E731
+    push = push * torch.clamp(size(eps) / size(push).clamp(min=1e-12), max=1.0)
+    return remove_mean(eps + push, node_mask)
+
+
+def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None):
     # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
     latents = model.initial_latents(node_mask, generator, dtype)
     solver = DPMSolver2M(model.schedule) if sampler == "dpm2m" else None
     branch_of = getattr(model, "branch_of", lambda t: None)
     for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
-        eps = model.predict_noise(latents, node_mask, t, final=False)
+        if guidance is not None and t <= guidance.start and branch_of(t) == "growth":
+            eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance)}
+        else:
+            eps = model.predict_noise(latents, node_mask, t, final=False)
+            if guidance is not None and t <= guidance.start:
+                eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, eps["pos"], guidance)}
         if solver is not None and branch_of(t) != branch_of(prev_t):
             solver.restart()  # the network changed: its earlier estimate is not a history of this one
         stepped = {}
