@@ -14,9 +14,10 @@ import time
 import numpy as np
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
-from molscale.datasets.errors import InputError, MolscaleError
+from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import ManifestError, load_manifest
 from molscale.evals.outputs.wandb_log import log_eval as _log_wandb
+from molscale.evals.ray_sampling import ray_get
 
 log = logging.getLogger("evals.generate")
 STATS_CHUNK = 500  # molecules per metric task
@@ -40,18 +41,6 @@ def _check_args(args) -> None:
         raise InputError("--scorer scores the guided property; it needs --guide PROPERTY=VALUE")
 
 
-def _ray_get(ray, refs):
-    """ray.get; a MolscaleError raised in a task comes back as itself (one line at the entry point), not
-    wrapped in Ray's RayTaskError with the remote traceback."""
-    from ray.exceptions import RayTaskError
-    try:
-        return ray.get(refs)
-    except RayTaskError as err:
-        if isinstance(err.cause, MolscaleError):
-            raise err.cause from None
-        raise
-
-
 def _reference_manifest(url: str):
     """The reference dataset's manifest, or None (with a warning) when it cannot be read."""
     try:
@@ -66,7 +55,7 @@ def _stats_over_ray(ray, molecules, all_single: bool) -> dict:
     from molscale.evals.protocol.metrics import merge_stats, molecule_stats
     task = ray.remote(molecule_stats)
     refs = [task.remote(molecules[i:i + STATS_CHUNK], all_single) for i in range(0, len(molecules), STATS_CHUNK)]
-    return merge_stats(_ray_get(ray, refs))
+    return merge_stats(ray_get(ray, refs))
 
 
 def property_names(manifest, names=None) -> list[str]:
@@ -119,7 +108,7 @@ def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str |
             sums += (pred - batch["props"]).abs().sum(0).double().numpy()
         return sums, baseline, len(samples)
 
-    results = _ray_get(ray, [shard_errors.remote(i) for i in range(len(manifest.shards(split)))])
+    results = ray_get(ray, [shard_errors.remote(i) for i in range(len(manifest.shards(split)))])
     count = sum(r[2] for r in results)
     if not count:
         raise InputError(f"--property: split {split!r} of {manifest.url} holds no molecules")
@@ -206,7 +195,7 @@ def _guidance_metrics(ray, args, guide, molecules) -> dict:
         refs["scorer"] = predictions.remote(args.scorer)
     row = {"property": name, "target": target, "scale": scale, "start": start, "scorer": args.scorer}
     for key, ref in refs.items():
-        values = np.asarray(_ray_get(ray, ref), dtype=np.float64)
+        values = np.asarray(ray_get(ray, ref), dtype=np.float64)
         row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - target).mean()), float(values.mean())
     return row
 
@@ -349,7 +338,7 @@ def run(args) -> int:
     if reference is not None:
         ref_smiles_task = ray.remote(reference_smiles).remote(reference_url, "train", all_single)
         ref_hist = reference_histograms(reference_url, args.reference_split, all_single)
-        train_smiles = _ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
+        train_smiles = ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
     if guide:
         metrics["guidance"] = _guidance_metrics(ray, args, guide, molecules)

@@ -106,15 +106,14 @@ def _check_args(args) -> None:
 def _rows_over_ray(args, raw, names) -> list[dict]:
     from tqdm import tqdm
 
-    from molscale.evals.pipeline import _ray_get
-    from molscale.evals.ray_sampling import connect_ray
+    from molscale.evals.ray_sampling import connect_ray, ray_get
     ray = connect_ray(args.num_cpus)
     task = ray.remote(num_cpus=1)(predict_chunk)
     refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed)
             for start in range(0, len(raw), args.chunk)]
     rows: list[dict] = []
     for ref in tqdm(refs, desc="predicting", unit="chunk"):  # in order: rows come back in input order
-        rows += _ray_get(ray, ref)
+        rows += ray_get(ray, ref)
     return rows
 
 

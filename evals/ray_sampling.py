@@ -33,6 +33,20 @@ def connect_ray(num_cpus: int | None):
 ACTOR_RESTARTS = 3  # a dead sampler is restarted (it reloads the checkpoint) and its chunk retried this often
 
 
+def ray_get(ray, refs):
+    """ray.get; a MolscaleError raised in a task comes back as itself (one line at the entry point), not
+    wrapped in Ray's RayTaskError with the remote traceback."""
+    from ray.exceptions import RayTaskError
+
+    from molscale.datasets.errors import MolscaleError
+    try:
+        return ray.get(refs)
+    except RayTaskError as err:
+        if isinstance(err.cause, MolscaleError):
+            raise err.cause from None
+        raise
+
+
 def sampler_actor_class(ray):
     @ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     class Sampler:
