@@ -76,10 +76,17 @@ def parse_args(argv=None):
     p.add_argument("--guide-from", type=int, default=None, metavar="T0",
                    help="guide at every step with t <= T0 (default: t_n, the growth phase, where the head was "
                         "trained; earlier steps cost one more network evaluation each)")
+    p.add_argument("--target", metavar="PROPERTY=VALUE", default=None,
+                   help="a conditional checkpoint (model.condition_on): give every molecule this target (dataset "
+                        "units; atom counts from the train histogram). Default: (atom count, value) pairs of real "
+                        "train molecules of the checkpoint's dataset (or --reference), as EDM evaluates")
     p.add_argument("--scorer", default=None, metavar="CHECKPOINT",
-                   help="with --guide: a second, independently trained UniGEM (run directory or exported file) that "
-                        "predicts the guided property of the generated molecules; metrics.json 'guidance' reports "
-                        "its MAE to the target next to the guiding model's own")
+                   help="an independently trained UniGEM (run directory or exported file) that predicts the guided "
+                        "or conditioned property of the generated molecules. With --guide: its MAE to the target "
+                        "next to the guiding model's own (metrics.json 'guidance'). With a conditional checkpoint: "
+                        "EDM's protocol, a predictor trained on the other half of the train split (data.half); "
+                        "metrics.json 'conditional' holds the MAE between targets and its predictions, with the "
+                        "reference rows 'real molecules' and 'shuffled targets' on the --reference-split")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "

@@ -37,8 +37,8 @@ def _check_args(args) -> None:
         raise InputError(f"--workers must be at least 1 (got {args.workers})")
     if args.guide is not None and not args.checkpoint:
         raise InputError("--guide steers a checkpoint's sampler; it needs --checkpoint")
-    if args.scorer is not None and args.guide is None:
-        raise InputError("--scorer scores the guided property; it needs --guide PROPERTY=VALUE")
+    if args.target is not None and not args.checkpoint:
+        raise InputError("--target sets a conditional checkpoint's targets; it needs --checkpoint")
 
 
 def _reference_manifest(url: str):
@@ -82,38 +82,14 @@ def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str |
     absolute deviation of the split's values from the train mean, the number any property model must beat.
     Without ``checkpoint`` the rows are that baseline; with one they are the model's MAE plus ``baseline_mae``.
     """
+    from molscale.evals.conditional import split_predictions
     means = np.asarray([manifest.property_stats()[n]["mean"] for n in names], dtype=np.float64)
-
-    @ray.remote(num_cpus=1)
-    def shard_errors(index: int):
-        from molscale.datasets.stream.split_reader import iter_split_samples
-        samples = list(iter_split_samples(manifest, split, shards=[index]))
-        truth = np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64)
-        baseline = np.abs(truth.reshape(-1, len(names)) - means).sum(0)
-        if checkpoint is None:
-            return None, baseline, len(samples)
-        import torch
-
-        from molscale.datasets.stream.loader import collate, vocab_lookup
-        from molscale.trainer.model.sampling import predict_properties
-        from molscale.trainer.train.checkpoints import load_for_eval
-        torch.set_num_threads(1)
-        loaded = load_for_eval(checkpoint)
-        vocab_index = vocab_lookup(manifest.atom_vocab)
-        sums = np.zeros(len(names))
-        for i in range(0, len(samples), 128):
-            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                     for k, v in collate(samples[i:i + 128], vocab_index, tuple(names), False).items()}
-            pred = predict_properties(loaded.model, batch)
-            sums += (pred - batch["props"]).abs().sum(0).double().numpy()
-        return sums, baseline, len(samples)
-
-    results = ray_get(ray, [shard_errors.remote(i) for i in range(len(manifest.shards(split)))])
-    count = sum(r[2] for r in results)
+    predictions, truth = split_predictions(ray, manifest, split, names, checkpoint)
+    count = len(truth)
     if not count:
         raise InputError(f"--property: split {split!r} of {manifest.url} holds no molecules")
-    baseline = sum(r[1] for r in results) / count
-    model = sum(r[0] for r in results) / count if checkpoint is not None else None
+    baseline = np.abs(truth - means).mean(0)
+    model = np.abs(predictions - truth).mean(0) if checkpoint is not None else None
     units = manifest.data.get("properties", {})
     rows = {}
     for i, name in enumerate(names):
@@ -177,25 +153,12 @@ def _guide(args, model) -> tuple | None:
 def _guidance_metrics(ray, args, guide, molecules) -> dict:
     """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
     --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
+    from molscale.evals.conditional import predict_molecules
     name, target, scale, start = guide
-
-    @ray.remote(num_cpus=1)
-    def predictions(checkpoint: str):
-        import torch
-
-        from molscale.evals.prediction import predict_conformers
-        from molscale.trainer.train.checkpoints import load_for_eval
-        torch.set_num_threads(1)
-        model = load_for_eval(checkpoint).model
-        values = predict_conformers(model, [pos for _, pos in molecules], 128)
-        return values[:, list(model.cfg.properties).index(name)]
-
-    refs = {"self": predictions.remote(args.checkpoint)}
-    if args.scorer:
-        refs["scorer"] = predictions.remote(args.scorer)
+    checkpoints = {"self": args.checkpoint, **({"scorer": args.scorer} if args.scorer else {})}
     row = {"property": name, "target": target, "scale": scale, "start": start, "scorer": args.scorer}
-    for key, ref in refs.items():
-        values = np.asarray(ray_get(ray, ref), dtype=np.float64)
+    for key, checkpoint in checkpoints.items():
+        values = predict_molecules(ray, checkpoint, [name], molecules)[:, 0]
         row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - target).mean()), float(values.mean())
     return row
 
@@ -232,6 +195,7 @@ def publish(local_dir: str, out_url: str) -> None:
 
 
 def run(args) -> int:
+    from molscale.evals.conditional import check_scorer, conditional_metrics, draw_conditions, parse_targets
     from molscale.evals.outputs.report import write_report
     from molscale.evals.outputs.sdf import write_sdf
     from molscale.evals.protocol.metrics import compute_metrics
@@ -244,7 +208,7 @@ def run(args) -> int:
     _check_args(args)
 
     # Everything that can be wrong with the inputs fails here, before Ray starts.
-    guide = None
+    guide, conditioned = None, []
     if args.checkpoint:
         loaded = load_for_eval(args.checkpoint)
         vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
@@ -257,6 +221,16 @@ def run(args) -> int:
         if args.property and not loaded.model.cfg.properties:
             raise InputError("--property: this checkpoint's model predicts no properties")
         guide = _guide(args, loaded.model)
+        conditioned = list(loaded.model.cfg.condition_on)
+        if args.target is not None and not conditioned:
+            raise InputError("--target: this checkpoint's model is not conditioned on any property "
+                             "(model.condition_on is empty); steer it with --guide PROPERTY=VALUE instead")
+        fixed_targets = parse_targets(args.target, conditioned) if conditioned else None
+        if args.scorer is not None and not (guide or conditioned):
+            raise InputError("--scorer predicts the guided or conditioned property; it needs --guide or a "
+                             "conditional checkpoint (model.condition_on)")
+        if args.scorer is not None and conditioned:
+            check_scorer(args.scorer, conditioned)
     elif args.molecules:
         if args.property:
             raise InputError("--property needs a model (--checkpoint) or property labels (--dataset); "
@@ -283,6 +257,10 @@ def run(args) -> int:
         vocab = sorted(set(vocab) | set(reference.atom_vocab))
     if reference is not None:
         reference.split(args.reference_split)
+    if args.checkpoint and conditioned and fixed_targets is None and reference is None:
+        raise InputError(f"this model is conditioned on {conditioned}: its targets are drawn from the train split "
+                         f"of its dataset, which is not readable here; pass --reference URL or --target "
+                         f"{conditioned[0]}=VALUE")
     # --property: with a checkpoint, its model's MAE on the reference split (and the train-mean baseline);
     # with --dataset there is no model, so the baseline alone, on the evaluated split.
     props_to_eval = None
@@ -303,6 +281,11 @@ def run(args) -> int:
     ray = connect_ray(args.num_cpus)
     started = time.perf_counter()
     swept = []  # (K, molecules, sampling seconds) of a sweep's other step counts
+    condition = None
+    if args.checkpoint and conditioned:
+        counts, targets, drawn = draw_conditions(ray, reference, conditioned, args.n_samples, args.seed,
+                                                 fixed_targets, histogram)
+        condition = (counts, targets)
     if args.checkpoint:
         capacity, unit = sampler_capacity(ray)
         workers = args.workers or capacity
@@ -314,13 +297,13 @@ def run(args) -> int:
         for steps in sweep:
             began = time.perf_counter()
             sampled, chunks = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed, workers,
-                                       histogram, args.cuda_graphs, args.precision, args.sampler, guide)
+                                       histogram, args.cuda_graphs, args.precision, args.sampler, guide, condition)
             if steps == sweep[0]:
                 molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
             else:
                 swept.append((steps, sampled, time.perf_counter() - began))
         steps = sweep[0]
-        source.update(guide=list(guide) if guide else None)
+        source.update(guide=list(guide) if guide else None, condition_on=conditioned or None)
         source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
                       network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
@@ -345,6 +328,15 @@ def run(args) -> int:
         for key in ("self_mae", "scorer_mae"):
             if metrics["guidance"].get(key) is not None:
                 metrics[f"guidance_{key}"] = metrics["guidance"][key]
+    if condition is not None:
+        units = {n: reference.data.get("properties", {}).get(n, {}).get("unit", "") if reference else ""
+                 for n in conditioned}
+        metrics["conditional"] = conditional_metrics(ray, conditioned, condition[1], molecules, drawn, args.scorer,
+                                                     reference, args.reference_split, units)
+        for name, row in metrics["conditional"]["properties"].items():
+            for key in ("mae", "real_molecules_mae", "shuffled_targets_mae"):
+                if key in row:
+                    metrics[f"conditional_{key}_{name}"] = row[key]
     steps_curve = None
     if swept:
         steps_curve = [_curve_row(metrics, steps, sample_seconds, args)]
@@ -397,5 +389,10 @@ def run(args) -> int:
     for name, row in metrics.get("property_mae", {}).items():
         baseline = f", train-mean baseline {row['baseline_mae']:.4g}" if "baseline_mae" in row else ""
         print(f"{'MAE ' + name:>16}: {row['mae']:.4g} {row['unit']} ({row['predictor']}{baseline})")
+    for name, row in metrics.get("conditional", {}).get("properties", {}).items():
+        if "mae" in row:
+            bounds = (f" (scorer on real {args.reference_split} molecules {row['real_molecules_mae']:.4g}, "
+                      f"shuffled targets {row['shuffled_targets_mae']:.4g})" if "real_molecules_mae" in row else "")
+            print(f"{'cond. MAE ' + name:>16}: {row['mae']:.4g} {row['unit']}{bounds}")
     print(f"\n{n_written} molecules, metrics, plots and report.html in {args.out}")
     return 0

@@ -128,6 +128,10 @@ def run(args) -> int:
     if not predicted:
         raise InputError(f"--checkpoint {args.checkpoint}: this model predicts no properties (train UniGEM with "
                          f"model.properties set)")
+    if loaded.model.num_context:
+        raise InputError(f"--checkpoint {args.checkpoint}: this model is conditioned on "
+                         f"{loaded.model.cfg.condition_on}, so its predictions depend on values the input does not "
+                         f"have; predict with an unconditional model")
     names = predicted if not args.properties else [n.strip() for n in args.properties.split(",") if n.strip()]
     unknown = [n for n in names if n not in predicted]
     if unknown:

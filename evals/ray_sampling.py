@@ -67,7 +67,7 @@ def sampler_actor_class(ray):
                 torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
         def sample(self, num_atoms: list[int], seed: int, steps: int | None, sampler: str,
-                   guide: tuple | None = None) -> dict:
+                   guide: tuple | None = None, condition: list | None = None) -> dict:
             import torch
 
             from molscale.trainer.model.sampling import guidance_for, sample
@@ -76,7 +76,7 @@ def sampler_actor_class(ray):
             # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
-                             device=self.device, sampler=sampler, guidance=guidance)
+                             device=self.device, sampler=sampler, guidance=guidance, condition=condition)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id()}
@@ -84,13 +84,18 @@ def sampler_actor_class(ray):
     return Sampler
 
 
-def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, batch: int):
-    """[(chunk seed, molecule indices, atom counts)]: counts drawn from the histogram, chunks of
-    similar sizes (sorted), each chunk's seed fixed by --seed and its index."""
+def draw_atom_counts(n_samples: int, histogram: dict[int, int], seed: int) -> np.ndarray:
+    """[n_samples] atom counts drawn from a {num_atoms: count} histogram with --seed."""
     rng = np.random.default_rng(seed)
     sizes = np.asarray(sorted(histogram), dtype=np.int64)
     probs = np.asarray([histogram[s] for s in sizes], dtype=np.float64)
-    counts = rng.choice(sizes, size=n_samples, p=probs / probs.sum())
+    return rng.choice(sizes, size=n_samples, p=probs / probs.sum())
+
+
+def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, batch: int, counts=None):
+    """[(chunk seed, molecule indices, atom counts)]: counts drawn from the histogram (or given: [n_samples]),
+    chunks of similar sizes (sorted), each chunk's seed fixed by --seed and its index."""
+    counts = draw_atom_counts(n_samples, histogram, seed) if counts is None else np.asarray(counts, dtype=np.int64)
     order = np.argsort(counts, kind="stable")
     plan = []
     for c, start in enumerate(range(0, n_samples, batch)):
@@ -109,21 +114,28 @@ def sampler_capacity(ray) -> tuple[int, str]:
 def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None, seed: int, workers: int,
              histogram: dict[int, int], cuda_graphs: bool = False,
              precision: str = "fp32", sampler: str = "ancestral",
-             guide: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             guide: tuple | None = None,
+             condition: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever);
-    ``guide``: (property, value, scale, start) for guidance_for, or None."""
+    ``guide``: (property, value, scale, start) for guidance_for, or None; ``condition``: a conditional model's
+    (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller."""
     from ray.util import ActorPool
     from tqdm import tqdm
     unit = sampler_capacity(ray)[1]
     Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
-    plan = chunk_plan(n_samples, histogram, seed, batch)
+    counts, targets = condition if condition is not None else (None, None)
+    plan = chunk_plan(n_samples, histogram, seed, batch, counts)
     actors = [Sampler.remote(checkpoint, cuda_graphs, precision) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}
-    results = pool.map(lambda actor, job: actor.sample.remote(job[2].tolist(), job[0], steps, sampler, guide), plan)
+    def submit(actor, job):
+        chunk_targets = None if targets is None else np.asarray(targets)[job[1]].tolist()
+        return actor.sample.remote(job[2].tolist(), job[0], steps, sampler, guide, chunk_targets)
+
+    results = pool.map(submit, plan)
     for (_, idx, counts), out in tqdm(zip(plan, results), total=len(plan), desc="sampling", unit="chunk"):
         for row, i in enumerate(idx):
             n = int(out["num_atoms"][row])

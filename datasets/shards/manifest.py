@@ -9,6 +9,7 @@ Layout (all counts are molecules/conformers):
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from molscale.datasets.shards import storage
 
 FORMAT = "molscale-shards/1"
 MANIFEST_NAME = "manifest.json"
+HALVES = ("first", "second")  # Manifest.half
 
 
 class ManifestError(InputError, ValueError):
@@ -63,6 +65,38 @@ class Manifest:
     @property
     def max_atoms(self) -> int:
         return max(max(self.atom_count_histogram(s)) for s in self.splits if self.count(s))
+
+    # --- views ----------------------------------------------------------------------------
+    def half(self, split: str, which: str) -> "Manifest":
+        """This dataset with ``split`` cut to its first or second half (which: 'first' | 'second'), at the shard
+        boundary nearest the middle of its molecules; the other splits as they are.
+
+        EDM's protocol for conditional generation (Hoogeboom et al. 2022, section 4.2; its released code's
+        qm9_first_half / qm9_second_half datasets) trains the property predictor on one half of the train split
+        and the conditional model on the other, so that the predictor never saw the molecules whose properties
+        the conditional model learnt."""
+        if which not in HALVES:
+            raise ManifestError(f"data.half must be one of {list(HALVES)} or null, got {which!r}")
+        done = self.split(split).get("half")
+        if done:  # a view already: the same half again is itself, the other half of a half is a mistake
+            if done["which"] != which:
+                raise ManifestError(f"{self.url}: split {split!r} is already its {done['which']} half")
+            return self
+        shards = self.shards(split)
+        if len(shards) < 2:
+            raise ManifestError(f"{self.url}: split {split!r} has {len(shards)} shard(s); halves are cut at shard "
+                                f"boundaries, so rebuild it with a smaller --shard-size")
+        ends = np.cumsum([s["count"] for s in shards])
+        cut = int(np.clip(np.argmin(np.abs(ends - ends[-1] / 2)) + 1, 1, len(shards) - 1))
+        kept = shards[:cut] if which == "first" else shards[cut:]
+        data = copy.deepcopy(self.data)
+        data["splits"][split] = {
+            "count": int(sum(s["count"] for s in kept)),
+            "shards": kept,
+            "atom_count_histogram": histogram([n for s in kept for n in s["num_atoms"]]),
+            "half": {"which": which, "of_count": int(ends[-1]), "shards": [kept[0]["name"], kept[-1]["name"]]},
+        }
+        return Manifest(self.url, data)
 
 
 def validate(data: dict, where: str) -> None:

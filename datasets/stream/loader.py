@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from molscale.datasets.errors import InputError
 from molscale.datasets.shards import storage
-from molscale.datasets.shards.manifest import Manifest, load_manifest
+from molscale.datasets.shards.manifest import HALVES, Manifest, load_manifest
 from molscale.datasets.stream.plan import Batching, plan_epoch
 from molscale.datasets.stream.split_reader import BAD_SHARD_ERRORS, TooManyBadShardsError, read_shard
 
@@ -52,6 +52,7 @@ class LoaderConfig:
     prefetch_factor: int = 4
     max_bad_shards: int | None = None      # default: 1% of the split's shards, at least 1
     retries: int = 6                       # attempts per shard read on transient errors
+    half: str | None = None                # 'first' | 'second': train on that half of `split` (Manifest.half)
 
     def __post_init__(self):
         self.bucket_bounds = tuple(self.bucket_bounds)
@@ -67,8 +68,14 @@ class LoaderConfig:
                 raise InputError(f"data.{name} must be at least 1 (got {value})")
         if self.num_workers < 0 or self.retries < 1 or self.prefetch_factor < 1:
             raise InputError("data.num_workers must be >= 0, data.retries and data.prefetch_factor >= 1")
+        if self.half is not None and self.half not in HALVES:
+            raise InputError(f"data.half must be one of {list(HALVES)} or null (got {self.half!r})")
         if self.max_bad_shards is not None and self.max_bad_shards < 0:
             raise InputError(f"data.max_bad_shards must be >= 0 (got {self.max_bad_shards})")
+
+    def training_view(self, manifest: Manifest) -> Manifest:
+        """The dataset as a run trains on it: with ``half``, its ``split`` cut to that half (Manifest.half)."""
+        return manifest.half(self.split, self.half) if self.half else manifest
 
     def batching(self, shuffle: bool = True) -> Batching:
         return Batching(self.batch_size, self.pair_budget, self.bucket_bounds, shuffle, self.shuffle_buffer)
@@ -287,6 +294,8 @@ class StreamingLoader:
         split = split or cfg.split
         self.manifest = manifest or load_manifest(cfg.url, storage)
         self.manifest.split(split)  # a clear error for an unknown split, before any work
+        if split == cfg.split:
+            self.manifest = cfg.training_view(self.manifest)
         known = tuple(self.manifest.data.get("properties", {}))
         properties = tuple(properties) if properties is not None else known
         missing = [p for p in properties if p not in known]

@@ -32,6 +32,8 @@ def main_py(*args, **kw):
      "optimizer.lr_scaling needs a molecule count per step"),
     ("data.batch_size=null data.pair_budget=20000 loss.reduction=reference",
      "loss.reduction 'reference' is the released code's fixed-size batches"),
+    ("data.half=third", "data.half must be one of ['first', 'second'] or null"),
+    ('model.condition_on=["lumo"]', "model.condition_on and model.properties share ['lumo']"),
 ])
 def test_bad_config_fails_before_any_work(override, message):
     sets = [arg for part in override.split() for arg in ("--set", part)]

@@ -48,18 +48,21 @@ def meta_batch(batch_size=6, n_max=9, num_props=1):
             "props": torch.zeros(batch_size, num_props, device=meta)}
 
 
-def meta_model(kind):
+def meta_model(kind, conditioned=False):
     props = ["lumo"] if kind == "unigem" else []
-    cfg = ModelConfig(kind=kind, hidden=8, layers=2, properties=props, atom_vocab=list(QM9_ATOM_VOCAB))
-    model = build_model(cfg, prop_mean=[1.0] if props else None, prop_mad=[2.0] if props else None)
+    condition = ["gap"] if conditioned else []
+    cfg = ModelConfig(kind=kind, hidden=8, layers=2, properties=props, condition_on=condition,
+                      atom_vocab=list(QM9_ATOM_VOCAB))
+    columns = len(props) + len(condition)
+    model = build_model(cfg, prop_mean=[1.0] * columns or None, prop_mad=[2.0] * columns or None)
     return model.to("meta")
 
 
-@pytest.mark.parametrize("kind", ["unigem", "edm"])
-def test_training_step_model_work_stays_on_the_device(kind):
-    model = meta_model(kind)
+@pytest.mark.parametrize("kind,conditioned", [("unigem", False), ("edm", False), ("unigem", True), ("edm", True)])
+def test_training_step_model_work_stays_on_the_device(kind, conditioned):
+    model = meta_model(kind, conditioned)
     ema = EMA(model, 0.999)
-    batch = meta_batch(num_props=1 if kind == "unigem" else 0)
+    batch = meta_batch(num_props=len(model.cfg.property_columns))
     model(batch)  # warm-up: the schedule tables and property statistics are copied to the device once per run
     with HostTraffic() as traffic:
         loss = model(batch)["loss"]
@@ -96,6 +99,19 @@ def test_sampling_steps_stay_on_the_device():
     for sampler in SAMPLERS:  # 5 and 9 network evaluations; each crosses the branch switch
         few, more = record(4, sampler), record(8, sampler)
         assert few == more, sampler
+
+
+def test_conditional_sampling_steps_stay_on_the_device():
+    model = meta_model("unigem", conditioned=True)
+    num_atoms = torch.tensor([5, 9, 7])
+    condition = [[1.0], [2.0], [3.0]]  # given on the host once, as the sampling actors give it
+
+    def record(steps):
+        with HostTraffic() as traffic:
+            sample(model, num_atoms, steps=steps, device="meta", sampler="dpm2m", condition=condition)
+        return traffic.events
+
+    assert record(4) == record(8)
 
 
 def test_property_prediction_stays_on_the_device():

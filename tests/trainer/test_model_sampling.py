@@ -76,9 +76,9 @@ def test_unigem_sampling_routes_each_step_to_its_phase_branch():
     calls = []
     original = model.denoise
 
-    def spy(pos, node_mask, t, branch, heads=False):
+    def spy(pos, node_mask, t, branch, heads=False, context=None):
         calls.append((int(t[0]), branch, heads))
-        return original(pos, node_mask, t, branch, heads)
+        return original(pos, node_mask, t, branch, heads, context)
 
     model.denoise = spy
     for sampler in SAMPLERS:
@@ -208,8 +208,8 @@ def test_property_prediction_returns_dataset_units():
 
     seen = []
     original = model.denoise
-    model.denoise = lambda pos, mask, t, branch, heads=False: seen.append((t.tolist(), branch, heads)) or original(
-        pos, mask, t, branch, heads)
+    model.denoise = lambda pos, mask, t, branch, heads=False, **kw: (
+        seen.append((t.tolist(), branch, heads)) or original(pos, mask, t, branch, heads))
     predict_properties(model, batch)
     assert all(branch == "growth" and heads and set(t) == {0} for t, branch, heads in seen)
 
@@ -225,7 +225,7 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
         mask = node_mask.to(x.dtype)
         return ((x * x).sum(-1) * mask).sum(1) / mask.sum(1)
 
-    def oracle(pos_t, node_mask, t, branch, heads):
+    def oracle(pos_t, node_mask, t, context=None, *, branch, heads):
         alpha, sigma = model.schedule.alpha_sigma(t, torch.float64)
         eps = pos_t * (sigma / (alpha**2 * scale_x**2 + sigma**2))[:, None, None] * node_mask[..., None]
         out = {"eps": eps}

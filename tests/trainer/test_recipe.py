@@ -65,7 +65,29 @@ GEOM = [
     ("train.max_steps", 2249819, "released README, GEOM evaluation --checkpoint_epoch 13: 13 x 173,063 batches "
                                  "of the 5,538,014 EDM training conformers"),
 ]
-REPRODUCTIONS = {"qm9_1gpu.json": QM9, "qm9_8gpu_paper.json": QM9, "geom_4gpu_paper.json": GEOM}
+EDM_CONDITIONAL = "EDM's released README, conditional training command (main_qm9.py --conditioning P --dataset " \
+    "qm9_second_half --n_epochs 3000) and its property classifiers (qm9/property_prediction, the first half)"
+
+
+def conditional_table(prop: str | None) -> list:
+    """UniGEM's QM9 recipe with EDM's conditional protocol: prop None is the predictor on the first half."""
+    changed = {
+        "model.properties": (["alpha", "gap", "homo", "lumo", "mu", "Cv"] if prop is None else [],
+                             "the six properties of EDM's conditional table (Table 3)" if prop is None else
+                             "a conditional model is given the property, it does not regress it"),
+        "train.max_steps": ((2000 if prop is None else 3000) * 784,
+                            (QM9_COMMAND + " epochs (2000)" if prop is None else EDM_CONDITIONAL) +
+                            ", 784 batches an epoch of the 50,000-molecule half"),
+    }
+    table = [(k, changed[k][0], changed[k][1]) if k in changed else (k, v, src) for k, v, src in QM9]
+    table.append(("data.half", "first" if prop is None else "second", EDM_CONDITIONAL))
+    table.append(("model.condition_on", [] if prop is None else [prop], EDM_CONDITIONAL))
+    return table
+
+
+CONDITIONAL = {f"qm9_cond_{p}_1gpu.json": conditional_table(p) for p in ("alpha", "gap", "homo", "lumo", "mu", "Cv")}
+REPRODUCTIONS = {"qm9_1gpu.json": QM9, "qm9_8gpu_paper.json": QM9, "geom_4gpu_paper.json": GEOM, **CONDITIONAL,
+                 "qm9_cond_predictor_1gpu.json": conditional_table(None)}
 # knobs every reproduction table must pin down
 REQUIRED = {"model.layers", "model.hidden", "model.shared_blocks", "model.t_nucleation", "diffusion.schedule",
             "loss.reduction", "optimizer.lr", "optimizer.ema_decay", "optimizer.steps_per_batch",

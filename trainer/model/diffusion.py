@@ -164,20 +164,23 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
     type_target = F.one_hot(batch["atom_type"], model.num_atom_types).to(pos.dtype) * 0.25  # [B, N, K]
     if cfg.properties:
         prop_mean, prop_mad = model.prop_normalisation(pos)
-        prop_target = (batch["props"].to(pos.dtype) - prop_mean) / prop_mad  # [B, P]
+        prop_target = (batch["props"][:, : len(cfg.properties)].to(pos.dtype) - prop_mean) / prop_mad  # [B, P]
+    context = model.batch_context(batch)  # [B, C] of a conditional model (EDM-style context), else None
 
     cost = chunk_cost(model, pos.device)
     counts = host_atom_counts(node_mask, cost is not None)
     sums = {name: pos.new_zeros(()) for name in ("eps_nucleation", "eps_growth", "atom_type")}
     sums.update({f"prop_{name}": pos.new_zeros(()) for name in cfg.properties})
-    chunks = [(branch, idx, n_pad, (take(pos_t, idx, n_pad), take(node_mask, idx, n_pad), take(t_dev, idx)))
+    chunks = [(branch, idx, n_pad, (take(pos_t, idx, n_pad), take(node_mask, idx, n_pad), take(t_dev, idx),
+                                    *(() if context is None else (take(context, idx),))))
               for branch, members in groups.items() for idx, n_pad in chunks_of(members, counts, cost, n_max)]
     # the calls this loss makes, announced so that CUDA graphs (when on) are captured before its forward starts
     model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
                            for branch, _, _, inputs in chunks])
     for branch, idx, n_pad, inputs in chunks:
         mask, n = inputs[1], take(atoms_norm, idx)  # [b, n], [b]
-        out = model.denoise(*inputs, branch, heads=branch == "growth")
+        chunk_context = inputs[3] if len(inputs) > 3 else None
+        out = model.denoise(*inputs[:3], branch, heads=branch == "growth", context=chunk_context)
         sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
         sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + eps_scale * (sq_err / (3 * n)).sum()
         if branch != "growth":
@@ -222,6 +225,7 @@ def edm_loss(model, batch, generator=None, t=None):
     alpha, sigma = (v[:, None, None] for v in model.schedule.alpha_sigma(t_dev, pos.dtype))
     pos_t, h_t = alpha * pos + sigma * eps, alpha * h + sigma * eps_h
     num_atoms = node_mask.sum(1).to(pos.dtype)
+    context = model.batch_context(batch)
     if loss_cfg.reduction == "reference":
         atoms_norm, scale, divisor = reference_atoms(batch, num_atoms).expand(batch_size), 0.5, batch_size
     else:
@@ -232,7 +236,8 @@ def edm_loss(model, batch, generator=None, t=None):
     sse_pos = sse_h = pos.new_zeros(())  # sums over molecules of per-atom squared errors
     for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
         mask, n = take(node_mask, idx, n_pad), take(atoms_norm, idx)
-        out = model.denoise(take(pos_t, idx, n_pad), take(h_t, idx, n_pad), mask, take(t_dev, idx))
+        out = model.denoise(take(pos_t, idx, n_pad), take(h_t, idx, n_pad), mask, take(t_dev, idx),
+                            None if context is None else take(context, idx))
         sse_pos = sse_pos + ((out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2)) / n).sum()
         sse_h = sse_h + ((out["eps_h"] - take(eps_h, idx, n_pad)).square().sum((1, 2)) / n).sum()
     dims_pos, dims_h = 3, model.h_channels

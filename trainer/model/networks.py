@@ -37,6 +37,9 @@ class ModelConfig:
     shared_blocks: int = 1  # UniGEM: blocks before the nucleation / growth branches
     t_nucleation: int = 10  # UniGEM: growth phase t <= t_nucleation
     properties: list[str] = field(default_factory=list)  # names of the batch["props"] columns to regress
+    # Property-conditioned generation (EDM, Hoogeboom et al. 2022, section 3.4 / its released qm9 code: the
+    # normalised property is one more input channel of every atom): names of properties the network is given.
+    condition_on: list[str] = field(default_factory=list)
     include_charges: bool = True  # EDM: diffuse Z/10 as an extra channel
     atom_vocab: list[int] | None = None  # atomic numbers, in order; a run fills in its dataset's
     layout: str = "dense"  # 'dense', or the reference layouts 'edge-list' / 'edge-list-real' (benchmark)
@@ -45,6 +48,12 @@ class ModelConfig:
     @property
     def branch_blocks(self):
         return self.layers - self.shared_blocks
+
+    @property
+    def property_columns(self) -> list[str]:
+        """The batch["props"] columns a model reads, in order: the regressed properties, then the conditioning
+        ones (both normalised with the dataset's train mean and MAD)."""
+        return [*self.properties, *self.condition_on]
 
     def model_class(self) -> type["DiffusionModel"]:
         if self.kind not in MODEL_CLASSES:
@@ -61,6 +70,12 @@ class ModelConfig:
             raise ValueError(f"model.layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
         if self.atom_vocab is not None and (len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab):
             raise ValueError(f"model.atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
+        if len(set(self.condition_on)) != len(self.condition_on):
+            raise ValueError(f"model.condition_on lists a property twice: {self.condition_on}")
+        both = sorted(set(self.condition_on) & set(self.properties))
+        if both:
+            raise ValueError(f"model.condition_on and model.properties share {both}: a head given its own target "
+                             f"as input learns nothing; predict it with a separate model (EDM's protocol)")
         cost = self.chunk_cost_pairs
         if not (cost in ("auto", None) or (isinstance(cost, int) and cost >= 0)):
             raise ValueError(f"model.chunk_cost_pairs must be 'auto', null or an integer >= 0, got {cost!r}")
@@ -77,15 +92,25 @@ def time_channel(t, num_steps, like):
     return frac[:, None, None].expand(like.shape[0], like.shape[1], 1)
 
 
-def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, layout="dense"):
+def node_inputs(channels, context, like):
+    """[..., channels, context per atom] -> [B, N, D + C]: the conditioning values context [B, C] (normalised)
+    broadcast to every atom, as EDM feeds its context; channels [B, N, D] unchanged when context is None."""
+    if context is None:
+        return channels
+    per_atom = context.to(like.dtype)[:, None, :].expand(channels.shape[0], channels.shape[1], context.shape[-1])
+    return torch.cat([channels, per_atom], dim=-1)
+
+
+def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, layout="dense", context=None):
     """UniGEM's trunk: what the EGNN stack sees and returns, defined once for UniGEM and its pretraining.
 
     The only inputs are the noised coordinates pos_t [B, N, 3], node_mask [B, N] and the step t [B]: node features
-    start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path). Returns the node
+    start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path), with a conditional
+    model's normalised context [B, C] appended to every atom's input. Returns the node
     features h [B, N, H] after `blocks` and eps [B, N, 3], the CoM-free coordinate update.
     """
     mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
-    node_in = torch.cat([mask, time_channel(t, num_steps, pos_t) * mask], dim=-1)
+    node_in = node_inputs(torch.cat([mask, time_channel(t, num_steps, pos_t)], dim=-1), context, pos_t) * mask
     graph = GRAPH_LAYOUTS[layout](pos_t, node_mask)
     h = (embed(node_in) * mask).to(pos_t.dtype)
     h, pos = graph.nodes(h), graph.nodes(pos_t)
@@ -113,11 +138,12 @@ class DiffusionModel(nn.Module):
         self.cfg, self.diffusion = cfg, diffusion
         self.num_steps = diffusion.num_steps
         self.schedule = diffusion.schedule_tables()
-        n_props = len(cfg.properties)
+        n_props = len(cfg.property_columns)
         mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
         mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
         if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
-            raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties {cfg.properties}")
+            raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties "
+                             f"{cfg.property_columns}")
         # plain float64 tensors, not buffers: never rounded by model.to(bf16); they come from the dataset manifest
         self.prop_mean, self.prop_mad = mean.double(), mad.double()
         self._prop_on_device = {}  # (device, dtype) -> (mean, mad): copied to the device once, not every step
@@ -142,11 +168,43 @@ class DiffusionModel(nn.Module):
         return fn(*tensors, **static)
 
     def prop_normalisation(self, like):
-        """(mean, mad) [P] of the properties on the device and in the dtype of ``like``."""
+        """(mean, mad) [P] of the regressed properties on the device and in the dtype of ``like``."""
+        mean, mad = self._normalisation(like)
+        return mean[: len(self.cfg.properties)], mad[: len(self.cfg.properties)]
+
+    def _normalisation(self, like):
+        # (mean, mad) of every property column (regressed, then conditioning), cached per (device, dtype)
         key = (like.device, like.dtype)
         if key not in self._prop_on_device:
             self._prop_on_device[key] = (self.prop_mean.to(like), self.prop_mad.to(like))
         return self._prop_on_device[key]
+
+    @property
+    def num_context(self) -> int:
+        return len(self.cfg.condition_on)
+
+    def normalise_context(self, values):
+        """Conditioning values [B, C] in dataset units (the order of model.condition_on) -> the network's
+        normalised context [B, C]."""
+        if not self.num_context:
+            raise ValueError("this model is not conditioned on any property (model.condition_on is empty)")
+        mean, mad = self._normalisation(values)
+        p = len(self.cfg.properties)
+        return (values - mean[p:]) / mad[p:]
+
+    def batch_context(self, batch):
+        """The normalised context of a training batch (its conditioning columns of batch["props"]), or None."""
+        if not self.num_context:
+            return None
+        return self.normalise_context(batch["props"][:, len(self.cfg.properties):].to(batch["pos"].dtype))
+
+    def check_context(self, context, batch_size: int) -> None:
+        """A clear error for a context that does not fit the model (sampling entry points call this)."""
+        if self.num_context and context is None:
+            raise ValueError(f"this model is conditioned on {self.cfg.condition_on}: sampling needs their values")
+        if context is not None and tuple(context.shape) != (batch_size, self.num_context):
+            raise ValueError(f"conditioning values must be [{batch_size}, {self.num_context}] "
+                             f"({self.cfg.condition_on}), got {list(context.shape)}")
 
     @property
     def num_atom_types(self):
@@ -176,8 +234,9 @@ class DiffusionModel(nn.Module):
     def initial_latents(self, node_mask, generator, dtype) -> dict:
         raise NotImplementedError
 
-    def predict_noise(self, latents: dict, node_mask, t: int, final: bool) -> dict:
-        """eps estimate per latent at integer time t for the whole batch; final (t = 0) adds the read-out."""
+    def predict_noise(self, latents: dict, node_mask, t: int, final: bool, context=None) -> dict:
+        """eps estimate per latent at integer time t for the whole batch; final (t = 0) adds the read-out;
+        context [B, C]: a conditional model's normalised conditioning values."""
         raise NotImplementedError
 
     def atom_type_scores(self, latents: dict, out: dict, alpha0: float, sigma0: float):
@@ -197,7 +256,7 @@ class UniGEM(DiffusionModel):
                  loss: LossConfig | None = None):
         super().__init__(cfg, diffusion, prop_mean, prop_mad, loss)
         hidden = cfg.hidden
-        self.embed = nn.Linear(2, hidden)  # [constant 1 (atom types are not diffused), t/T]
+        self.embed = nn.Linear(2 + self.num_context, hidden)  # [1 (atom types are not diffused), t/T, context]
         self.shared = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.shared_blocks))
         self.nucleation = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.branch_blocks))
         self.growth = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.branch_blocks))
@@ -224,11 +283,12 @@ class UniGEM(DiffusionModel):
         b, n = node_mask.shape
         return {"pos": diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)}
 
-    def predict_noise(self, latents, node_mask, t, final):
+    def predict_noise(self, latents, node_mask, t, final, context=None):
         # the whole batch goes through the branch of the current phase; the heads are read at t = 0 only
         t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
         branch = self.branch_of(t)
-        out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == "growth")
+        out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == "growth",
+                           context=context)
         return {"pos": out["eps"], **({"atom_type": out["atom_type"]} if "atom_type" in out else {})}
 
     def atom_type_scores(self, latents, out, alpha0, sigma0):
@@ -236,21 +296,24 @@ class UniGEM(DiffusionModel):
 
     def describe(self) -> str:
         c = self.cfg
-        return f"unigem: {c.layers} blocks on each path ({c.shared_blocks} shared + 2 x {c.branch_blocks})"
+        conditioned = f", conditioned on {c.condition_on}" if c.condition_on else ""
+        return f"unigem: {c.layers} blocks on each path ({c.shared_blocks} shared + 2 x {c.branch_blocks}){conditioned}"
 
-    def denoise(self, pos_t, node_mask, t, branch, heads=False):
-        """pos_t [B, N, 3] noised coordinates, node_mask [B, N] bool, t [B] int64, all molecules in `branch`.
+    def denoise(self, pos_t, node_mask, t, branch, heads=False, context=None):
+        """pos_t [B, N, 3] noised coordinates, node_mask [B, N] bool, t [B] int64, all molecules in `branch`;
+        context [B, C]: the normalised conditioning values (conditional models only).
 
         Returns eps [B, N, 3] (CoM-free); with heads also atom_type [B, N, K] (normalised one-hot estimate)
         and props [B, P] (normalised properties).
         """
-        return self.run_network(self._denoise, (pos_t, node_mask, t), branch=branch, heads=heads)
+        tensors = (pos_t, node_mask, t) if context is None else (pos_t, node_mask, t, context)
+        return self.run_network(self._denoise, tensors, branch=branch, heads=heads)
 
-    def _denoise(self, pos_t, node_mask, t, branch, heads):
+    def _denoise(self, pos_t, node_mask, t, context=None, *, branch, heads):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
         branch_blocks = self.growth if branch == "growth" else self.nucleation
         h, eps = run_trunk(self.embed, [*self.shared, *branch_blocks], pos_t, node_mask, t, self.num_steps,
-                           self.cfg.layout)
+                           self.cfg.layout, context)
         out = {"eps": eps}
         if heads:
             if branch != "growth":
@@ -269,7 +332,7 @@ class EDM(DiffusionModel):
                  loss: LossConfig | None = None):
         super().__init__(cfg, diffusion, prop_mean, prop_mad, loss)
         self.h_channels = self.num_atom_types + int(cfg.include_charges)
-        self.embed = nn.Linear(self.h_channels + 1, cfg.hidden)  # [h_t, t/T]
+        self.embed = nn.Linear(self.h_channels + 1 + self.num_context, cfg.hidden)  # [h_t, t/T, context]
         self.blocks = nn.ModuleList(EGNNBlock(cfg.hidden) for _ in range(cfg.layers))
         self.out = nn.Linear(cfg.hidden, self.h_channels)
         self.register_buffer("charges", torch.tensor(cfg.atom_vocab, dtype=torch.float32), persistent=False)
@@ -282,9 +345,9 @@ class EDM(DiffusionModel):
         pos = diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)
         return {"pos": pos, "h": diffusion.masked_noise((b, n, self.h_channels), node_mask, generator, dtype)}
 
-    def predict_noise(self, latents, node_mask, t, final):
+    def predict_noise(self, latents, node_mask, t, final, context=None):
         t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
-        out = self.denoise(latents["pos"], latents["h"], node_mask, t_batch)
+        out = self.denoise(latents["pos"], latents["h"], node_mask, t_batch, context=context)
         return {"pos": out["eps"], "h": out["eps_h"]}
 
     def atom_type_scores(self, latents, out, alpha0, sigma0):
@@ -300,13 +363,15 @@ class EDM(DiffusionModel):
             h = torch.cat([h, charge], dim=-1)
         return h * mask
 
-    def denoise(self, pos_t, h_t, node_mask, t):
-        """pos_t [B, N, 3], h_t [B, N, C], node_mask [B, N], t [B] -> eps [B, N, 3] (CoM-free), eps_h [B, N, C]."""
-        return self.run_network(self._denoise, (pos_t, h_t, node_mask, t))
+    def denoise(self, pos_t, h_t, node_mask, t, context=None):
+        """pos_t [B, N, 3], h_t [B, N, C], node_mask [B, N], t [B], context [B, C'] (conditional models)
+        -> eps [B, N, 3] (CoM-free), eps_h [B, N, C]."""
+        tensors = (pos_t, h_t, node_mask, t) if context is None else (pos_t, h_t, node_mask, t, context)
+        return self.run_network(self._denoise, tensors)
 
-    def _denoise(self, pos_t, h_t, node_mask, t):
+    def _denoise(self, pos_t, h_t, node_mask, t, context=None):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)
-        node_in = torch.cat([h_t, time_channel(t, self.num_steps, pos_t)], dim=-1) * mask
+        node_in = node_inputs(torch.cat([h_t, time_channel(t, self.num_steps, pos_t)], dim=-1), context, pos_t) * mask
         graph = self.build_graph(pos_t, node_mask)
         h = (self.embed(node_in) * mask).to(pos_t.dtype)
         h, pos = self.run_blocks(self.blocks, graph.nodes(h), graph.nodes(pos_t), graph)

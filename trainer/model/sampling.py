@@ -74,9 +74,11 @@ def _switch_time(model):
 
 
 @torch.no_grad()
-def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral", guidance=None):
+def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral", guidance=None,
+           condition=None):
     """Generate molecules. num_atoms: LongTensor [B] (e.g. from sample_num_atoms); steps: denoising steps K
-    (default T); sampler: one of SAMPLERS; guidance: a Guidance (guidance_for) or None.
+    (default T); sampler: one of SAMPLERS; guidance: a Guidance (guidance_for) or None; condition: [B, C] target
+    values in dataset units of a conditional model's model.condition_on (required for such a model).
 
     Returns pos [B, N, 3] (Angstrom, CoM-free), node_mask [B, N], atom_type [B, N] (vocabulary index, 0 at
     padding), z [B, N] (atomic numbers, 0 at padding), num_atoms [B]; N = max(num_atoms).
@@ -87,11 +89,17 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).cpu()
     batch_size, n_max = len(num_atoms), int(num_atoms.max())
     grid = timestep_grid(model.num_steps, steps, _switch_time(model))
+    context = None
+    if condition is not None:
+        context = model.normalise_context(torch.as_tensor(condition, dtype=torch.float64).to(device))
+    model.check_context(context, batch_size)
     pos = torch.zeros(batch_size, n_max, 3, dtype=_state_dtype(model), device=device)
     atom_type = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)
     for idx, n_pad in plan_chunks(num_atoms.tolist(), chunk_cost(model, device)):
         node_mask = torch.arange(n_pad)[None, :] < num_atoms[idx][:, None]  # [b, n_pad]
-        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler, guidance)
+        chunk_context = None if context is None else take(context, idx).to(pos.dtype)
+        pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler, guidance,
+                                      chunk_context)
         pos[idx.to(device), :n_pad] = pos_c
         atom_type[idx.to(device), :n_pad] = type_c
     node_mask = (torch.arange(n_max)[None, :] < num_atoms[:, None]).to(device)
@@ -188,13 +196,14 @@ def guidance_for(model, name: str, value: float, scale: float, start: int | None
     return Guidance(j, (value - mean) / mad, float(scale), int(start))
 
 
-def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance):
-    """The guided eps estimate of coordinates ``pos`` at time t (Guidance); eps: the unguided one."""
+def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance, context=None):
+    """The guided eps estimate of coordinates ``pos`` at time t (Guidance); eps: the unguided one; context: a
+    conditional model's normalised context."""
     t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
     with torch.enable_grad():
         x = pos.detach().requires_grad_(True)
         # eager network (CUDA graphs replay forward passes only)
-        out = model._denoise(x, node_mask, t_batch, "growth", heads=True)
+        out = model._denoise(x, node_mask, t_batch, context, branch="growth", heads=True)
         error = out["props"][:, guidance.property_index].float() - guidance.target
         (grad,) = torch.autograd.grad(0.5 * guidance.scale * (error * error).sum(), x)
     if model.branch_of(t) == "growth":
@@ -208,18 +217,18 @@ def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance):
     return remove_mean(eps + push, node_mask)
 
 
-def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None):
+def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None):
     # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
     latents = model.initial_latents(node_mask, generator, dtype)
     solver = DPMSolver2M(model.schedule) if sampler == "dpm2m" else None
     branch_of = getattr(model, "branch_of", lambda t: None)
     for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
         if guidance is not None and t <= guidance.start and branch_of(t) == "growth":
-            eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance)}
+            eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance, context)}
         else:
-            eps = model.predict_noise(latents, node_mask, t, final=False)
+            eps = model.predict_noise(latents, node_mask, t, final=False, context=context)
             if guidance is not None and t <= guidance.start:
-                eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, eps["pos"], guidance)}
+                eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, eps["pos"], guidance, context)}
         if solver is not None and branch_of(t) != branch_of(prev_t):
             solver.restart()  # the network changed: its earlier estimate is not a history of this one
         stepped = {}
@@ -233,7 +242,7 @@ def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral",
                 stepped[name] = solver.step(name, z, eps[name], t, s, node_mask, com_free)
         latents = stepped
     # final prediction at t = 0
-    out = model.predict_noise(latents, node_mask, 0, final=True)
+    out = model.predict_noise(latents, node_mask, 0, final=True, context=context)
     alpha0, sigma0 = model.schedule.host_alpha_sigma(0)
     pos = remove_mean((latents["pos"] - sigma0 * out["pos"]) / alpha0, node_mask)
     type_scores = model.atom_type_scores(latents, out, alpha0, sigma0)
@@ -245,10 +254,14 @@ def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral",
 def predict_properties(model, batch):
     """UniGEM property prediction in dataset units: clean coordinates at t = 0 through the growth branch.
 
-    batch: pos [B, N, 3], node_mask [B, N]. Returns [B, P] in the units of batch["props"].
+    batch: pos [B, N, 3], node_mask [B, N] (and, for a model conditioned on other properties, their values in
+    batch["props"] as a training batch holds them). Returns [B, P] in the units of batch["props"].
     """
     if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("property prediction needs a UniGEM model configured with properties")
+    if model.num_context and "props" not in batch:
+        raise ValueError(f"this model is conditioned on {model.cfg.condition_on}: its predictions need those values")
+    context = model.batch_context(batch)
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size, n_max = node_mask.shape
     out = pos.new_zeros(batch_size, len(model.cfg.properties))
@@ -256,7 +269,8 @@ def predict_properties(model, batch):
     counts = host_atom_counts(node_mask, plan_needed=cost is not None)  # size chunks off: nothing read back
     for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
         t = torch.zeros(len(idx), dtype=torch.long, device=pos.device)
-        pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, "growth", heads=True)["props"]
+        pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, "growth", heads=True,
+                             context=None if context is None else take(context, idx))["props"]
         out[idx] = pred.to(out.dtype)
     mean, mad = model.prop_normalisation(out)
     return out * mad + mean

@@ -226,6 +226,9 @@ class RunConfig:
         if self.objective == "moleculejae":
             _require(not self.model.properties,
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
+            _require(not self.model.condition_on,
+                     "model.condition_on must be empty for objective 'moleculejae' (pretraining is unconditional; "
+                     "a conditional fine-tune loads every trunk tensor but the input embedding)")
             _require(self.model.model_class() is UniGEM,
                      "objective 'moleculejae' pretrains a UniGEM trunk: set model.kind to 'unigem'")
         _require(self.optimizer.steps_per_batch == 1 or self.deepspeed.zero_stage == 0,

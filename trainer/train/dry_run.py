@@ -27,11 +27,12 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
     # without the dataset, plan with the config's vocabulary or QM9's (the parameter count barely depends on it)
     vocab = manifest.atom_vocab if manifest else (cfg.model.atom_vocab or list(QM9_ATOM_VOCAB))
     model_cfg = dataclasses.replace(cfg.model, atom_vocab=list(cfg.model.atom_vocab or vocab))
-    n_props = len(cfg.model.properties)
+    n_props = len(cfg.model.property_columns)
     model = build_run_model(cfg, model_cfg, {"mean": [0.0] * n_props, "mad": [1.0] * n_props})
     params = sum(p.numel() for p in model.parameters())
     ga = cfg.deepspeed.gradient_accumulation_steps
     micro = cfg.data.batch_size
+    manifest = cfg.data.training_view(manifest) if manifest else None
     max_atoms = manifest.max_atoms if manifest else None
     if micro:
         out["global_batch_molecules"] = micro * ga * world
@@ -65,6 +66,7 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         "init_from": cfg.init_from,
         "model": model.describe(),
         "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,
+        "condition_on": cfg.model.condition_on, "train_half": cfg.data.half,
         "parameters": params, "precision": "bf16 autocast, float32 weights" if cfg.deepspeed.bf16 else "float32",
         "zero_stage": zero, "max_steps": cfg.train.max_steps,
         "lr": _lr_plan(cfg, world),

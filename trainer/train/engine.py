@@ -140,6 +140,7 @@ class Trainer:
     def _prepare(self, manifest: Manifest, resume: str | None) -> torch.nn.Module:
         """The model (initialised, not yet wrapped) and the loaders; raises MolscaleError on bad input."""
         cfg = self.cfg
+        manifest = cfg.data.training_view(manifest)  # data.half: the half this run trains on
         self.model_cfg = resolved_model_config(cfg, manifest.atom_vocab)
         self.prop_stats = property_normalisation(cfg, manifest)
         self.histogram = manifest.atom_count_histogram(cfg.data.split)
@@ -343,7 +344,7 @@ class Trainer:
                 sums[1 + n_props:] += torch.stack([terms[k].detach().double().reshape(()) for k in names]) * n
                 if n_props:
                     pred = predict_properties(model, batch)
-                    sums[1:1 + n_props] += (pred - batch["props"]).abs().sum(0).double()
+                    sums[1:1 + n_props] += (pred - batch["props"][:, :n_props]).abs().sum(0).double()
             model.train()
         if sums is None:
             raise RunError(f"validation split {self.cfg.data.valid_split!r} gave no batch on rank {self.rank}")

@@ -25,18 +25,21 @@ def resolved_model_config(cfg: RunConfig, dataset_vocab: list[int]) -> ModelConf
     if vocab != list(dataset_vocab):
         raise InputError(f"model.atom_vocab {vocab} differs from the dataset's {list(dataset_vocab)} "
                          f"({cfg.data.url}); leave model.atom_vocab null to use the dataset's")
-    return dataclasses.replace(cfg.model, atom_vocab=vocab, properties=list(cfg.model.properties))
+    return dataclasses.replace(cfg.model, atom_vocab=vocab, properties=list(cfg.model.properties),
+                               condition_on=list(cfg.model.condition_on))
 
 
 def property_normalisation(cfg: RunConfig, manifest: Manifest) -> dict:
-    """{'mean': [...], 'mad': [...]} of the model's properties on the train split (empty lists: none)."""
+    """{'mean': [...], 'mad': [...]} on the train split of the properties the model reads (regressed, then
+    conditioning: ModelConfig.property_columns; empty lists: none)."""
     stats = manifest.property_stats()
-    missing = [p for p in cfg.model.properties if p not in stats]
-    if missing:
-        raise InputError(f"model.properties {missing} have no statistics in {cfg.data.url} (it has "
-                         f"{sorted(stats)})")
-    return {"mean": [stats[p]["mean"] for p in cfg.model.properties],
-            "mad": [stats[p]["mad"] for p in cfg.model.properties]}
+    for key in ("properties", "condition_on"):
+        missing = [p for p in getattr(cfg.model, key) if p not in stats]
+        if missing:
+            raise InputError(f"model.{key} {missing} have no statistics in {cfg.data.url} (it has "
+                             f"{sorted(stats)})")
+    columns = cfg.model.property_columns
+    return {"mean": [stats[p]["mean"] for p in columns], "mad": [stats[p]["mad"] for p in columns]}
 
 
 def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | None = None) -> torch.nn.Module:
@@ -51,6 +54,6 @@ def make_loader(cfg: RunConfig, manifest: Manifest, split: str, shuffle: bool, r
                 world_size: int) -> StreamingLoader:
     """The loader of ``split`` for this run (training: shuffled; validation: in order)."""
     return StreamingLoader(cfg.data, split=split, seed=cfg.train.seed, shuffle=shuffle,
-                           properties=cfg.model.properties,
+                           properties=cfg.model.property_columns,
                            with_bonds=cfg.objective == "moleculejae",  # the 2D channels of pretraining
                            storage=cfg.storage, rank=rank, world_size=world_size, manifest=manifest)

@@ -1,0 +1,170 @@
+"""Property-conditioned generation, evaluated as EDM evaluates it (Hoogeboom et al. 2022, section 4.2 and Table 3;
+its released eval_conditional_qm9.py).
+
+A model trained with ``model.condition_on: [p]`` on one half of the train split (``data.half``) samples molecules
+for target values of p; a property predictor trained on the other half (``--scorer``: a UniGEM run with
+``model.properties: [p]``, whose growth-branch head serves as EDM's separate EGNN classifier) predicts p for every
+generated molecule, and the score is the MAE between targets and predictions. Two reference rows bracket it, both
+from the scorer on the real test molecules: against their true values (the lower bound: no generator can be
+graded better than the predictor's own error) and against those values shuffled across molecules (the upper
+bound: molecules that ignore their target).
+
+Targets: EDM draws (atom count, property value) pairs from the conditional model's training data (its
+DistributionProperty, a histogram of the property per atom count); drawing whole pairs of real train molecules
+samples the same joint distribution without the binning. ``--target p=V`` gives every molecule the value V.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from molscale.datasets.errors import InputError
+from molscale.evals.ray_sampling import draw_atom_counts, ray_get
+
+log = logging.getLogger("molscale.evals")
+PREDICT_BATCH = 128
+SHUFFLE_SEED = 0  # the permutation of the shuffled-targets row (fixed: the row describes the data, not a run)
+
+
+def parse_targets(text: str | None, names: list[str]) -> dict[str, float] | None:
+    """``--target p=V[,q=W]`` -> {p: V, ...} for every conditioning property of the model, or None."""
+    if text is None:
+        return None
+    values = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            values[name.strip()] = float(value) if sep else None
+        except ValueError:
+            values[name.strip()] = None
+        if values[name.strip()] is None:
+            raise InputError(f"--target {text!r}: give PROPERTY=VALUE pairs such as lumo=-0.05")
+    if sorted(values) != sorted(names):
+        raise InputError(f"--target names {sorted(values)}, but the model is conditioned on {names}")
+    return values
+
+
+def draw_conditions(ray, manifest, names: list[str], n_samples: int, seed: int, fixed=None, histogram=None):
+    """(atom counts [n], targets [n, C] in dataset units, description) for a conditional model's samples.
+
+    fixed ({name: value}): every molecule gets those values, with atom counts drawn from ``histogram`` (the
+    checkpoint's); otherwise n whole (atom count, values) pairs of real train molecules of ``manifest``, drawn
+    with replacement with --seed (one Ray task reads each shard)."""
+    if fixed is not None:
+        counts = draw_atom_counts(n_samples, histogram, seed)
+        targets = np.tile(np.asarray([fixed[n] for n in names], dtype=np.float64), (n_samples, 1))
+        return counts, targets, f"fixed {fixed}"
+    split = "train"
+    rng = np.random.default_rng(seed)
+
+    @ray.remote(num_cpus=1)
+    def shard_pairs(index: int):
+        from molscale.datasets.stream.split_reader import iter_split_samples
+        samples = list(iter_split_samples(manifest, split, shards=[index]))
+        return (np.asarray([len(s["z"]) for s in samples], dtype=np.int64),
+                np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64).reshape(-1, len(names)))
+
+    parts = ray_get(ray, [shard_pairs.remote(i) for i in range(len(manifest.shards(split)))])
+    counts = np.concatenate([p[0] for p in parts])
+    values = np.concatenate([p[1] for p in parts])
+    if not len(counts):
+        raise InputError(f"split {split!r} of {manifest.url} holds no molecules to draw targets from")
+    pick = rng.integers(0, len(counts), size=n_samples)
+    return counts[pick], values[pick], f"(atom count, value) pairs of {len(counts)} {split} molecules"
+
+
+def predict_molecules(ray, checkpoint: str, names: list[str], molecules) -> np.ndarray:
+    """[n, len(names)] predictions (dataset units) of ``checkpoint``'s property head for molecules [(z, pos)]
+    (coordinates only: UniGEM's head reads no atom types), in one Ray task."""
+
+    @ray.remote(num_cpus=1)
+    def predictions(positions):
+        import torch
+
+        from molscale.evals.prediction import predict_conformers
+        from molscale.trainer.train.checkpoints import load_for_eval
+        torch.set_num_threads(1)
+        model = load_for_eval(checkpoint).model
+        values = predict_conformers(model, positions, PREDICT_BATCH)
+        return values[:, [list(model.cfg.properties).index(n) for n in names]]
+
+    return np.asarray(ray_get(ray, predictions.remote([pos for _, pos in molecules])), dtype=np.float64)
+
+
+def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: str | None = None):
+    """(predictions [n, P] or None without ``checkpoint``, true values [n, P]) over a split, in dataset units;
+    one Ray task per shard, each loading the checkpoint once."""
+
+    @ray.remote(num_cpus=1)
+    def shard_predictions(index: int):
+        from molscale.datasets.stream.split_reader import iter_split_samples
+        samples = list(iter_split_samples(manifest, split, shards=[index]))
+        truth = np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64).reshape(-1, len(names))
+        if checkpoint is None:
+            return None, truth
+        import torch
+
+        from molscale.datasets.stream.loader import collate, vocab_lookup
+        from molscale.trainer.model.sampling import predict_properties
+        from molscale.trainer.train.checkpoints import load_for_eval
+        torch.set_num_threads(1)
+        model = load_for_eval(checkpoint).model
+        columns = [list(model.cfg.properties).index(n) for n in names]
+        vocab_index = vocab_lookup(manifest.atom_vocab)
+        read = tuple(model.cfg.property_columns)  # a model conditioned on other properties reads them too
+        out = []
+        for i in range(0, len(samples), PREDICT_BATCH):
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                     for k, v in collate(samples[i:i + PREDICT_BATCH], vocab_index, read, False).items()}
+            out.append(predict_properties(model, batch)[:, columns].double().numpy())
+        return (np.concatenate(out) if out else np.zeros((0, len(names)))), truth
+
+    parts = ray_get(ray, [shard_predictions.remote(i) for i in range(len(manifest.shards(split)))])
+    truth = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(names)))
+    if checkpoint is None:
+        return None, truth
+    return np.concatenate([p[0] for p in parts]), truth
+
+
+def check_scorer(scorer, names: list[str]) -> None:
+    """A clear error, before any sampling, for a --scorer that cannot predict the conditioned properties."""
+    from molscale.trainer.train.checkpoints import load_for_eval
+    model = load_for_eval(scorer).model
+    predicted = list(model.cfg.properties) if getattr(model, "predicts_properties", False) else []
+    missing = [n for n in names if n not in predicted]
+    if missing:
+        raise InputError(f"--scorer {scorer} predicts {predicted}, not {missing}: train a UniGEM with "
+                         f"model.properties {missing} on the other half of the train split (data.half)")
+    if model.num_context:
+        raise InputError(f"--scorer {scorer} is itself conditioned on {model.cfg.condition_on}; the scorer must be "
+                         f"an unconditional property predictor")
+
+
+def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, drawn: str, scorer: str | None,
+                        reference, test_split: str, units: dict) -> dict:
+    """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
+    predictions for the generated molecules, and the two reference rows on the real ``test_split`` molecules."""
+    block = {"targets": drawn, "n": len(molecules), "scorer": scorer, "properties": {}}
+    if scorer is None:
+        log.warning("no --scorer: the conditional MAE needs a property predictor trained on the other half of the "
+                    "train split; metrics.json 'conditional' lists the targets only")
+    predicted = predict_molecules(ray, scorer, names, molecules) if scorer else None
+    real_pred, real_truth = (split_predictions(ray, reference, test_split, names, scorer)
+                             if scorer and reference is not None else (None, None))
+    shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(len(real_truth)) if real_truth is not None else None
+    for j, name in enumerate(names):
+        row = {"unit": units.get(name, ""), "target_mean": float(targets[:, j].mean()),
+               "target_std": float(targets[:, j].std())}
+        if predicted is not None:
+            row["mae"] = float(np.abs(predicted[:, j] - targets[:, j]).mean())
+            row["prediction_mean"] = float(predicted[:, j].mean())
+            row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
+                                             if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)
+        if real_pred is not None:
+            row["real_molecules_mae"] = float(np.abs(real_pred[:, j] - real_truth[:, j]).mean())
+            row["shuffled_targets_mae"] = float(np.abs(real_pred[:, j] - real_truth[shuffled, j]).mean())
+            row["real_molecules_n"] = int(len(real_truth))
+        block["properties"][name] = row
+    return block

@@ -1,0 +1,92 @@
+"""Property-conditioned generation end to end, EDM's protocol: a conditional UniGEM trained on the second half
+of the train split, a LUMO predictor on the first, evals/generate.py scoring the samples against their targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from molscale.datasets.shards.manifest import load_manifest
+from tests.evals.conftest import ENV, ROOT
+
+
+def run(script, *args, timeout=600):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=ENV,
+                          cwd=ROOT)
+
+
+def train(run_dir, data, *sets):
+    args = ["--config", "cluster/cpu_smoke.json", "--run-dir", str(run_dir), "--max-steps", "6",
+            "--set", f"data.url={data}", "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
+            "--set", "logging.wandb.enabled=false"]
+    for item in sets:
+        args += ["--set", item]
+    return run("trainer/main.py", *args)
+
+
+@pytest.fixture(scope="module")
+def halves(qm9_small, tmp_path_factory):
+    """(conditional run on the second half, LUMO predictor on the first half)."""
+    root = tmp_path_factory.mktemp("halves")
+    conditional = train(root / "conditional", qm9_small, "model.properties=[]", 'model.condition_on=["lumo"]',
+                        "data.half=second")
+    assert conditional.returncode == 0, conditional.stderr[-3000:]
+    scorer = train(root / "scorer", qm9_small, "data.half=first")
+    assert scorer.returncode == 0, scorer.stderr[-3000:]
+    return str(root / "conditional"), str(root / "scorer")
+
+
+def test_a_run_on_half_the_train_split_plans_and_records_that_half(qm9_small, halves):
+    plan = run("trainer/main.py", "--config", "cluster/cpu_smoke.json", "--set", f"data.url={qm9_small}",
+               "--set", 'model.condition_on=["gap"]', "--set", "data.half=first", "--dry-run")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    full = load_manifest(qm9_small)
+    first = full.half("train", "first").count("train")
+    assert first < full.count("train")
+    assert f"train_molecules            {first}\n" in plan.stdout
+    assert 'condition_on               ["gap"]' in plan.stdout
+    config = json.load(open(f"{halves[0]}/config.json"))
+    assert config["data"]["half"] == "second" and config["model"]["condition_on"] == ["lumo"]
+
+
+def test_conditional_generation_is_scored_by_the_other_halfs_predictor(qm9_small, halves, tmp_path):
+    conditional, scorer = halves
+    common = ["--checkpoint", conditional, "--n-samples", "12", "--batch", "6", "--steps", "5", "--seed", "3",
+              "--num-cpus", "2", "--no-wandb", "--scorer", scorer]
+    r = run("evals/generate.py", *common, "--out", str(tmp_path / "drawn"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "drawn" / "metrics.json").read_text())
+    block, lumo = metrics["conditional"], metrics["conditional"]["properties"]["lumo"]
+    assert block["n"] == 12 and block["scorer"] == scorer and "train molecules" in block["targets"]
+    assert metrics["source"]["condition_on"] == ["lumo"]
+    test_count = load_manifest(qm9_small).count("test")
+    assert lumo["unit"] == "meV" and lumo["real_molecules_n"] == test_count
+    assert lumo["mae"] > 0 and lumo["real_molecules_mae"] > 0 and lumo["shuffled_targets_mae"] > 0
+    assert lumo["target_std"] > 0  # targets of real molecules, not one value
+    assert metrics["conditional_mae_lumo"] == lumo["mae"]
+    assert "cond. MAE lumo" in r.stdout
+
+    fixed = run("evals/generate.py", *common, "--target", "lumo=-500", "--out", str(tmp_path / "fixed"))
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    row = json.loads((tmp_path / "fixed" / "metrics.json").read_text())["conditional"]["properties"]["lumo"]
+    assert row["target_mean"] == -500.0 and row["target_std"] == 0.0
+    assert row["real_molecules_mae"] == pytest.approx(lumo["real_molecules_mae"])  # the same scorer, same split
+
+
+def test_bad_conditional_input_is_refused_before_ray_starts(halves, tiny_checkpoint, tmp_path):
+    conditional, scorer = halves
+    cases = [
+        (["--checkpoint", tiny_checkpoint, "--target", "lumo=-500"], "is not conditioned on any property"),
+        (["--checkpoint", conditional, "--target", "mu=1"], "the model is conditioned on ['lumo']"),
+        (["--checkpoint", conditional, "--target", "lumo=low"], "give PROPERTY=VALUE pairs"),
+        (["--checkpoint", conditional, "--scorer", conditional], "predicts [], not ['lumo']"),
+        (["--checkpoint", tiny_checkpoint, "--scorer", scorer], "it needs --guide or a conditional checkpoint"),
+        (["--dataset", "data/none", "--target", "lumo=1"], "--target sets a conditional checkpoint's targets"),
+    ]
+    for args, message in cases:
+        r = run("evals/generate.py", *args, "--n-samples", "4", "--no-wandb", "--out", str(tmp_path / "x"))
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
+        assert "Started a local Ray instance" not in r.stderr + r.stdout, args
