@@ -56,8 +56,15 @@ def draw_conditions(ray, manifest, names: list[str], n_samples: int, seed: int, 
         counts = draw_atom_counts(n_samples, histogram, seed)
         targets = np.tile(np.asarray([fixed[n] for n in names], dtype=np.float64), (n_samples, 1))
         return counts, targets, f"fixed {fixed}"
-    split = "train"
-    rng = np.random.default_rng(seed)
+    counts, values = split_pairs(ray, manifest, "train", names)
+    if not len(counts):
+        raise InputError(f"the train split of {manifest.url} holds no molecules to draw targets from")
+    pick = np.random.default_rng(seed).integers(0, len(counts), size=n_samples)
+    return counts[pick], values[pick], f"(atom count, value) pairs of {len(counts)} train molecules"
+
+
+def split_pairs(ray, manifest, split: str, names: list[str]):
+    """(atom counts [n], values [n, C]) of every molecule of a split, one Ray task per shard."""
 
     @ray.remote(num_cpus=1)
     def shard_pairs(index: int):
@@ -67,12 +74,20 @@ def draw_conditions(ray, manifest, names: list[str], n_samples: int, seed: int, 
                 np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64).reshape(-1, len(names)))
 
     parts = ray_get(ray, [shard_pairs.remote(i) for i in range(len(manifest.shards(split)))])
-    counts = np.concatenate([p[0] for p in parts])
-    values = np.concatenate([p[1] for p in parts])
-    if not len(counts):
-        raise InputError(f"split {split!r} of {manifest.url} holds no molecules to draw targets from")
-    pick = rng.integers(0, len(counts), size=n_samples)
-    return counts[pick], values[pick], f"(atom count, value) pairs of {len(counts)} {split} molecules"
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(names)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def atom_count_predictions(train_counts, train_values, counts) -> np.ndarray:
+    """EDM's "#Atoms" baseline: the mean train value of molecules with the same atom count (the overall train
+    mean for a count the train split lacks) -> [n, C]."""
+    out = np.tile(train_values.mean(0), (len(counts), 1))
+    for n in np.unique(counts):
+        same = train_counts == n
+        if same.any():
+            out[counts == n] = train_values[same].mean(0)
+    return out
 
 
 def predict_molecules(ray, checkpoint: str, names: list[str], molecules) -> np.ndarray:
@@ -145,7 +160,10 @@ def check_scorer(scorer, names: list[str]) -> None:
 def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, drawn: str, scorer: str | None,
                         reference, test_split: str, units: dict) -> dict:
     """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
-    predictions for the generated molecules, and the two reference rows on the real ``test_split`` molecules."""
+    predictions for the generated molecules, and the reference rows on the real ``test_split`` molecules: the
+    scorer against their true values and against those shuffled, and EDM's "#Atoms" baseline (the values
+    predicted from the atom count alone; a generator whose MAE is not below it uses no more than the atom count
+    of its targets)."""
     block = {"targets": drawn, "n": len(molecules), "scorer": scorer, "properties": {}}
     if scorer is None:
         log.warning("no --scorer: the conditional MAE needs a property predictor trained on the other half of the "
@@ -154,6 +172,10 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
     real_pred, real_truth = (split_predictions(ray, reference, test_split, names, scorer)
                              if scorer and reference is not None else (None, None))
     shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(len(real_truth)) if real_truth is not None else None
+    by_count = None
+    if reference is not None:
+        test_counts, test_values = split_pairs(ray, reference, test_split, names)
+        by_count = (atom_count_predictions(*split_pairs(ray, reference, "train", names), test_counts), test_values)
     for j, name in enumerate(names):
         row = {"unit": units.get(name, ""), "target_mean": float(targets[:, j].mean()),
                "target_std": float(targets[:, j].std())}
@@ -162,6 +184,8 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
             row["prediction_mean"] = float(predicted[:, j].mean())
             row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
                                              if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)
+        if by_count is not None and len(by_count[1]):
+            row["atom_count_mae"] = float(np.abs(by_count[0][:, j] - by_count[1][:, j]).mean())
         if real_pred is not None:
             row["real_molecules_mae"] = float(np.abs(real_pred[:, j] - real_truth[:, j]).mean())
             row["shuffled_targets_mae"] = float(np.abs(real_pred[:, j] - real_truth[shuffled, j]).mean())

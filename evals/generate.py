@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "growth-branch property head (classifier guidance, no retraining; UniGEM with that property)")
     p.add_argument("--guide-scale", type=float, default=10.0,
                    help="guidance strength: 1 / variance of the Gaussian likelihood of the target in normalised "
-                        "property units (default 10; not tuned yet)")
+                        "property units (default 10; not tuned yet). 0 samples without guidance but still reports "
+                        "the distance to the target: the control arm")
     p.add_argument("--guide-from", type=int, default=None, metavar="T0",
                    help="guide at every step with t <= T0 (default: t_n, the growth phase, where the head was "
                         "trained; earlier steps cost one more network evaluation each)")

@@ -334,7 +334,7 @@ def run(args) -> int:
         metrics["conditional"] = conditional_metrics(ray, conditioned, condition[1], molecules, drawn, args.scorer,
                                                      reference, args.reference_split, units)
         for name, row in metrics["conditional"]["properties"].items():
-            for key in ("mae", "real_molecules_mae", "shuffled_targets_mae"):
+            for key in ("mae", "real_molecules_mae", "shuffled_targets_mae", "atom_count_mae"):
                 if key in row:
                     metrics[f"conditional_{key}_{name}"] = row[key]
     steps_curve = None
@@ -392,7 +392,8 @@ def run(args) -> int:
     for name, row in metrics.get("conditional", {}).get("properties", {}).items():
         if "mae" in row:
             bounds = (f" (scorer on real {args.reference_split} molecules {row['real_molecules_mae']:.4g}, "
-                      f"shuffled targets {row['shuffled_targets_mae']:.4g})" if "real_molecules_mae" in row else "")
+                      f"shuffled targets {row['shuffled_targets_mae']:.4g}, from the atom count alone "
+                      f"{row.get('atom_count_mae', float('nan')):.4g})" if "real_molecules_mae" in row else "")
             print(f"{'cond. MAE ' + name:>16}: {row['mae']:.4g} {row['unit']}{bounds}")
     print(f"\n{n_written} molecules, metrics, plots and report.html in {args.out}")
     return 0

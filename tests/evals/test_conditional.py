@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from molscale.datasets.shards.manifest import load_manifest
+from molscale.evals.conditional import atom_count_predictions
 from tests.evals.conftest import ENV, ROOT
 
 
@@ -65,6 +67,7 @@ def test_conditional_generation_is_scored_by_the_other_halfs_predictor(qm9_small
     test_count = load_manifest(qm9_small).count("test")
     assert lumo["unit"] == "meV" and lumo["real_molecules_n"] == test_count
     assert lumo["mae"] > 0 and lumo["real_molecules_mae"] > 0 and lumo["shuffled_targets_mae"] > 0
+    assert lumo["atom_count_mae"] > 0
     assert lumo["target_std"] > 0  # targets of real molecules, not one value
     assert metrics["conditional_mae_lumo"] == lumo["mae"]
     assert "cond. MAE lumo" in r.stdout
@@ -90,3 +93,11 @@ def test_bad_conditional_input_is_refused_before_ray_starts(halves, tiny_checkpo
         r = run("evals/generate.py", *args, "--n-samples", "4", "--no-wandb", "--out", str(tmp_path / "x"))
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Started a local Ray instance" not in r.stderr + r.stdout, args
+
+
+def test_the_atom_count_baseline_predicts_the_train_mean_of_each_size():
+    train_counts = np.array([5, 5, 9, 9, 9])
+    train_values = np.array([[1.0], [3.0], [10.0], [20.0], [30.0]])
+    got = atom_count_predictions(train_counts, train_values, np.array([9, 5, 7]))
+    # size 7 is not in the train split: the overall train mean
+    np.testing.assert_allclose(got[:, 0], [20.0, 2.0, 12.8])

@@ -40,9 +40,9 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     for guide, message in (("lumo", "give PROPERTY=VALUE"), ("homo=1", "not 'homo'")):
         r = generate("--checkpoint", tiny_checkpoint, "--guide", guide, "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and message in r.stderr, r.stderr
-    r = generate("--checkpoint", tiny_checkpoint, "--guide", "lumo=1", "--guide-scale", "0",
+    r = generate("--checkpoint", tiny_checkpoint, "--guide", "lumo=1", "--guide-scale", "-1",
                  "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "must be positive" in r.stderr
+    assert r.returncode == 2 and "must be positive, or 0" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--scorer", tiny_checkpoint, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "it needs --guide" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--steps", "10,x", "--out", str(tmp_path / "o"))

@@ -279,6 +279,12 @@ def test_guided_estimate_is_equivariant_and_com_free():
     with pytest.raises(ValueError, match="not 'lumo'"):
         guidance_for(model, "lumo", 0.0, 1.0)
     with pytest.raises(ValueError, match="positive"):
-        guidance_for(model, "gap", 0.0, 0.0)
+        guidance_for(model, "gap", 0.0, -1.0)
+    # scale 0 is the control arm: exactly the unguided molecules
+    atoms = torch.tensor([4, 6])
+    draw = lambda guidance: sample(model, atoms, steps=12, generator=torch.Generator().manual_seed(2),  # noqa: E731
+                                   guidance=guidance)["pos"]
+    assert torch.equal(draw(guidance_for(model, "gap", 4.0, scale=0.0)), draw(None))
+    assert not torch.equal(draw(guidance_for(model, "gap", 4.0, scale=50.0, start=300)), draw(None))
     with pytest.raises(ValueError, match="property head"):
         guidance_for(tiny_model("edm"), "gap", 0.0, 1.0)

@@ -89,6 +89,8 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).cpu()
     batch_size, n_max = len(num_atoms), int(num_atoms.max())
     grid = timestep_grid(model.num_steps, steps, _switch_time(model))
+    if guidance is not None and guidance.scale == 0:
+        guidance = None  # the control arm: the same draws as unguided sampling
     context = None
     if condition is not None:
         context = model.normalise_context(torch.as_tensor(condition, dtype=torch.float64).to(device))
@@ -173,7 +175,8 @@ class Guidance:
     eps + sigma_t * grad_x [scale / 2 * (f(x_t) - target)^2], at every step with t <= ``start`` (t_n by default:
     the growth phase, where the head was trained; earlier steps read the growth branch out of its training range
     and cost one more evaluation each). f is invariant, so the gradient is equivariant and free of the CoM. The
-    added term is capped, per molecule, at the norm of eps (an undertrained head's gradients are huge)."""
+    added term is capped, per molecule, at the norm of eps (an undertrained head's gradients are huge). Scale 0
+    samples exactly as without guidance: the control arm of a guidance measurement."""
     property_index: int
     target: float   # normalised: (value - train mean) / train MAD
     scale: float
@@ -186,8 +189,8 @@ def guidance_for(model, name: str, value: float, scale: float, start: int | None
         raise ValueError("guidance needs a UniGEM model with a property head (model.properties)")
     if name not in model.cfg.properties:
         raise ValueError(f"the model predicts {list(model.cfg.properties)}, not {name!r}")
-    if not scale > 0:
-        raise ValueError(f"the guidance scale must be positive (got {scale})")
+    if not scale >= 0:
+        raise ValueError(f"the guidance scale must be positive, or 0 for the unguided control (got {scale})")
     start = model.cfg.t_nucleation if start is None else start
     if not 1 <= start <= model.num_steps:
         raise ValueError(f"guidance start must be in [1, {model.num_steps}] (got {start})")
