@@ -40,7 +40,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    from molscale.trainer.model.sampling import SAMPLERS
+    from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
         prog="evals/generate.py",
         description="Generate molecules from a trained checkpoint over a Ray cluster and compute the EDM-protocol "
@@ -70,13 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--guide", metavar="PROPERTY=VALUE", default=None,
                    help="steer sampling toward a property value (dataset units) with the gradient of the model's own "
                         "growth-branch property head (classifier guidance, no retraining; UniGEM with that property)")
-    p.add_argument("--guide-scale", type=float, default=10.0,
-                   help="guidance strength: 1 / variance of the Gaussian likelihood of the target in normalised "
-                        "property units (default 10; not tuned yet). 0 samples without guidance but still reports "
-                        "the distance to the target: the control arm")
+    p.add_argument("--guide-scale", type=float, default=GUIDE_SCALE,
+                   help=f"guidance strength: 1 / variance of the Gaussian likelihood of the target in normalised "
+                        f"property units (default {GUIDE_SCALE:g}, measured in BENCHMARKS.md). 0 samples without "
+                        f"guidance but still reports the distance to the target: the control arm")
     p.add_argument("--guide-from", type=int, default=None, metavar="T0",
-                   help="guide at every step with t <= T0 (default: t_n, the growth phase, where the head was "
-                        "trained; earlier steps cost one more network evaluation each)")
+                   help=f"guide at every step with t <= T0 (default {GUIDE_FROM}; steps above t_n read the growth "
+                        f"branch outside the times it was trained on and cost one more network evaluation each; the "
+                        f"growth phase alone moves the molecules little)")
     p.add_argument("--target", metavar="PROPERTY=VALUE", default=None,
                    help="a conditional checkpoint (model.condition_on): give every molecule this target (dataset "
                         "units; atom counts from the train histogram). Default: (atom count, value) pairs of real "

@@ -139,7 +139,7 @@ def _guide(args, model) -> tuple | None:
         raise InputError(f"--guide {args.guide}: give PROPERTY=VALUE, such as lumo=-500")
     from molscale.trainer.model.sampling import guidance_for
     try:
-        guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from)
+        start = guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from).start  # default filled
     except ValueError as err:
         raise InputError(f"--guide {args.guide}: {err}") from None
     if args.scorer is not None:
@@ -147,7 +147,7 @@ def _guide(args, model) -> tuple | None:
         scorer = load_for_eval(args.scorer).model
         if name.strip() not in getattr(scorer.cfg, "properties", ()):
             raise InputError(f"--scorer {args.scorer} does not predict {name.strip()!r}")
-    return name.strip(), target, args.guide_scale, args.guide_from
+    return name.strip(), target, args.guide_scale, start
 
 
 def _guidance_metrics(ray, args, guide, molecules) -> dict:

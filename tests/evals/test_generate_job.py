@@ -94,7 +94,7 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     guidance = other["guidance"]
     assert (guidance["property"], guidance["target"], guidance["start"]) == ("lumo", -300.0, 300)
     assert guidance["self_mae"] > 0 and guidance["scorer_mae"] == pytest.approx(guidance["self_mae"])  # same model
-    assert source["guide"] == ["lumo", -300.0, 10.0, 300]
+    assert source["guide"] == ["lumo", -300.0, 100.0, 300]  # the default scale
     # the sweep: a row per K, the first one the outputs' own
     curve = other["steps_curve"]
     assert [(row["steps"], row["network_evaluations"]) for row in curve] == [(10, 11), (3, 4)]

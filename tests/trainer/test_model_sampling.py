@@ -248,10 +248,10 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
         assert (guided["pos"].sum(1) / 6).abs().max() < 1e-9  # CoM-free
     unguided_gap = float((plain_r2 - target).abs().mean())
     assert unguided_gap > gaps[0] > gaps[1] and gaps[1] < 0.75 * unguided_gap
-    # the default: the growth phase only (t <= t_n, 10 of the 1000 steps, where sigma_t < 0.02): a small pull,
-    # in the same direction
+    # the growth phase only (t <= t_n, 10 of the 1000 steps, where sigma_t < 0.02): a small pull, in the same
+    # direction
     late = sample(model, num_atoms, steps=1000, generator=torch.Generator().manual_seed(0),
-                  guidance=guidance_for(model, "gap", target, scale=100.0))
+                  guidance=guidance_for(model, "gap", target, scale=100.0, start=model.cfg.t_nucleation))
     unguided = sample(model, num_atoms, steps=1000, generator=torch.Generator().manual_seed(0))
     late_gap = float((r2(late["pos"], late["node_mask"]) - target).abs().mean())
     assert late_gap < float((r2(unguided["pos"], unguided["node_mask"]) - target).abs().mean())
