@@ -97,7 +97,15 @@ def test_sdf_xyz_and_ray_give_the_model_s_predictions_in_input_order(tiny_checkp
     r = predict("--checkpoint", tiny_checkpoint, "--input", str(xyz), "--out", str(tmp_path / "ray.csv"),
                 "--chunk", "5", "--num-cpus", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert read_rows(tmp_path / "ray.csv") == rows
+    # a chunk batches other molecules together than one pass does, so values may differ in float rounding
+    ray_rows = read_rows(tmp_path / "ray.csv")
+    value_columns = ("lumo (meV)", "lumo_std (meV)")
+    assert [{k: v for k, v in r_.items() if k not in value_columns} for r_ in ray_rows] == [
+        {k: v for k, v in r_.items() if k not in value_columns} for r_ in rows]
+    for column in value_columns:
+        ray_values = [float(r_[column]) if r_[column] else np.nan for r_ in ray_rows]
+        serial_values = [float(r_[column]) if r_[column] else np.nan for r_ in rows]
+        np.testing.assert_allclose(ray_values, serial_values, rtol=1e-5, atol=0.005, equal_nan=True)
 
 
 def test_smiles_get_conformers_and_unusable_ones_are_listed(tiny_checkpoint, qm9_test_molecules, tmp_path):
