@@ -6,9 +6,10 @@
     python evals/generate.py --molecules other_model.sdf --reference data/qm9 --out OUT   # molecules from elsewhere
 
 Sampling actors load the EMA model once (one GPU each where there are GPUs) and sample chunks of
-similar-sized molecules; atom counts come from the train histogram stored in the checkpoint. Every
-chunk has its own seed, derived from --seed and the chunk's index, so the molecules depend on
---seed and not on how many workers there are. Metric work fans out as Ray tasks.
+similar-sized molecules; atom counts come from the train histogram stored in the checkpoint, and the
+sorted molecules are cut into chunks by an atom-pair budget (--pair-budget, or --batch molecules of the
+mean size). Every chunk has its own seed, derived from --seed and the chunk's index, so the molecules
+depend on --seed (and the budget) and not on how many workers there are. Metric work fans out as Ray tasks.
 """
 
 from __future__ import annotations
@@ -57,7 +58,14 @@ def parse_args(argv=None):
                    help="output folder or URL (s3://...): metrics.json, samples.sdf, plots, report.html")
     p.add_argument("--n-samples", type=int, default=10000,
                    help="molecules to generate (default 10,000, the standard run)")
-    p.add_argument("--batch", type=int, default=250, help="molecules per sampling chunk (one actor call)")
+    p.add_argument("--batch", type=int, default=250,
+                   help="molecules per sampling chunk (one actor call) on average (default 250): chunks are cut by "
+                        "an atom-pair budget of what this many molecules of the train histogram's mean size cost "
+                        "(mean N^2), so chunks of small molecules hold more and chunks of large ones fewer")
+    p.add_argument("--pair-budget", type=int, default=None, metavar="PAIRS",
+                   help="atom pairs per sampling chunk (a chunk of B molecules padded to N atoms costs B * N^2); "
+                        "default: from --batch. The molecules are sorted by size and each chunk takes the next "
+                        "while its cost stays within the budget, so it is padded only to its own largest molecule")
     p.add_argument("--steps", type=_steps_list, default=None, metavar="K[,K2,...]",
                    help="denoising steps K, one network evaluation each, on a grid respaced evenly over the T "
                         "diffusion steps and holding UniGEM's t_n (default: all T); every sampler adds one read-out "

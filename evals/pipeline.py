@@ -28,6 +28,8 @@ def _check_args(args) -> None:
         raise InputError(f"--n-samples must be at least 1 (got {args.n_samples})")
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1 (got {args.batch})")
+    if args.pair_budget is not None and args.pair_budget < 1:
+        raise InputError(f"--pair-budget must be at least 1 (got {args.pair_budget})")
     for steps in args.steps or ():
         if steps < 1:
             raise InputError(f"--steps must be at least 1 (got {steps})")
@@ -203,7 +205,7 @@ def run(args) -> int:
         reference_histograms,
         reference_smiles,
     )
-    from molscale.evals.ray_sampling import connect_ray, generate, sampler_capacity
+    from molscale.evals.ray_sampling import connect_ray, default_pair_budget, generate, plan_summary, sampler_capacity
     from molscale.trainer.train.checkpoints import load_for_eval
     _check_args(args)
 
@@ -294,10 +296,12 @@ def run(args) -> int:
                         unit, capacity)
             workers = capacity
         sweep = args.steps or [loaded.model.num_steps]
+        budget = args.pair_budget or default_pair_budget(histogram, args.batch)
         for steps in sweep:
             began = time.perf_counter()
-            sampled, chunks = generate(ray, args.checkpoint, args.n_samples, args.batch, steps, args.seed, workers,
-                                       histogram, args.cuda_graphs, args.precision, args.sampler, guide, condition)
+            sampled, chunks, plan = generate(ray, args.checkpoint, args.n_samples, budget, steps, args.seed,
+                                             workers, histogram, args.cuda_graphs, args.precision, args.sampler,
+                                             guide, condition)
             if steps == sweep[0]:
                 molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
             else:
@@ -307,7 +311,7 @@ def run(args) -> int:
         source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
                       network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
-                      chunks_per_node=chunks_per_node,
+                      chunks_per_node=chunks_per_node, sampling_chunks=plan_summary(plan, budget, args.batch),
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))
     elif args.molecules:

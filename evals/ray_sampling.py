@@ -1,5 +1,7 @@
 """Sampling over Ray: actors that hold a checkpoint's EMA model and sample chunks of molecules.
 
+The molecules' atom counts are drawn up front, sorted, and cut into chunks by an atom-pair budget (a chunk of
+B molecules padded to N atoms costs B * N^2), so that each chunk is padded only to its own largest molecule.
 Each chunk's seed comes from --seed and the chunk's index, so the molecules depend on the seed and not
 on how many workers there are, nor on a worker dying: a sampler actor that dies (a node lost, an OOM kill)
 is restarted by Ray and its chunk run again with the same seed, giving the same molecules.
@@ -7,6 +9,7 @@ is restarted by Ray and its chunk run again with the same seed, giving the same 
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -92,16 +95,44 @@ def draw_atom_counts(n_samples: int, histogram: dict[int, int], seed: int) -> np
     return rng.choice(sizes, size=n_samples, p=probs / probs.sum())
 
 
-def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, batch: int, counts=None):
-    """[(chunk seed, molecule indices, atom counts)]: counts drawn from the histogram (or given: [n_samples]),
-    chunks of similar sizes (sorted), each chunk's seed fixed by --seed and its index."""
+def default_pair_budget(histogram: dict[int, int], batch: int) -> int:
+    """The atom-pair budget of a sampling chunk: what ``batch`` molecules of the histogram's mean cost (mean N^2)
+    would take. Chunks then hold about ``batch`` molecules on average: more of the small ones, fewer of the
+    large ones, and about as many chunks as fixed chunks of ``batch`` molecules would make."""
+    total = sum(histogram.values())
+    mean_pairs = sum(int(n) ** 2 * c for n, c in histogram.items()) / total
+    return max(1, math.ceil(batch * mean_pairs))
+
+
+def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, pair_budget: int, counts=None):
+    """[(chunk seed, molecule indices, atom counts)]: counts drawn from the histogram with --seed (or given:
+    [n_samples]), sorted and cut into chunks whose padded cost len(chunk) * n_max^2 stays within ``pair_budget``
+    (packing.budget_chunks), each chunk's seed fixed by --seed and its index. Nothing here depends on workers."""
+    from molscale.trainer.model.packing import budget_chunks
     counts = draw_atom_counts(n_samples, histogram, seed) if counts is None else np.asarray(counts, dtype=np.int64)
+    return [(int(seed) * 1_000_003 + c, idx.numpy(), counts[idx.numpy()])
+            for c, (idx, _) in enumerate(budget_chunks(counts.tolist(), pair_budget))]
+
+
+def fixed_count_chunks(counts, batch: int) -> list[tuple[np.ndarray, int]]:
+    """[(molecule indices, padded size)] of the plan before pair budgets: the sorted molecules in chunks of
+    ``batch``. Kept to report how much padding the budget saves (metrics.json source.sampling_chunks)."""
+    counts = np.asarray(counts, dtype=np.int64)
     order = np.argsort(counts, kind="stable")
-    plan = []
-    for c, start in enumerate(range(0, n_samples, batch)):
-        idx = order[start:start + batch]
-        plan.append((int(seed) * 1_000_003 + c, idx, counts[idx]))
-    return plan
+    return [(order[i:i + batch], int(counts[order[i:i + batch]].max())) for i in range(0, len(order), batch)]
+
+
+def plan_summary(plan, pair_budget: int, batch: int) -> dict:
+    """The chunk plan in numbers: chunks, budget, and the real / padded atom-pair fraction of this plan next to
+    the fixed-count plan of ``batch`` molecules per chunk."""
+    from molscale.trainer.model.packing import real_pair_fraction
+    counts = np.zeros(sum(len(idx) for _, idx, _ in plan), dtype=np.int64)
+    for _, idx, chunk_counts in plan:
+        counts[idx] = chunk_counts
+    chunks = [(idx, int(chunk_counts.max())) for _, idx, chunk_counts in plan]
+    return {"chunks": len(plan), "pair_budget": int(pair_budget),
+            "real_pair_fraction": round(real_pair_fraction(counts, chunks), 4),
+            "fixed_count_real_pair_fraction": round(real_pair_fraction(counts, fixed_count_chunks(counts, batch)), 4)}
 
 
 def sampler_capacity(ray) -> tuple[int, str]:
@@ -111,13 +142,14 @@ def sampler_capacity(ray) -> tuple[int, str]:
     return (gpus, "GPU") if gpus else (max(1, int(resources.get("CPU", 1))), "CPU")
 
 
-def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None, seed: int, workers: int,
+def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int | None, seed: int, workers: int,
              histogram: dict[int, int], cuda_graphs: bool = False,
              precision: str = "fp32", sampler: str = "ancestral",
              guide: tuple | None = None,
-             condition: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+             condition: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
-    per Ray node id). ``workers``: at most ``sampler_capacity`` (more would wait for resources forever);
+    per Ray node id, the chunk plan). ``pair_budget``: chunk_plan's; ``workers``: at most ``sampler_capacity``
+    (more would wait for resources forever);
     ``guide``: (property, value, scale, start) for guidance_for, or None; ``condition``: a conditional model's
     (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller."""
     from ray.util import ActorPool
@@ -126,7 +158,7 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None
     Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
     counts, targets = condition if condition is not None else (None, None)
-    plan = chunk_plan(n_samples, histogram, seed, batch, counts)
+    plan = chunk_plan(n_samples, histogram, seed, pair_budget, counts)
     actors = [Sampler.remote(checkpoint, cuda_graphs, precision) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
@@ -143,4 +175,4 @@ def generate(ray, checkpoint: str, n_samples: int, batch: int, steps: int | None
         chunks_per_node[out["node"]] = chunks_per_node.get(out["node"], 0) + 1
     for actor in actors:
         ray.kill(actor)
-    return molecules, chunks_per_node
+    return molecules, chunks_per_node, plan

@@ -2,7 +2,7 @@
 
     python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
                             [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
-                            [--manifest DATASET [--engine]]
+                            [--kernel eager|compiled] [--manifest DATASET [--engine]]
 
 Atom counts are drawn from the QM9 train histogram (or, with --manifest, from that dataset's train split and
 atom vocabulary) with a fixed seed; timings are medians over timed
@@ -32,11 +32,14 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model.diffusion import remove_mean
+from molscale.trainer.model.egnn import KERNELS
 from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
 from molscale.trainer.train.ema import EMA
@@ -98,17 +101,32 @@ def interleaved_medians(fns, device, warmup, iters):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# operators that make the host wait for a GPU: a scalar read (.item(), float(), bool()), a data-dependent shape
+SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+
 class _OperatorCounter(TorchDispatchMode):
-    """Counts the aten operator calls dispatched while active (backward's included). On a GPU each call that is
-    not a view launches at least one kernel, so this is the launch count that CUDA graphs would remove."""
+    """Counts what the aten operators dispatched while active (backward's included) would cost on a GPU:
+    ``calls`` all of them; ``kernels`` those that are not views (each at least one kernel launch, the count CUDA
+    graphs would remove); ``syncs`` the host reads of device values; ``edge_bytes`` the bytes written in tensors of
+    edge shape [B, N, N, ...] (N > 1), the memory traffic fused kernels would keep on chip."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.calls = self.kernels = self.syncs = self.edge_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.calls += 1
-        return func(*args, **(kwargs or {}))
+        if func in SYNC_OPS:
+            self.syncs += 1
+        if not func.is_view:
+            self.kernels += 1
+            for value in tree_leaves(out):
+                if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[1] == value.shape[2] > 1:
+                    self.edge_bytes += value.numel() * value.element_size()
+        return out
 
 
 def chunk_cost_pairs(text: str):
@@ -116,18 +134,27 @@ def chunk_cost_pairs(text: str):
 
 
 def operator_calls(fn) -> int:
-    counter = _OperatorCounter()
-    with counter:
-        fn()
-    return counter.calls
+    return step_counts(fn)["calls"]
+
+
+def step_counts(fn, repeats: int = 1) -> dict:
+    """What one call of ``fn`` costs, averaged over ``repeats`` calls: operator calls, kernels (non-view calls),
+    host syncs, bytes written in edge-shaped tensors, and GFLOP (torch's FLOP counter: matrix products)."""
+    counter, flops = _OperatorCounter(), FlopCounterMode(display=False)
+    with flops, counter:
+        for _ in range(repeats):
+            fn()
+    return {"calls": counter.calls // repeats, "kernels": counter.kernels // repeats,
+            "syncs": counter.syncs / repeats, "edge_MB": counter.edge_bytes / repeats / 1e6,
+            "GFLOP": flops.get_total_flops() / repeats / 1e9}
 
 
 def step_functions(model, batch, layout, args):
     """(train_step, sample_run) closures for one layout."""
     autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
-    # foreach: what torch picks by default for CUDA parameters (the trainer's optimizer on a GPU)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, foreach=True)
+    # fused: the trainer's optimizer (trainer/train/engine.py)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, fused=True)
 
     def train_step():
         model.cfg.layout = layout
@@ -170,6 +197,9 @@ def main(argv=None):
     parser.add_argument("--engine", action="store_true",
                         help="also time the trainer's real step (DeepSpeed engine, clipping, EMA, host reads); "
                              "needs --manifest")
+    parser.add_argument("--kernel", choices=list(KERNELS), default="eager",
+                        help="the EGNN blocks eager or through torch.compile (model.kernel); a compiled run's first "
+                             "iterations compile (use --warmup 2 or more)")
     parser.add_argument("--chunk-cost-pairs", default="auto",
                         help="size chunks (trainer/model/packing.py): 'auto' (CPU: on, GPU: off), 'none', or a cost")
     args = parser.parse_args(argv)
@@ -183,7 +213,8 @@ def main(argv=None):
     histogram, atom_vocab = atom_counts_and_vocab(manifest)
     properties = bench_properties(args.model, manifest)
     cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=properties,
-                      atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs))
+                      atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs),
+                      kernel=args.kernel)
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     num_atoms = sample_num_atoms(histogram, args.batch, generator)
@@ -196,9 +227,10 @@ def main(argv=None):
     evaluations = len(timestep_grid(model.num_steps, args.sample_steps))  # K steps + the read-out at t = 0
     train_step, sample_run = steps[layouts[0]]
     ema = EMA(model, 0.9999)
-    calls = {"train_step (forward, backward, AdamW)": operator_calls(train_step),
-             "ema_update": operator_calls(lambda: ema.update(model)),
-             "sample_step": round(operator_calls(sample_run) / evaluations)}
+    counts = {"train_step": step_counts(train_step), "ema_update": step_counts(lambda: ema.update(model)),
+              "sample_step": {k: v / evaluations for k, v in step_counts(sample_run).items()}}
+    calls = {"train_step (forward, backward, AdamW)": counts["train_step"]["calls"],
+             "ema_update": counts["ema_update"]["calls"], "sample_step": round(counts["sample_step"]["calls"])}
     results = {}
     for layout in layouts:
         sample_step_s = sample_s[layout] / evaluations
@@ -209,12 +241,12 @@ def main(argv=None):
             "sample_molecules_per_s": args.batch / (sample_step_s * (model.num_steps + 1)),
         }
     report = {
-        "model": args.model, "layers": args.layers, "hidden": args.hidden, "batch": args.batch,
+        "model": args.model, "kernel": args.kernel, "layers": args.layers, "hidden": args.hidden, "batch": args.batch,
         "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
         "num_atoms_mean": float(num_atoms.float().mean()), "num_atoms_max": int(num_atoms.max()),
         "atom_pairs": int((num_atoms * (num_atoms - 1)).sum()), "malloc_tuned": MALLOC_TUNED,
         "loadavg_1min": [load_before, os.getloadavg()[0]],  # before / after: other work on the machine
-        "layout": layouts[0], **results[layouts[0]], "operator_calls": calls,
+        "layout": layouts[0], **results[layouts[0]], "operator_calls": calls, "counts": counts,
     }
     for ref in layouts[1:]:
         key = ref.replace("-", "_")
@@ -225,14 +257,16 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as run_dir, _environ_restored():
             engine_step, describe = engine_step_function(args, manifest, properties, batch, run_dir)
             times = interleaved_medians({"model": train_step, "engine": engine_step}, device, args.warmup, args.iters)
+            engine_counts = step_counts(engine_step, repeats=3)
             report["engine"] = {"train_step_ms": 1e3 * times["engine"],
                                 "train_molecules_per_s": args.batch / times["engine"],
                                 "model_only_step_ms": 1e3 * times["model"],
                                 "engine_over_model": times["engine"] / times["model"],
-                                "operator_calls": operator_calls(engine_step), "parts": describe()}
-        import torch.distributed as dist
-        if dist.is_initialized():  # the world of one the Trainer needed; leave the process as we found it
-            dist.destroy_process_group()
+                                "operator_calls": engine_counts["calls"], "counts": engine_counts,
+                                "kernels_over_model": engine_counts["kernels"] / counts["train_step"]["kernels"],
+                                "parts": describe()}
+        from molscale.trainer.train.distributed import end_process_group
+        end_process_group()  # the world of one the Trainer needed; leave the process as we found it
     print(json.dumps(report) if args.json else format_report(report, results))
 
 
@@ -271,6 +305,7 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
                  f"model.kind={args.model}", f"model.layers={args.layers}", f"model.hidden={args.hidden}",
                  f"model.properties={json.dumps(properties)}",
                  f"model.chunk_cost_pairs={json.dumps(chunk_cost_pairs(args.chunk_cost_pairs))}",
+                 f"model.kernel={json.dumps(args.kernel)}",
                  f"deepspeed.bf16={json.dumps(args.dtype == 'bf16')}", "logging.wandb.enabled=false",
                  "logging.progress_bar=false", f"train.seed={args.seed}"]
     cfg = load_config(None, overrides)
@@ -283,15 +318,17 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
 
     def describe():
         ds, opt = cfg.deepspeed, cfg.optimizer
+        fused = " fused" if getattr(trainer.engine.optimizer, "defaults", {}).get("fused") else ""
         return (f"Trainer.train_step: DeepSpeed {trainer.engine.__class__.__name__} ZeRO-{ds.zero_stage} on "
                 f"{trainer.device}, {'bf16 autocast' if ds.bf16 else 'fp32'}, AdamW amsgrad="
-                f"{opt.amsgrad}, clipping {opt.clip}, EMA {opt.ema_decay}, "
-                f"{trainer.host_reads} host reads per step")
+                f"{opt.amsgrad}{fused}, clipping {opt.clip}, EMA {opt.ema_decay}, steps_per_batch "
+                f"{opt.steps_per_batch}, {trainer.host_reads} host reads per step")
     return step, describe
 
 
 def format_report(report, results):
-    lines = [f"{report['model']} {report['layers']}x{report['hidden']}, batch {report['batch']} "
+    lines = [f"{report['model']} {report['layers']}x{report['hidden']} ({report['kernel']} blocks), "
+             f"batch {report['batch']} "
              f"(mean {report['num_atoms_mean']:.1f} atoms, max {report['num_atoms_max']}), {report['dtype']} on "
              f"{report['device']} ({report['threads']} threads, load {report['loadavg_1min'][0]:.1f})"]
     for layout, r in results.items():
@@ -303,11 +340,20 @@ def format_report(report, results):
                      f"{report[f'train_speedup_vs_{key}']:.2f}x, sample {report[f'sample_speedup_vs_{key}']:.2f}x")
     lines.append(f"  operator calls ({report['layout']}): " +
                  ", ".join(f"{name} {n:,}" for name, n in report["operator_calls"].items()))
+    if report["kernel"] == "compiled":
+        lines.append("  (the counts below are the eager path's: torch.compile cannot trace under the counting mode)")
+    for name, c in report["counts"].items():
+        lines.append(f"  {name:12s} {c['kernels']:8,.0f} kernels {c['syncs']:5.1f} host syncs "
+                     f"{c['edge_MB']:9.1f} MB edge-shaped writes {c['GFLOP']:8.2f} GFLOP")
     if "engine" in report:
         e = report["engine"]
         lines.append(f"  real step {e['train_step_ms']:9.1f} ms {e['train_molecules_per_s']:8.1f} mol/s, "
                      f"{e['engine_over_model']:.2f}x the model-only step ({e['model_only_step_ms']:.1f} ms in the "
                      f"same run), {e['operator_calls']:,} operator calls")
+        c = e["counts"]
+        lines.append(f"  real step    {c['kernels']:8,.0f} kernels {c['syncs']:5.1f} host syncs "
+                     f"{c['edge_MB']:9.1f} MB edge-shaped writes {c['GFLOP']:8.2f} GFLOP "
+                     f"({e['kernels_over_model']:.2f}x the model-only step's kernels)")
         lines.append(f"  real step parts: {e['parts']}")
     return "\n".join(lines)
 

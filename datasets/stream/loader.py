@@ -93,8 +93,9 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
     """Pad decoded samples to [B, N_max]; positions CoM-free over real atoms (float32).
 
     pos [B, N, 3] float32, node_mask [B, N] bool, z and atom_type [B, N] int64 (0 at padding),
-    num_atoms [B] int64, props [B, P] float32 in dataset units, keys [B] str,
-    bond_order [B, N, N] int8 and has_bonds [B] bool (with_bonds; aromatic = 4).
+    num_atoms [B] int64, num_atoms_host (the same counts as a list of ints, which stays on the host when the
+    trainer copies the tensors to its device: size chunks are planned from it), props [B, P] float32 in
+    dataset units, keys [B] str, bond_order [B, N, N] int8 and has_bonds [B] bool (with_bonds; aromatic = 4).
     """
     sizes = [len(s["z"]) for s in samples]
     B, N = len(samples), max(sizes)
@@ -116,6 +117,7 @@ def collate(samples: list[dict], vocab_index: np.ndarray, properties: tuple[str,
         "z": z,
         "atom_type": vocab_index[z] * mask,
         "num_atoms": num_atoms,
+        "num_atoms_host": sizes,
         "props": np.asarray([[s["props"][p] for p in properties] for s in samples],
                             dtype=np.float32).reshape(B, len(properties)),
         "keys": [s["key"] for s in samples],

@@ -35,6 +35,8 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     assert r.returncode == 2 and "corrupt checkpoint" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--n-samples", "0", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--n-samples must be at least 1" in r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--pair-budget", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--pair-budget must be at least 1" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--steps", "1001", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--steps 1001: this model's diffusion has T = 1000 steps" in r.stderr
     for guide, message in (("lumo", "give PROPERTY=VALUE"), ("homo=1", "not 'homo'")):
@@ -70,6 +72,9 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     for key in ("n_samples", "atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty"):
         assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0 or key == "n_samples", key
     assert metrics["n_samples"] == 24 and metrics["source"]["workers"] == 2
+    plan = metrics["source"]["sampling_chunks"]  # the molecules sorted and cut by the pair budget of --batch 6
+    assert sum(metrics["source"]["chunks_per_node"].values()) == plan["chunks"] and plan["pair_budget"] > 0
+    assert 0 < plan["fixed_count_real_pair_fraction"] <= 1 and 0 < plan["real_pair_fraction"] <= 1
     assert {"atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1"} <= metrics.keys()
     for name in ("samples.sdf", "report.html", "atom_counts.png", "bond_lengths.png", "bond_angles.png"):
         assert (out / name).stat().st_size > 0, name

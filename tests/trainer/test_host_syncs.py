@@ -3,7 +3,9 @@
 Everything runs on torch's ``meta`` device (shapes and dtypes, no data), under a dispatch mode that records
 every operator that would synchronise with a GPU (a scalar read, ``nonzero``, a copy to the host) and every
 operator that produces a CPU tensor. On a GPU each of those is a stall of the step or a host-to-device copy.
-Allowed: nothing in the loss, backward, EMA, clipping or property prediction; nothing per sampling step.
+Allowed: nothing in the loss, backward, EMA, clipping or property prediction; nothing per sampling step. With size
+chunks on, planning works on the host from the batch's host copy of the atom counts: CPU tensors are made there,
+but nothing is read back from the device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.packing import DEFAULT_CHUNK_COST_PAIRS
 from molscale.trainer.model.pretraining import MoleculeJAE, PretrainConfig
 from molscale.trainer.model.sampling import SAMPLERS, predict_properties, sample
 from molscale.trainer.train.ema import EMA
@@ -24,19 +27,27 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonz
 
 
 class HostTraffic(TorchDispatchMode):
-    """Records (operator, why) for every host sync and every CPU tensor made while active."""
+    """Records (operator, why) for every host sync and every CPU tensor made while active; ``reads`` holds the
+    events that read device values back (a sync, or a CPU tensor made from device tensors)."""
 
     def __init__(self):
         super().__init__()
         self.events: list[str] = []
+        self.reads: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu"
+                          for v in tree_leaves((args, kwargs)))
         if func in SYNC_OPS:
             self.events.append(f"{func}: reads a device value on the host")
+            if from_device:
+                self.reads.append(self.events[-1])
         out = func(*args, **(kwargs or {}))
         for value in tree_leaves(out):
             if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                 self.events.append(f"{func}: makes a CPU tensor of shape {tuple(value.shape)}")
+                if from_device:
+                    self.reads.append(self.events[-1])
         return out
 
 
@@ -70,6 +81,25 @@ def test_training_step_model_work_stays_on_the_device(kind, conditioned):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         ema.update(model)
     assert traffic.events == []
+
+
+def test_size_chunks_planned_from_host_counts_read_nothing_back(kind, monkeypatch):
+    """'auto' size chunks on a device where planning would otherwise sync (the meta device standing in for a
+    GPU): with the loader's host counts the loss is chunked and reads nothing back; without them it stays whole
+    and touches the host not at all."""
+    monkeypatch.setitem(DEFAULT_CHUNK_COST_PAIRS, "meta", 0)
+    model = meta_model(kind)
+    calls, network = [], model.denoise
+    model.denoise = lambda *args, **kwargs: calls.append(args[0].shape[:2]) or network(*args, **kwargs)
+    batch = meta_batch(num_props=len(model.cfg.property_columns))
+    counted = {**batch, "num_atoms_host": [3, 9, 4, 8, 5, 9]}
+    model(counted)  # warm-up: the schedule tables and property statistics are copied to the device once per run
+    for given, whole in ((counted, False), (batch, True)):
+        calls.clear()
+        with HostTraffic() as traffic:
+            model(given)["loss"].backward()
+        assert traffic.reads == []
+        assert (traffic.events == []) == whole and (len(calls) <= 2) == whole  # one call per branch when whole
 
 
 def test_pretraining_step_model_work_stays_on_the_device():

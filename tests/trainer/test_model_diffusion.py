@@ -101,6 +101,50 @@ def test_losses_are_reproducible_with_a_generator(kind):
     assert torch.equal(a["loss"], b["loss"]) and not torch.equal(a["loss"], c["loss"])
 
 
+def record_network_calls(model):
+    """[(UniGEM branch or 'all', (molecules, padded size))] of each network call the model makes from now on."""
+    calls, network = [], model.denoise
+
+    def denoise(*args, **kwargs):
+        calls.append((args[3] if isinstance(args[3], str) else "all", tuple(args[0].shape[:2])))
+        return network(*args, **kwargs)
+    model.denoise = denoise
+    return calls
+
+
+def test_size_chunks_from_host_counts_leave_the_loss_and_gradients_unchanged(kind):
+    """Float64, the same generator seed: the batch whole against size chunks planned from the loader's host copy
+    of the atom counts (num_atoms_host), one chunk per distinct size within each UniGEM phase."""
+    sizes = [3, 9, 4, 8, 5, 9, 2, 6, 7, 3]
+    batch = make_batch(sizes, seed=8)
+    results = []
+    for cost, extra in ((None, {}), (0, {"num_atoms_host": sizes})):
+        model = tiny_model(kind, chunk_cost_pairs=cost)
+        calls = record_network_calls(model)
+        terms = model({**batch, **extra}, generator=torch.Generator().manual_seed(3))
+        terms["loss"].backward()
+        results.append((terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (whole, grads_whole), (chunked, grads_chunked) = results
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], atol=1e-12, rtol=1e-10)
+    assert grads_whole.keys() == grads_chunked.keys()
+    for name in grads_whole:
+        torch.testing.assert_close(grads_chunked[name], grads_whole[name], atol=1e-12, rtol=1e-9)
+    chunks = calls  # the chunked run's
+    branches = {"nucleation", "growth"} if kind == "unigem" else {"all"}
+    assert {branch for branch, _ in chunks} == branches  # both phases hold molecules
+    assert len(chunks) > 2 * len(branches) and sum(b for _, (b, _) in chunks) == len(sizes)
+    assert min(n for _, (_, n) in chunks) < max(sizes)  # chunks padded below the batch's largest molecule
+
+
+def test_host_counts_that_do_not_fit_the_batch_are_refused():
+    model = tiny_model(chunk_cost_pairs=0)
+    batch = make_batch([3, 5, 4])
+    for wrong in ([3, 5], [3, 5, 6]):  # a molecule missing; more atoms than the padded size
+        with pytest.raises(ValueError, match="num_atoms_host"):
+            model({**batch, "num_atoms_host": wrong}, generator=torch.Generator().manual_seed(0))
+
+
 def test_tiny_model_overfits_one_batch(kind):
     # fixed noise and times (same generator seed each step): the objective is deterministic and must be learnt
     model = tiny_model(kind, hidden=32, layers=3, dtype=torch.float32)

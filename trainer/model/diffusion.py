@@ -1,17 +1,19 @@
 """Diffusion maths for training: CoM-free noise, time drawing and the UniGEM / EDM losses (docs/architecture.md).
 
 Random draws use `generator` (for reproducible runs; drawn on its device, moved to the data's) or, with
-generator None, the global RNG of the data's device. With size chunks off (the default on GPUs) the losses
-read nothing back to the host: no device synchronisation, and a step's shapes depend only on the batch.
+generator None, the global RNG of the data's device. The losses read nothing back to the host: with size chunks
+off, a step's shapes depend only on the batch; with size chunks on (packing.py), the plan comes from the atom
+counts the loader keeps on the host (batch["num_atoms_host"]) and UniGEM's phase split is kept on the host
+(drawn with the CPU's RNG when no generator is given; a generator on a GPU costs one read), so only small index
+tensors travel, host to device.
 Batches follow the loader contract: pos [B, N, 3] (CoM-free, Angstrom), node_mask [B, N] bool with real atoms
-first, atom_type [B, N] vocabulary index, props [B, P] in dataset units. All loss terms are float32 (or the
-dtype of pos).
+first, atom_type [B, N] vocabulary index, props [B, P] in dataset units, optionally num_atoms_host (a list of
+the B atom counts). All loss terms are float32 (or the dtype of pos).
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from molscale.trainer.model.packing import default_chunk_cost, plan_chunks, take
 
@@ -79,15 +81,25 @@ def randperm(size, generator=None, device="cpu"):
     return torch.randperm(size, generator=generator, device=draw_on).to(device)
 
 
-def draw_unigem_phases(batch_size, t_nucleation, num_steps, generator=None, device="cpu"):
+def one_hot(index, num_classes, dtype):
+    """index [...] int64 -> [..., num_classes] in ``dtype``. A comparison, not F.one_hot: on the CPU F.one_hot
+    checks its indices' range by reading them on the host (on CUDA it does not), which would make the CPU step
+    look as if it synchronised, and a compiled graph break there."""
+    return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
+
+
+def draw_unigem_phases(batch_size, t_nucleation, num_steps, generator=None, device="cpu", order_on_host=False):
     """Growth-phase oversampling (UniGEM paper): a random half of the batch gets t ~ U{0..t_n}, the rest
     t ~ U{t_n+1..T}. Returns (order, t): molecules order[:B // 2] are the growth phase. The halves have fixed
-    sizes, so splitting a batch by phase needs no look at t on the host."""
+    sizes, so splitting a batch by phase needs no look at t on the host. order_on_host: the permutation is
+    drawn (with the generator, or the CPU's RNG) and returned on the host, for planning size chunks per phase;
+    t stays on ``device`` either way."""
     n_growth = batch_size // 2
-    order = randperm(batch_size, generator, device)
+    order = randperm(batch_size, generator, "cpu" if order_on_host else device)
+    order_dev = order.to(device, non_blocking=True)  # from pageable memory: staged at once, nothing waits
     t = torch.empty(batch_size, dtype=torch.long, device=device)
-    t[order[:n_growth]] = randint(0, t_nucleation, n_growth, generator, device)
-    t[order[n_growth:]] = randint(t_nucleation + 1, num_steps, batch_size - n_growth, generator, device)
+    t[order_dev[:n_growth]] = randint(0, t_nucleation, n_growth, generator, device)
+    t[order_dev[n_growth:]] = randint(t_nucleation + 1, num_steps, batch_size - n_growth, generator, device)
     return order, t
 
 
@@ -96,34 +108,67 @@ def draw_unigem_t(batch_size, t_nucleation, num_steps, generator=None, device="c
 
 
 def chunk_cost(model, device):
-    """Per-chunk cost for plan_chunks, or None for no size chunks (always so for the edge-list layouts)."""
+    """Per-chunk cost for plan_chunks, or None for no size chunks (always so for the edge-list layouts).
+    'auto' is the device's default (packing.DEFAULT_CHUNK_COST_PAIRS), and no chunks under CUDA graphs or compiled
+    blocks, which specialise on the batch shape: chunks would make new shapes in nearly every step."""
     cost = model.cfg.chunk_cost_pairs
     if model.cfg.layout != "dense":
         return None
-    return default_chunk_cost(device) if cost == "auto" else cost
+    if cost != "auto":
+        return cost
+    if getattr(model, "cuda_graphs", None) is not None or model.cfg.kernel == "compiled":
+        return None
+    return default_chunk_cost(device)
 
 
-def host_atom_counts(node_mask, plan_needed):
-    """Atom counts on the host (one device sync on GPUs, and only when chunking is on)."""
-    if not plan_needed:
+def size_plan(model, batch):
+    """(per-chunk cost, atom counts LongTensor [B] on the host) to plan size chunks with; None: no size chunks.
+
+    The counts are batch["num_atoms_host"] when the batch carries it (the loader's batches do). Otherwise they
+    are read from node_mask: free on the CPU, one device synchronisation elsewhere, which an explicit
+    model.chunk_cost_pairs accepts and 'auto' never makes (it then leaves the batch whole)."""
+    node_mask = batch["node_mask"]
+    cost = chunk_cost(model, node_mask.device)
+    if cost is None:
+        return None
+    given = batch.get("num_atoms_host")
+    if given is not None:
+        counts = torch.as_tensor(given, dtype=torch.long).reshape(-1)
+        if len(counts) != node_mask.shape[0] or (len(counts) and int(counts.max()) > node_mask.shape[1]):
+            raise ValueError(f"batch['num_atoms_host'] must hold the atom counts of the batch's "
+                             f"{node_mask.shape[0]} molecules (each at most {node_mask.shape[1]})")
+        return cost, counts
+    if node_mask.device.type != "cpu" and model.cfg.chunk_cost_pairs == "auto":
         return None
     mask = node_mask.cpu()
     counts = mask.sum(1)
     packed = torch.arange(mask.shape[1])[None, :] < counts[:, None]
     if not torch.equal(mask, packed):
         raise ValueError("node_mask must list real atoms first in every molecule (padding at the end)")
-    return counts
+    return cost, counts
 
 
-def chunks_of(indices, counts, cost, n_max):
-    """Split molecules `indices` (LongTensor) into size chunks -> [(indices, padded size)]; counts: host atom
-    counts (None: chunking off, one chunk at the batch's padded size, nothing read on the host)."""
-    if len(indices) == 0:
+def all_molecules(batch_size, plan, device):
+    """Indices of the whole batch, where size_chunks wants them: on the host with a plan, else on the device."""
+    return torch.arange(batch_size, device="cpu" if plan is not None else device)
+
+
+def size_chunks(groups, plan, n_max, device):
+    """Molecules of each group cut into size chunks -> [(group name, indices on ``device``, padded size)].
+
+    groups: {name: molecule indices}, empty groups dropped; plan: size_plan's (cost, counts), or None for
+    one chunk per group at the batch's padded size (indices as given, nothing read on the host). With a plan the
+    groups' indices are host tensors, and all chunks' indices travel to the device in one copy."""
+    if plan is None:
+        return [(name, members, n_max) for name, members in groups.items() if len(members)]
+    cost, counts = plan
+    planned = [(name, members[part], n_pad) for name, members in groups.items() if len(members)
+               for part, n_pad in plan_chunks(counts[members].tolist(), cost)]
+    if not planned:
         return []
-    if counts is None:
-        return [(indices, n_max)]
-    host = indices.cpu()
-    return [(host[part].to(indices.device), n_pad) for part, n_pad in plan_chunks(counts[host].tolist(), cost)]
+    moved = torch.cat([idx for _, idx, _ in planned]).to(device, non_blocking=True)
+    parts = moved.split([len(idx) for _, idx, _ in planned])
+    return [(name, part, n_pad) for (name, _, n_pad), part in zip(planned, parts)]
 
 
 def reference_atoms(batch, num_atoms):
@@ -145,12 +190,14 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
     cfg, loss_cfg = model.cfg, model.loss_cfg
     pos, node_mask = batch["pos"], batch["node_mask"]  # [B, N, 3], [B, N]
     batch_size, n_max = node_mask.shape
+    plan = size_plan(model, batch)
     if t is None:
-        order, t_dev = draw_unigem_phases(batch_size, cfg.t_nucleation, model.num_steps, generator, pos.device)
+        order, t_dev = draw_unigem_phases(batch_size, cfg.t_nucleation, model.num_steps, generator, pos.device,
+                                          order_on_host=plan is not None)
         groups = {"nucleation": order[batch_size // 2:], "growth": order[: batch_size // 2]}
     else:  # given times (tests): the phases come from t itself
         t_dev = t.to(pos.device)
-        growth = t_dev <= cfg.t_nucleation
+        growth = (t.cpu() if plan is not None else t_dev) <= cfg.t_nucleation
         groups = {"nucleation": (~growth).nonzero()[:, 0], "growth": growth.nonzero()[:, 0]}
     if eps is None:
         eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
@@ -161,19 +208,17 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
     # per-molecule normalisers: its own atoms, or the batch's padded size (reference)
     atoms_norm = reference_atoms(batch, num_atoms).expand(batch_size) if reference else num_atoms  # [B]
     eps_scale = 0.5 if reference else 1.0  # the reference halves the L2 error (0.5 x SNR weight 1)
-    type_target = F.one_hot(batch["atom_type"], model.num_atom_types).to(pos.dtype) * 0.25  # [B, N, K]
+    type_target = one_hot(batch["atom_type"], model.num_atom_types, pos.dtype) * 0.25  # [B, N, K]
     if cfg.properties:
         prop_mean, prop_mad = model.prop_normalisation(pos)
         prop_target = (batch["props"][:, : len(cfg.properties)].to(pos.dtype) - prop_mean) / prop_mad  # [B, P]
     context = model.batch_context(batch)  # [B, C] of a conditional model (EDM-style context), else None
 
-    cost = chunk_cost(model, pos.device)
-    counts = host_atom_counts(node_mask, cost is not None)
     sums = {name: pos.new_zeros(()) for name in ("eps_nucleation", "eps_growth", "atom_type")}
     sums.update({f"prop_{name}": pos.new_zeros(()) for name in cfg.properties})
     chunks = [(branch, idx, n_pad, (take(pos_t, idx, n_pad), take(node_mask, idx, n_pad), take(t_dev, idx),
                                     *(() if context is None else (take(context, idx),))))
-              for branch, members in groups.items() for idx, n_pad in chunks_of(members, counts, cost, n_max)]
+              for branch, idx, n_pad in size_chunks(groups, plan, n_max, pos.device)]
     # the calls this loss makes, announced so that CUDA graphs (when on) are captured before its forward starts
     model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
                            for branch, _, _, inputs in chunks])
@@ -231,10 +276,10 @@ def edm_loss(model, batch, generator=None, t=None):
     else:
         atoms_norm, scale, divisor = num_atoms, 1.0, loss_cfg.nominal_batch or batch_size
 
-    cost = chunk_cost(model, pos.device)
-    counts = host_atom_counts(node_mask, cost is not None)
+    plan = size_plan(model, batch)
     sse_pos = sse_h = pos.new_zeros(())  # sums over molecules of per-atom squared errors
-    for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
+    molecules = all_molecules(batch_size, plan, pos.device)
+    for _, idx, n_pad in size_chunks({"all": molecules}, plan, n_max, pos.device):
         mask, n = take(node_mask, idx, n_pad), take(atoms_norm, idx)
         out = model.denoise(take(pos_t, idx, n_pad), take(h_t, idx, n_pad), mask, take(t_dev, idx),
                             None if context is None else take(context, idx))

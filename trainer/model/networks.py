@@ -9,12 +9,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from molscale.trainer.model import diffusion
 from molscale.trainer.model.cuda_graphs import DenoiseGraphs
 from molscale.trainer.model.diffusion import LossConfig
-from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
+from molscale.trainer.model.egnn import KERNELS, DenseGraph, EGNNBlock, use_kernel
 from molscale.trainer.model.reference_edgelist import EdgeGraph
 from molscale.trainer.model.schedule import DiffusionConfig
 
@@ -44,6 +43,7 @@ class ModelConfig:
     atom_vocab: list[int] | None = None  # atomic numbers, in order; a run fills in its dataset's
     layout: str = "dense"  # 'dense', or the reference layouts 'edge-list' / 'edge-list-real' (benchmark)
     chunk_cost_pairs: int | None | str = "auto"  # see trainer/model/packing.py; None: never split a batch
+    kernel: str = "eager"  # 'eager' | 'compiled': each EGNN block through torch.compile (docs/numerics.md)
 
     @property
     def branch_blocks(self):
@@ -68,6 +68,11 @@ class ModelConfig:
             raise ValueError("model.layers and model.hidden must be at least 1")
         if self.layout not in GRAPH_LAYOUTS:
             raise ValueError(f"model.layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"model.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "compiled" and self.layout != "dense":
+            raise ValueError(f"model.kernel = 'compiled' needs model.layout = 'dense' (the edge-list layouts are "
+                             f"eager references), got {self.layout!r}")
         if self.atom_vocab is not None and (len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab):
             raise ValueError(f"model.atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
         if len(set(self.condition_on)) != len(self.condition_on):
@@ -357,7 +362,7 @@ class EDM(DiffusionModel):
     def atom_features(self, atom_type, node_mask, dtype):
         # atom_type [B, N] vocabulary index -> h [B, N, C] = [one-hot / 4, Z / 10], zero at padding
         mask = node_mask.to(dtype).unsqueeze(-1)
-        h = F.one_hot(atom_type, self.num_atom_types).to(dtype) * ONE_HOT_SCALE
+        h = diffusion.one_hot(atom_type, self.num_atom_types, dtype) * ONE_HOT_SCALE
         if self.cfg.include_charges:
             charge = self.charges.to(dtype)[atom_type].unsqueeze(-1) * CHARGE_SCALE
             h = torch.cat([h, charge], dim=-1)
@@ -389,4 +394,4 @@ def build_model(cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop
                 prop_mad=None, loss: LossConfig | None = None) -> DiffusionModel:
     """prop_mean / prop_mad: per-property train mean and MAD (dataset manifest), in the order of cfg.properties;
     loss: how the training loss reduces a batch (default: per molecule)."""
-    return cfg.model_class()(cfg, diffusion, prop_mean, prop_mad, loss)
+    return use_kernel(cfg.model_class()(cfg, diffusion, prop_mean, prop_mad, loss), cfg.kernel)

@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from molscale.trainer.model.diffusion import LossConfig, com_free_noise, draw_unigem_phases, randn
-from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, pairwise_dist2
+from molscale.trainer.model.diffusion import LossConfig, com_free_noise, draw_unigem_phases, one_hot, randn
+from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, pairwise_dist2, use_kernel
 from molscale.trainer.model.networks import ONE_HOT_SCALE, ModelConfig, UniGEM, mlp, run_trunk
 from molscale.trainer.model.schedule import DiffusionConfig
 
@@ -232,6 +232,7 @@ class MoleculeJAE(nn.Module):
         self.clean_encoder = CleanEncoder(hidden, num_types, pre.encoder_blocks, pre.atom_types)
         self.proj_clean = mlp(hidden, hidden, hidden)  # contrastive projection heads
         self.proj_noised = mlp(hidden, hidden, hidden)
+        use_kernel(self, cfg.kernel)  # the trunk and the clean encoder run as a UniGEM's blocks would
 
     def describe(self) -> str:
         c, p = self.cfg, self.pre
@@ -257,7 +258,7 @@ class MoleculeJAE(nn.Module):
             has_bonds = torch.full((b,), has_bonds is not False, dtype=torch.bool, device=node_mask.device)
         has_bonds = torch.as_tensor(has_bonds, device=node_mask.device).bool()
         order = torch.as_tensor(order, device=node_mask.device).long()
-        a_0 = F.one_hot(order, self.pre.bond_channels).to(dtype)
+        a_0 = one_hot(order, self.pre.bond_channels, dtype)
         return a_0 * pair_mask_of(node_mask, dtype).unsqueeze(-1), has_bonds
 
     def draw_noise(self, batch, generator=None):
@@ -323,7 +324,7 @@ class MoleculeJAE(nn.Module):
         if out["atom_type"] is not None:  # UniGEM's growth-branch target, on the growth-phase molecules
             growth = (noise["t"].to(node_mask.device) <= self.cfg.t_nucleation).to(dtype)  # [B]
             k = out["atom_type"].shape[-1]
-            target = F.one_hot(batch["atom_type"], k).to(dtype) * ONE_HOT_SCALE
+            target = one_hot(batch["atom_type"], k, dtype) * ONE_HOT_SCALE
             err = (out["atom_type"] - target).abs() * node_mask.to(dtype).unsqueeze(-1)
             atom_type = mean_over(err.sum((1, 2)) / (num_atoms * k), growth, share=0.5)
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from molscale.trainer.model.diffusion import (
+    all_molecules,
     chunk_cost,
-    chunks_of,
     com_free_noise,
-    host_atom_counts,
     masked_noise,
     remove_mean,
+    size_chunks,
+    size_plan,
 )
 from molscale.trainer.model.packing import plan_chunks, take
 
@@ -274,9 +275,9 @@ def predict_properties(model, batch):
     pos, node_mask = batch["pos"], batch["node_mask"]
     batch_size, n_max = node_mask.shape
     out = pos.new_zeros(batch_size, len(model.cfg.properties))
-    cost = chunk_cost(model, pos.device)
-    counts = host_atom_counts(node_mask, plan_needed=cost is not None)  # size chunks off: nothing read back
-    for idx, n_pad in chunks_of(torch.arange(batch_size, device=pos.device), counts, cost, n_max):
+    plan = size_plan(model, batch)  # from host counts, or none: nothing read back from a GPU
+    molecules = all_molecules(batch_size, plan, pos.device)
+    for _, idx, n_pad in size_chunks({"growth": molecules}, plan, n_max, pos.device):
         t = torch.zeros(len(idx), dtype=torch.long, device=pos.device)
         pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, "growth", heads=True,
                              context=None if context is None else take(context, idx))["props"]

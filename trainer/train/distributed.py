@@ -76,6 +76,16 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def end_process_group() -> None:
+    """Destroy the process group and DeepSpeed's cached groups built on it (deepspeed/utils/groups.py keeps the
+    world group it cloned first), so that a later group in the same process (a benchmark, tests) starts clean."""
+    from deepspeed.utils import groups
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+
+
 class LostRankError(RunError):
     """A collective failed because another rank is gone (its node stopped, the network failed) or silent."""
 

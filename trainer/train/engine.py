@@ -29,6 +29,7 @@ from molscale.trainer.train.distributed import accelerator, raise_if_any_rank_fa
 from molscale.trainer.train.ema import EMA
 from molscale.trainer.train.objective import build_run_model, make_loader, property_normalisation, resolved_model_config
 from molscale.trainer.train.run_log import NullLogger, RunLogger
+from molscale.trainer.train.step_ledger import StepLedger
 
 log = logging.getLogger("trainer")
 
@@ -50,6 +51,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_clipping": 0.0,  # the Trainer clips (adaptive threshold, see Trainer._clip)
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device twice per step even without wall_clock_breakdown
+        # (deepspeed/utils/timer.py, ThroughputTimer.start/stop); the loop logs its own molecules/s
+        "timers": {"throughput": {"enabled": False}},
     }
     if ds.bf16:
         # Autocast keeps float32 weights, geometry and reductions; DeepSpeed's "bf16" mode would cast
@@ -104,26 +108,34 @@ class Trainer:
         raise_if_any_rank_failed(problem)
 
         o = cfg.optimizer
-        trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
         self.lr = o.scaled_lr(cfg.global_batch(self.world_size))
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad,
-                                      betas=tuple(o.betas))
+        # fused: one kernel per step for all parameters, step counters on the device (the default foreach
+        # implementation reads every parameter's step counter on the host), and it takes the skip decision as
+        # found_inf (StepLedger.decide_skip) without a host read; the same update rule, amsgrad included
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=o.weight_decay,
+                                           amsgrad=o.amsgrad, betas=tuple(o.betas), fused=True)
+        optimizer = self.optimizer
         # DeepSpeed steps the scheduler with every optimizer step and keeps its state in the checkpoints
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(o.warmup_steps)) \
             if o.warmup_steps else None
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=deepspeed_config(cfg, self.world_size))
         self.model = self.engine.module
+        if self.world_size == 1:
+            # DeepSpeed's backward all-reduces the gradients at any world size: at one rank a concatenation of
+            # every gradient, a collective with no peer and a copy back per parameter, for nothing
+            self.engine.enable_backward_allreduce = False
         if cfg.train.cuda_graphs:
             if self.device.type == "cuda":
                 self.model.use_cuda_graphs()
             else:
                 log.info("train.cuda_graphs applies to CUDA devices; this run is on %s and runs eagerly", self.device)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
-        self.clipper = AdaptiveClipper(o.clip_history)
+        self.clipper = AdaptiveClipper(o.clip_history, device=self.device)
+        self.ledger = StepLedger(self.device, cfg.train.max_nonfinite_in_row)
+        self.host_reads = 0
         self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_in_row = 0
         self.stop_requested = False  # every rank's decision, from the all-reduce
         self._sigterm = False  # this rank was signalled (the handler sets it at any moment)
 
@@ -167,8 +179,7 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------
     def client_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict() if self.ema else None,
-                "clipper": self.clipper.state_dict(), "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row,
+                "clipper": self.clipper.state_dict(), **self.ledger.state_dict(),
                 # what evaluation needs to rebuild the model without the run config or the dataset
                 "model_config": dataclasses.asdict(self.model_cfg),
                 "diffusion_config": dataclasses.asdict(self.cfg.diffusion), "prop_stats": self.prop_stats,
@@ -188,8 +199,7 @@ class Trainer:
         if self.ema and client.get("ema"):
             self.ema.load_state_dict(client["ema"])
         self.clipper.load_state_dict(client["clipper"])
-        self.nonfinite_total = client["nonfinite_total"]
-        self.nonfinite_in_row = client["nonfinite_in_row"]
+        self.ledger.load_state_dict(client)
         self.loader.load_state_dict(mine["loader"])
         torch.set_rng_state(mine["torch_rng"])
         if mine.get("device_rng") is not None and self.device.type != "cpu":
@@ -220,80 +230,91 @@ class Trainer:
         return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
-    def _read(self, value):
-        """The loop's reads of device values on the host, counted: each stalls the host until the device has
-        caught up, so a step makes one per micro-batch (the all-reduced flags and losses) and one for the
-        gradient norm, and the count is logged as ``host_reads``."""
-        if not torch.is_tensor(value):
-            return value
+    def _read(self, value) -> list:
+        """The loop's reads of device values on the host, counted: each makes the host wait until the device has
+        caught up. A steady-state step makes none (``read_record`` makes one per record; ZeRO stages one per
+        step for the clipping threshold DeepSpeed's optimizer takes as a number); the count is logged as
+        ``host_reads``."""
         self.host_reads += 1
         return value.tolist()
 
-    def train_step(self, batches) -> dict | None:
-        """One optimizer step (gradient accumulation included); None when the step was skipped."""
+    def train_step(self, batches) -> None:
+        """One optimizer step (gradient accumulation included) with nothing read on the host: the skip, clipping,
+        EMA and stop decisions are made on the device (step_ledger.py). A skipped step still counts as a step."""
         ga = self.cfg.deepspeed.gradient_accumulation_steps
-        self.host_reads = 0
-        start = time.perf_counter()
-        wait = 0.0
-        totals: dict[str, float] = {}
-        molecules = 0
-        threshold, grad_norm = 0.0, None
-        lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule moves on in engine.step)
+        adaptive = self.cfg.optimizer.clip == "adaptive"
+        nonfinite_ranks = stop = step_losses = threshold = grad_norm = skip = None
+        self._step_lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule moves on in engine.step)
+        molecules, wait = 0, 0.0
         for _ in range(ga):
             t0 = time.perf_counter()
-            batch = self._to_device(next(batches))
+            batch = next(batches)
+            molecules += int(batch["num_atoms"].shape[0])  # known on the host before the copy
+            batch = self._to_device(batch)
             wait += time.perf_counter() - t0
             if self.cfg.loss.reduction == "reference" and self.world_size > 1:
                 batch["reference_atoms"] = self._global_largest_molecule(batch)
             losses = self.engine(batch)
             names = sorted(losses)
             values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
-            # One all-reduce carries the non-finite flag, the stop request and the loss terms, so that
-            # every rank takes the same decision in the same step; all three are made on the device (new_full
-            # passes the host flag as a kernel argument: no copy) and read back once.
-            nonfinite = (~torch.isfinite(values)).any().to(values.dtype).reshape(1)
-            stop = values.new_full((1,), float(self._sigterm))
-            packed = torch.cat([nonfinite, stop, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
-            dist.all_reduce(packed)
-            packed = self._read(packed)
-            if packed[1] > 0:
-                self.stop_requested = True
-            if packed[0] > 0:
-                self.nonfinite_total += 1
-                self.nonfinite_in_row += 1
-                if self.rank == 0:
-                    log.warning("step %d: non-finite loss on %d rank(s); skipped (%d in a row)",
-                                self.step + 1, int(packed[0]), self.nonfinite_in_row)
-                if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step + 1} "
-                        f"(limit train.max_nonfinite_in_row); a checkpoint of the last good state was saved. "
-                        f"Lower optimizer.lr or check the data.")
-                return None
-            self.nonfinite_in_row = 0
+            # One vector carries the non-finite flag, the stop request and the loss terms; with several ranks one
+            # all-reduce makes them every rank's, so that every rank takes the same decisions in the same step.
+            # new_full passes the host flag as a kernel argument: no copy.
+            packed = torch.cat([(~torch.isfinite(values)).any().to(values.dtype).reshape(1),
+                                values.new_full((1,), float(self._sigterm)),
+                                torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
+            if self.world_size > 1:
+                dist.all_reduce(packed)
+            nonfinite_ranks = packed[0] if nonfinite_ranks is None else nonfinite_ranks + packed[0]
+            stop = packed[1] if stop is None else torch.maximum(stop, packed[1])
+            micro_losses = packed[2:] / (self.world_size * ga)
+            step_losses = micro_losses if step_losses is None else step_losses + micro_losses
+            # a non-finite loss still runs its backward: whether to apply the update is decided on the device
             self.engine.backward(losses["loss"])
             if self.engine.is_gradient_accumulation_boundary():
-                threshold, grad_norm = self._clip()
+                threshold, grad_norm = self._clip(adaptive)
+                skip = self.ledger.decide_skip(nonfinite_ranks, grad_norm)
+                self.optimizer.found_inf = skip  # the fused optimizer applies nothing where it is 1
                 for _ in range(self.cfg.optimizer.steps_per_batch - 1):
                     # the released code's repeated optim.step() on the same (clipped, averaged) gradients;
                     # engine.step() below makes the last one, steps the lr schedule and zeroes the gradients
                     self.engine.optimizer.step()
             self.engine.step()
-            for k, v in zip(names, packed[2:]):
-                totals[k] = totals.get(k, 0.0) + v / self.world_size / ga
-            molecules += int(batch["num_atoms"].shape[0])
-        grad_norm = float(self._read(grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()))
-        if self.cfg.optimizer.clip == "adaptive":
-            self.clipper.push(grad_norm, threshold)
+        if grad_norm is None:  # ZeRO: DeepSpeed's optimizer computed the norm in its step
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, device=self.device)
+        if adaptive and grad_norm is not None:
+            self.clipper.push(grad_norm, threshold, take=skip == 0)
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model, skip)
+        self.ledger.record(names, step_losses, skip, stop, grad_norm, threshold if adaptive else None,
+                           molecules, wait)
         self.step += 1
-        seconds = time.perf_counter() - start
-        return {"step": self.step, "epoch": self.loader.epoch, **totals,
-                "lr": lr, "grad_norm": grad_norm,
-                "clip_threshold": threshold if self.cfg.optimizer.clip == "adaptive" else None,
-                "molecules_per_s": molecules * self.world_size / seconds, "data_wait_s": wait,
-                "step_time_s": seconds, "nonfinite_skipped": self.nonfinite_total, "host_reads": self.host_reads}
+        if self.world_size == 1 and self._sigterm:
+            self.stop_requested = True  # this rank's own signal: no other rank to agree with
+
+    def read_record(self) -> dict:
+        """The record of the steps since the last read (one host read), and the decisions only the host can act
+        on: the stop request of any rank, and the end of the run after ``max_nonfinite_in_row`` skips in a row."""
+        record = self.ledger.read(self._read(self.ledger.packed()), self.world_size)
+        flags = self.ledger.read_flags
+        if flags["stop"]:
+            self.stop_requested = True
+        if flags["limit_reached"]:
+            raise NonFiniteLossError(
+                f"{self.cfg.train.max_nonfinite_in_row} non-finite losses or gradients in a row by step {self.step} "
+                f"(limit train.max_nonfinite_in_row); every update since the first of them was skipped, so the "
+                f"checkpoint saved now holds the last good weights. Lower optimizer.lr or check the data.")
+        if record["skipped_in_record"] and self.rank == 0:
+            log.warning("steps %d-%d: %d of %d updates skipped (non-finite loss or gradient), %d in a row now",
+                        self.step - record["steps_in_record"] + 1, self.step, record["skipped_in_record"],
+                        record["steps_in_record"], flags["nonfinite_in_row"])
+        record = {"step": self.step, "epoch": self.loader.epoch, **record, "lr": self._step_lr,
+                  "host_reads": self.host_reads}
+        if self.cfg.optimizer.clip != "adaptive":
+            record["clip_threshold"] = None
+        self.host_reads = 0
+        return record
 
     def _global_largest_molecule(self, batch: dict) -> torch.Tensor:
         """The largest molecule over every rank's micro-batch (an all-reduce on the device, nothing read on the
@@ -302,18 +323,22 @@ class Trainer:
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         return largest[0]
 
-    def _clip(self) -> tuple[float, torch.Tensor | None]:
-        """Apply this step's clipping threshold; (threshold, gradient norm before clipping, on the device, or None).
+    def _clip(self, adaptive: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Apply this step's clipping threshold; (threshold, gradient norm before clipping), device scalars.
 
-        Without ZeRO the averaged gradients sit in ``p.grad`` after backward, so they are clipped here;
-        with ZeRO they live in DeepSpeed's partitioned buffers, so the threshold is handed to its
-        optimizer, which reports the norm after the step.
+        Without ZeRO the averaged gradients sit in ``p.grad`` after backward: their norm is taken and they are
+        scaled by min(1, threshold / (norm + 1e-6)) (torch's clip_grad_norm_ rule) on the device. With ZeRO they
+        live in DeepSpeed's partitioned buffers: the threshold is handed to its optimizer as a number (a host
+        read) and the norm is None here (DeepSpeed reports it after its step).
         """
-        threshold = self.clipper.threshold() if self.cfg.optimizer.clip == "adaptive" else 0.0
+        threshold = self.clipper.threshold() if adaptive else None
         if self.cfg.deepspeed.zero_stage == 0:
-            max_norm = threshold if threshold > 0 else float("inf")
-            return threshold, torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.engine.optimizer.clip_grad = threshold
+            grads = [p.grad for p in self.trainable if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if threshold is not None:
+                torch._foreach_mul_(grads, (threshold.to(norm.dtype) / (norm + 1e-6)).clamp(max=1.0))
+            return threshold, norm
+        self.engine.optimizer.clip_grad = self._read(threshold.reshape(1))[0] if threshold is not None else 0.0
         return threshold, None
 
     @torch.no_grad()
@@ -364,25 +389,27 @@ class Trainer:
         batches = self._batches()
         try:
             while self.step < max_steps:
+                self.train_step(batches)
+                bar.update(1)
+                every = self.cfg.evaluation.every_steps
+                validating = self.valid_loader is not None and every and self.step % every == 0
+                saving = self.step % self.cfg.checkpoint.every_steps == 0 or self.step == max_steps
+                if not (validating or saving or self.stop_requested or self.step == max_steps
+                        or self.step % self.cfg.logging.every_steps == 0):
+                    continue  # a steady-state step: nothing read on the host
                 try:
-                    record = self.train_step(batches)
+                    record = self.read_record()
                 except NonFiniteLossError:
                     self.save()
                     raise
-                if record is None:
-                    if self.stop_requested:
-                        break
-                    continue
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", mol_s=f"{record['molecules_per_s']:.0f}")
-                every = self.cfg.evaluation.every_steps
-                if self.valid_loader is not None and every and self.step % every == 0:
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", mol_s=f"{record['molecules_per_s']:.0f}")
+                if validating:
                     record.update(self.validate())
-                validated = "valid/loss" in record  # a validation result is always logged
-                if self.step % self.cfg.logging.every_steps == 0 or self.step == max_steps or validated:
-                    self.logger.log(record)
-                if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == max_steps:
+                self.logger.log(record)  # every read is logged: a record covers the steps since the last one
+                if saving:
                     self.save()
+                self.ledger.restart_clock()
                 if self.stop_requested:
                     break
             if self.stop_requested:
@@ -397,8 +424,8 @@ class Trainer:
             self.logger.close()
 
     def _on_sigterm(self, signum, frame):
-        # Only the all-reduce of a step turns this into stop_requested, the same on every rank in the same step:
-        # a signal arriving between a step's all-reduce and its end must not make this rank alone stop and save.
+        # With several ranks only a step's all-reduce turns this into a stop, which every rank reads at the same
+        # later step (read_record): a signal must not make this rank alone stop and save.
         self._sigterm = True
 
 

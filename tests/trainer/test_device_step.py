@@ -1,0 +1,186 @@
+"""The training step decides on the device and reads nothing on the host between records.
+
+A real Trainer (DeepSpeed engine, world of one, CPU) against the loop as it was written before these decisions
+moved to the device: skip on a non-finite loss, EDM's clipping threshold from a host history, torch's
+clip_grad_norm_, AdamW, an EMA. With planted NaN losses and a gradient spike both take the same decisions and
+end with the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import traceback
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LR, HISTORY, EMA_DECAY, STEPS_PER_BATCH = 1e-3, 3, 0.9, 2
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """One process group for the module: DeepSpeed keeps the first group it sees for the life of the process."""
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from molscale.trainer.train.distributed import init_distributed
+    init_distributed()
+    try:
+        yield
+    finally:
+        from molscale.trainer.train.distributed import end_process_group
+        end_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def trainer(world_of_one, qm9_small, tmp_path):
+    from molscale.datasets.shards.manifest import load_manifest
+    from molscale.trainer.train.config import load_config
+    from molscale.trainer.train.engine import Trainer
+    cfg = load_config(None, [f"data.url={qm9_small}", "data.num_workers=0", "data.batch_size=8",
+                             "data.shuffle_buffer=1", "model.layers=2", "model.hidden=16",
+                             'model.properties=["lumo"]', "model.chunk_cost_pairs=null", f"optimizer.lr={LR}",
+                             f"optimizer.clip_history={HISTORY}", f"optimizer.ema_decay={EMA_DECAY}",
+                             f"optimizer.steps_per_batch={STEPS_PER_BATCH}", "train.max_nonfinite_in_row=3",
+                             "logging.wandb.enabled=false", "logging.progress_bar=false"])
+    os.makedirs(tmp_path / "run")
+    return Trainer(cfg, str(tmp_path / "run"), load_manifest(qm9_small))
+
+
+def planted_batches(trainer, count=12):
+    """Real batches; 2 and 6 have NaN coordinates (a NaN loss), 4 has coordinates x 40 (a gradient spike)."""
+    batches = [dict(b) for b in itertools.islice(trainer._batches(), count)]
+    for i in (2, 6):
+        if i < count:
+            batches[i]["pos"] = torch.full_like(batches[i]["pos"], float("nan"))
+    if count > 4:
+        batches[4]["pos"] = batches[4]["pos"] * 40.0
+    return batches
+
+
+def host_reference(model, batches):
+    """The loop's decisions as the host made them: per step (skipped, clipped, threshold); the final model and EMA."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=1e-12, amsgrad=True, betas=(0.9, 0.999))
+    shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norms = deque([3000.0], maxlen=HISTORY)
+    decisions = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(100 + i)
+        loss = model(dict(batch))["loss"]
+        if not torch.isfinite(loss):
+            decisions.append((True, None, None))
+            continue
+        loss.backward()
+        threshold = float(1.5 * np.mean(norms) + 2.0 * np.std(norms))
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), threshold))
+        for _ in range(STEPS_PER_BATCH):
+            optimizer.step()
+        optimizer.zero_grad()
+        norms.append(min(norm, threshold))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                shadow[n].lerp_(p, 1.0 - EMA_DECAY)
+        decisions.append((False, norm > threshold, threshold))
+    return decisions, shadow
+
+
+def test_device_decisions_match_the_host_loop(trainer):
+    batches = planted_batches(trainer)
+    reference = copy.deepcopy(trainer.model)
+    decisions, ref_shadow = host_reference(reference, batches)
+    assert [d[0] for d in decisions].count(True) == 2 and any(d[1] for d in decisions), "nothing was planted"
+
+    got = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(100 + i)
+        trainer.train_step(iter([dict(batch)]))
+        record = trainer.read_record()
+        skipped = record["skipped_in_record"] == 1
+        threshold = None if skipped else record["clip_threshold"]
+        clipped = None if skipped else record["grad_norm"] > threshold
+        got.append((skipped, clipped, threshold))
+    assert [g[:2] for g in got] == [d[:2] for d in decisions]
+    for (skipped, _, mine), (_, _, theirs) in zip(got, decisions):
+        assert skipped or mine == pytest.approx(theirs, rel=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(trainer.ema.shadow[name], ref_shadow[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert trainer.step == len(batches) and record["nonfinite_skipped"] == 2
+
+
+def test_the_limit_of_skips_in_a_row_freezes_the_weights_and_stops_at_the_next_read(trainer):
+    from molscale.trainer.train.engine import NonFiniteLossError
+    _, good, bad = planted_batches(trainer, 3)
+    trainer.train_step(iter([good]))
+    trainer.read_record()
+    last_good = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for batch in (bad, bad, bad, good, good):  # the limit (3) is reached, then finite losses come back
+        trainer.train_step(iter([dict(batch)]))
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row by step 6"):
+        trainer.read_record()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, last_good[name]), name
+
+
+class SyncCounter(TorchDispatchMode):
+    """Operators that would make the host wait for a GPU (a scalar read, nonzero), and all operator calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.calls = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if func in SYNC_OPS:  # with where it came from, for the failure message
+            self.syncs.append(str(func) + "".join(traceback.format_stack(limit=6)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steady_state_step_reads_nothing_on_the_host(trainer, monkeypatch):
+    from molscale.trainer.train.distributed import accelerator
+    synchronized = []
+    monkeypatch.setattr(type(accelerator()), "synchronize", lambda self, *a: synchronized.append(1))
+    batches = planted_batches(trainer, 6)
+    del batches[2]  # no NaN and no spike here: a steady state
+    del batches[3]
+    for batch in batches[:2]:  # warm-up: lazy optimizer state
+        trainer.train_step(iter([batch]))
+    trainer.read_record()
+    with SyncCounter() as counter:
+        for batch in batches[2:]:
+            trainer.train_step(iter([batch]))
+    assert (counter.syncs, synchronized, trainer.host_reads) == ([], [], 0)
+    record = trainer.read_record()
+    assert trainer.host_reads == 0 and record["host_reads"] == 1 and record["steps_in_record"] == len(batches[2:])
+    json.dumps(record, allow_nan=False)  # a record is plain JSON
+
+
+def test_the_real_step_makes_about_as_many_operator_calls_as_the_model_alone(trainer):
+    """Kernels per real step (DeepSpeed, clipping, the skip and stop logic, EMA) within 1.1x of the model's own
+    forward, backward and fused AdamW on the same batch."""
+    batch = planted_batches(trainer, 2)[1]
+    for _ in range(2):
+        trainer.train_step(iter([batch]))
+    with SyncCounter() as real:
+        trainer.train_step(iter([batch]))
+    model = copy.deepcopy(trainer.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, amsgrad=True, fused=True)
+    for _ in range(2):
+        with SyncCounter() as alone:
+            model(dict(batch))["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert real.calls <= 1.1 * alone.calls, (real.calls, alone.calls)

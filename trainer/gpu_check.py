@@ -1,0 +1,214 @@
+"""The numbers that matter on one GPU, in one short run (`make gpu-check`).
+
+    python -m trainer.gpu_check [--data data/qm9] [--out runs/gpu_check] [--train-seconds 60] [--samples 10000]
+    python -m trainer.gpu_check --device cpu --quick --data DATASET --out DIR    # a rehearsal on the CPU
+
+Each part runs as its own process with a time limit, so one failure does not lose the others; results go to
+OUT/gpu_check.json as each part ends, and a table is printed at the end:
+
+1. bench: `python -m trainer.bench` in bf16 and fp32 (TF32 matrix products), per kernel path (eager, compiled):
+   training and sampling molecules/s, kernels, host syncs, edge-shaped bytes and FLOPs per step;
+2. equality: the compiled EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs difference
+   of the network output and of the parameter gradients, relative to their largest value);
+3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
+   (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16), stopped by SIGTERM (which saves a
+   checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
+   and compilation happen there);
+4. sampling: `evals/generate.py` on the first path's checkpoint, --samples molecules with 20 denoising steps
+   (21 network evaluations), and the time scaled to the paper's 1,000 steps (x 1001 / 21).
+
+With the defaults it takes about 7 minutes on one H100 from a built checkout with data/qm9 built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = ("eager", "compiled")
+# (name, run-config overrides) of the training paths, the first of which is sampled from
+TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
+               ("compiled-bf16", ["model.kernel=\"compiled\"", "train.cuda_graphs=false", "deepspeed.bf16=true"]),
+               ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"])]
+SAMPLE_STEPS = 20
+PAPER_STEPS = 1000
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m trainer.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a rehearsal of every part)")
+    p.add_argument("--data", default="data/qm9", help="a built QM9 dataset (python -m datasets build qm9)")
+    p.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
+    p.add_argument("--config", default="cluster/qm9_1gpu.json", help="the training recipe")
+    p.add_argument("--train-seconds", type=float, default=60.0, help="training time per path before SIGTERM")
+    p.add_argument("--samples", type=int, default=10000, help="molecules to sample")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model and few iterations (the CPU rehearsal; the numbers mean nothing)")
+    return p.parse_args(argv)
+
+
+def env_for(args) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    if args.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float | None = None) -> int:
+    """Run ``cmd`` with output to OUT/<log_name>.log; SIGTERM after ``stop_after`` seconds (a graceful stop),
+    killed at ``timeout``. Returns the exit code (124 when killed)."""
+    with open(os.path.join(args.out, f"{log_name}.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(args), cwd=ROOT)
+        try:
+            return proc.wait(timeout=stop_after if stop_after is not None else timeout)
+        except subprocess.TimeoutExpired:
+            if stop_after is None:
+                proc.kill()
+                proc.wait()
+                return 124
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=max(1.0, timeout - stop_after))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return 124
+
+
+def bench(args) -> dict:
+    size = ["--layers", "2", "--hidden", "16", "--batch", "8", "--iters", "1", "--warmup", "1",
+            "--sample-iters", "1"] if args.quick else ["--iters", "10", "--warmup", "3"]
+    out = {}
+    for dtype in ("bf16", "fp32"):
+        for kernel in KERNELS:
+            name = f"bench-{dtype}-{kernel}"
+            cmd = [sys.executable, "-m", "trainer.bench", "--json", "--device", args.device, "--dtype", dtype,
+                   "--kernel", kernel, "--manifest", args.data, "--engine", *size]
+            code = run(cmd, args, 600, name)
+            out[name] = _last_json_line(os.path.join(args.out, f"{name}.log")) if code == 0 else {"exit_code": code}
+    return out
+
+
+def equality(args) -> dict:
+    """Compiled against eager on this device (fp32, TF32 off): relative max differences of outputs and grads."""
+    import torch
+
+    from molscale.datasets.shards.manifest import load_manifest
+    from molscale.trainer.bench import make_batch
+    from molscale.trainer.model.networks import ModelConfig, build_model
+    from molscale.trainer.model.sampling import sample_num_atoms
+    torch.backends.cuda.matmul.allow_tf32 = False
+    manifest = load_manifest(args.data)
+    generator = torch.Generator().manual_seed(0)
+    num_atoms = sample_num_atoms(manifest.atom_count_histogram("train"), 16 if args.quick else 64, generator)
+    batch = make_batch(num_atoms, 1, len(manifest.atom_vocab), torch.device(args.device), generator)
+    hidden, layers = (16, 2) if args.quick else (256, 9)
+    results = {}
+    models = {}
+    for kernel in KERNELS:
+        torch.manual_seed(0)
+        cfg = ModelConfig(hidden=hidden, layers=layers, properties=["lumo"], atom_vocab=list(manifest.atom_vocab),
+                          kernel=kernel, chunk_cost_pairs=None)
+        models[kernel] = build_model(cfg).to(args.device)
+    outputs = {}
+    for kernel, model in models.items():
+        loss = model(dict(batch), generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        outputs[kernel] = (loss.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None])
+    (loss_e, grads_e), (loss_c, grads_c) = outputs["eager"], outputs["compiled"]
+    results["loss_rel_diff"] = float((loss_c - loss_e).abs() / loss_e.abs().clamp_min(1e-12))
+    results["grad_rel_diff"] = max(float((c - e).abs().max() / e.abs().max().clamp_min(1e-12))
+                                   for c, e in zip(grads_c, grads_e))
+    return results
+
+
+def train(args) -> dict:
+    out = {}
+    quick = ["model.layers=2", "model.hidden=16", "data.batch_size=8", "data.num_workers=0"] if args.quick else []
+    for name, overrides in TRAIN_PATHS:
+        run_dir = os.path.join(args.out, f"train-{name}")
+        sets = [f"data.url={args.data}", "logging.every_steps=" + ("2" if args.quick else "20"),
+                "logging.progress_bar=false", "logging.wandb.enabled=false", "checkpoint.every_steps=1000000",
+                "evaluation.every_steps=0", *overrides, *quick]
+        if args.device == "cpu":
+            sets = [s for s in sets if not s.startswith(("train.cuda_graphs", "deepspeed.bf16"))]
+        cmd = [sys.executable, "trainer/main.py", "--config", args.config, "--run-dir", run_dir]
+        for s in sets:
+            cmd += ["--set", s]
+        began = time.perf_counter()
+        code = run(cmd, args, args.train_seconds + 120, f"train-{name}", stop_after=args.train_seconds)
+        rows = _rows(os.path.join(run_dir, "metrics.jsonl"))
+        speeds = [r["molecules_per_s"] for r in rows[2:]] or [r["molecules_per_s"] for r in rows]
+        out[name] = {"exit_code": code, "wall_s": round(time.perf_counter() - began, 1),
+                     "steps": rows[-1]["step"] if rows else 0,
+                     "median_molecules_per_s": round(statistics.median(speeds), 1) if speeds else None,
+                     "loss_first_last": [rows[0].get("loss"), rows[-1].get("loss")] if rows else None}
+    return out
+
+
+def sampling(args) -> dict:
+    run_dir = os.path.join(args.out, f"train-{TRAIN_PATHS[0][0]}")
+    eval_dir = os.path.join(args.out, "eval")
+    cmd = [sys.executable, "evals/generate.py", "--checkpoint", run_dir, "--n-samples", str(args.samples),
+           "--steps", str(SAMPLE_STEPS), "--no-wandb", "--out", eval_dir]
+    code = run(cmd, args, 900, "sampling")
+    if code != 0:
+        return {"exit_code": code}
+    source = json.load(open(os.path.join(eval_dir, "metrics.json")))["source"]
+    seconds = source["sampling_seconds"]
+    return {"molecules": args.samples, "evaluations": SAMPLE_STEPS + 1, "sampling_seconds": seconds,
+            "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
+            "workers": source.get("workers")}
+
+
+def _rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _last_json_line(path: str) -> dict:
+    for line in reversed(open(path).read().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": f"no JSON report in {path}"}
+
+
+PARTS = {"bench": bench, "equality": equality, "train": train, "sampling": sampling}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.exists(os.path.join(args.data, "manifest.json")):
+        print(f"error: no dataset at {args.data}: build it with `python -m datasets build qm9 --out {args.data}`",
+              file=sys.stderr)
+        return 2
+    results_path = os.path.join(args.out, "gpu_check.json")
+    results: dict = {"device": args.device, "quick": args.quick}
+    failed = False
+    for name, part in PARTS.items():
+        began = time.perf_counter()
+        print(f"gpu-check: {name} ...", flush=True)
+        try:
+            results[name] = part(args)
+        except Exception as err:  # a report of every part: one failing part must not lose the others
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+            failed = True
+        results[name + "_seconds"] = round(time.perf_counter() - began, 1)
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+    print(f"gpu-check: results in {results_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
