@@ -7,7 +7,8 @@ Each part runs as its own process with a time limit, so one failure does not los
 OUT/gpu_check.json as each part ends, and a table is printed at the end:
 
 1. bench: `python -m trainer.bench` in bf16 and fp32 (TF32 matrix products), per kernel path (eager, compiled):
-   training and sampling molecules/s, kernels, host syncs, edge-shaped bytes and FLOPs per step;
+   training and sampling molecules/s, kernels, host syncs, edge-shaped bytes and FLOPs per step, and (eager) the
+   real trainer's step beside the model's;
 2. equality: the compiled EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs difference
    of the network output and of the parameter gradients, relative to their largest value);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
@@ -17,7 +18,9 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
 4. sampling: `evals/generate.py` on the first path's checkpoint, --samples molecules with 20 denoising steps
    (21 network evaluations), and the time scaled to the paper's 1,000 steps (x 1001 / 21).
 
-With the defaults it takes about 7 minutes on one H100 from a built checkout with data/qm9 built.
+Planned to take under 8 minutes on one H100 from a built checkout with data/qm9 built (budget: bench 3 min,
+equality 1 min, training 3 x 45 s plus start-up, sampling 1 min); not yet run on a GPU: the first GPU session
+should record the real times in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/qm9", help="a built QM9 dataset (python -m datasets build qm9)")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
     p.add_argument("--config", default="cluster/qm9_1gpu.json", help="the training recipe")
-    p.add_argument("--train-seconds", type=float, default=60.0, help="training time per path before SIGTERM")
+    p.add_argument("--train-seconds", type=float, default=45.0, help="training time per path before SIGTERM")
     p.add_argument("--samples", type=int, default=10000, help="molecules to sample")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, in this order: {','.join(PARTS)} (sampling reads the first "
+                        f"training path's checkpoint)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and few iterations (the CPU rehearsal; the numbers mean nothing)")
     return p.parse_args(argv)
@@ -90,7 +96,9 @@ def bench(args) -> dict:
         for kernel in KERNELS:
             name = f"bench-{dtype}-{kernel}"
             cmd = [sys.executable, "-m", "trainer.bench", "--json", "--device", args.device, "--dtype", dtype,
-                   "--kernel", kernel, "--manifest", args.data, "--engine", *size]
+                   "--kernel", kernel, "--manifest", args.data, *size]
+            if kernel == "eager":
+                cmd.append("--engine")  # the real trainer's step beside the model's (once per dtype: time is short)
             code = run(cmd, args, 600, name)
             out[name] = _last_json_line(os.path.join(args.out, f"{name}.log")) if code == 0 else {"exit_code": code}
     return out
@@ -186,6 +194,10 @@ PARTS = {"bench": bench, "equality": equality, "train": train, "sampling": sampl
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    unknown = sorted(set(args.parts.split(",")) - set(PARTS))
+    if unknown:
+        print(f"error: --parts: unknown {unknown}; choose from {','.join(PARTS)}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "manifest.json")):
         print(f"error: no dataset at {args.data}: build it with `python -m datasets build qm9 --out {args.data}`",
@@ -195,6 +207,8 @@ def main(argv=None) -> int:
     results: dict = {"device": args.device, "quick": args.quick}
     failed = False
     for name, part in PARTS.items():
+        if name not in args.parts.split(","):
+            continue
         began = time.perf_counter()
         print(f"gpu-check: {name} ...", flush=True)
         try:
