@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 
+from molscale.datasets.redaction import redact_text
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -58,5 +60,6 @@ def one_line(err: BaseException) -> str:
 
 def report(err: MolscaleError, prefix: str = "error") -> int:
     """Print ``err`` as one line on stderr; its exit code."""
-    print(f"{prefix}: {one_line(err)}", file=sys.stderr)
+    # messages name files and URLs; a URL's credentials never reach the terminal or a job's log
+    print(f"{prefix}: {redact_text(one_line(err))}", file=sys.stderr)
     return err.exit_code

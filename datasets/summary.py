@@ -11,7 +11,7 @@ def _bar(count: int, peak: int, width: int = 40) -> str:
 
 def summary(manifest: Manifest, check_shards: bool = True, storage_options: dict | None = None) -> str:
     d = manifest.data
-    lines = [f"dataset   {manifest.url}",
+    lines = [f"dataset   {manifest.shown_url}",
              f"source    {d['source'].get('name')} {d['source'].get('version', '')}".rstrip(),
              f"built     {d.get('created', '?')} by: {d.get('command', '?')}",
              f"atoms     vocabulary (Z) {manifest.atom_vocab}, up to {manifest.max_atoms} atoms per molecule",

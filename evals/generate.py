@@ -98,6 +98,10 @@ def parse_args(argv=None):
                         "metrics.json 'conditional' holds the MAE between targets and its predictions, with the "
                         "reference rows 'real molecules' and 'shuffled targets' on the --reference-split")
     p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint whose states file pickles more than tensors and plain data (refused "
+                        "by default: unpickling it runs code from the file). Only for files you trust, as GEOM's "
+                        "--trust-pickle")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "
                         "helps small chunks, where the GPU waits on the host)")
@@ -125,6 +129,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trust_pickle:  # through the environment, so that the Ray workers that load the checkpoint trust it too
+        os.environ["MOLSCALE_TRUST_PICKLE"] = "1"
     from molscale.datasets.errors import MolscaleError, report
     from molscale.evals.pipeline import run
     try:

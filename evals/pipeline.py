@@ -16,6 +16,7 @@ import numpy as np
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import ManifestError, load_manifest
+from molscale.datasets.shards.storage import redact_text, redact_url, redact_urls
 from molscale.evals.outputs.wandb_log import log_eval as _log_wandb
 from molscale.evals.ray_sampling import ray_get
 
@@ -67,12 +68,12 @@ def property_names(manifest, names=None) -> list[str]:
     known = [n for n in manifest.data.get("properties", {}) if n in stats]
     if names is None:
         if not known:
-            raise InputError(f"--property: {manifest.url} has no properties with train-split statistics "
+            raise InputError(f"--property: {manifest.shown_url} has no properties with train-split statistics "
                              f"(manifest 'properties' and 'property_stats'); nothing to evaluate")
         return known
     missing = [n for n in names if n not in known]
     if missing:
-        raise InputError(f"--property: the model predicts {missing}, which {manifest.url} does not hold with "
+        raise InputError(f"--property: the model predicts {missing}, which {manifest.shown_url} does not hold with "
                          f"train-split statistics (it has {known}); pass --reference with those properties")
     return list(names)
 
@@ -89,7 +90,7 @@ def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str |
     predictions, truth = split_predictions(ray, manifest, split, names, checkpoint)
     count = len(truth)
     if not count:
-        raise InputError(f"--property: split {split!r} of {manifest.url} holds no molecules")
+        raise InputError(f"--property: split {split!r} of {manifest.shown_url} holds no molecules")
     baseline = np.abs(truth - means).mean(0)
     model = np.abs(predictions - truth).mean(0) if checkpoint is not None else None
     units = manifest.data.get("properties", {})
@@ -182,6 +183,11 @@ def _json_safe(value):
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def flat_metrics(metrics: dict) -> dict:
+    """The top-level scalar metrics (report.html's table, the W&B summary)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 
 def publish(local_dir: str, out_url: str) -> None:
@@ -278,7 +284,7 @@ def run(args) -> int:
         local_out = out_path if storage.is_local(fs) else tempfile.mkdtemp(prefix="molscale-eval-")
         os.makedirs(local_out, exist_ok=True)
     except (ValueError, ImportError, OSError) as err:  # an unknown protocol, s3fs missing, a folder not writable
-        raise InputError(f"--out {args.out} cannot be written: {err}") from None
+        raise InputError(f"--out {redact_url(args.out)} cannot be written: {redact_text(str(err))}") from None
 
     ray = connect_ray(args.num_cpus)
     started = time.perf_counter()
@@ -362,9 +368,10 @@ def run(args) -> int:
     metrics["source"] = source
     metrics["reference"] = {"dataset": reference_url if reference is not None else None,
                             "distribution_split": args.reference_split, "novelty_split": "train"}
+    # what is written and logged from here on names datasets, checkpoints and --out without their credentials
+    metrics, source, flat = redact_urls(metrics), redact_urls(source), redact_urls(flat_metrics(metrics))
 
     n_written = write_sdf(molecules, os.path.join(local_out, "samples.sdf"), all_single=all_single)
-    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     with open(os.path.join(local_out, "metrics.json"), "w") as f:
         json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
     write_report(flat, local_out, histograms=stats.get("histograms"), reference=ref_hist,
@@ -377,10 +384,12 @@ def run(args) -> int:
                  steps_curve=steps_curve)
     if not args.no_wandb:
         try:
-            config = {**{k: v for k, v in source.items() if k != "rejected_records"}, "out": args.out}
-            _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project, config,
-                       training=loaded.wandb if args.checkpoint else None,
-                       training_step=source.get("step"))
+            config = {**{k: v for k, v in source.items() if k != "rejected_records"}, "out": redact_url(args.out)}
+            from molscale.trainer.train.wandb_run import redacted_argv
+            with redacted_argv():  # W&B records the command line: --reference / --dataset URLs may hold credentials
+                _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project, config,
+                           training=loaded.wandb if args.checkpoint else None,
+                           training_step=source.get("step"))
         except Exception as err:  # the metrics are on disk already; W&B trouble must not lose them
             log.error("W&B logging failed: %s", err)
     if local_out != out_path:
@@ -399,5 +408,5 @@ def run(args) -> int:
                       f"shuffled targets {row['shuffled_targets_mae']:.4g}, from the atom count alone "
                       f"{row.get('atom_count_mae', float('nan')):.4g})" if "real_molecules_mae" in row else "")
             print(f"{'cond. MAE ' + name:>16}: {row['mae']:.4g} {row['unit']}{bounds}")
-    print(f"\n{n_written} molecules, metrics, plots and report.html in {args.out}")
+    print(f"\n{n_written} molecules, metrics, plots and report.html in {redact_url(args.out)}")
     return 0

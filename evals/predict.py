@@ -48,12 +48,18 @@ def parse_args(argv=None):
                    help="records per Ray task; inputs up to this size run in this process (default 256)")
     p.add_argument("--local", action="store_true", help="never use Ray: every record in this process")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint whose states file pickles more than tensors and plain data (refused "
+                        "by default: unpickling it runs code from the file). Only for files you trust, as GEOM's "
+                        "--trust-pickle")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trust_pickle:  # through the environment, so that the Ray tasks that load the checkpoint trust it too
+        os.environ["MOLSCALE_TRUST_PICKLE"] = "1"
     from molscale.datasets.errors import MolscaleError, report
     from molscale.evals.prediction import run
     try:

@@ -21,7 +21,9 @@ def connect_ray(num_cpus: int | None):
         return ray
     if os.environ.get("RAY_ADDRESS"):
         try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+            # --trust-pickle reaches the workers of a cluster through the job's environment (a local Ray's inherit it)
+            trust = {"env_vars": {"MOLSCALE_TRUST_PICKLE": "1"}} if os.environ.get("MOLSCALE_TRUST_PICKLE") else None
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=trust)
         except ConnectionError as err:  # no cluster there: bad configuration, not a failure of the run
             from molscale.datasets.errors import InputError
             address, why = os.environ["RAY_ADDRESS"], str(err).rstrip(".")

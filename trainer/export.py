@@ -9,6 +9,7 @@ written next to it as model.safetensors.json. evals/generate.py and evals/predic
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -19,7 +20,13 @@ def main(argv=None) -> int:
     p.add_argument("run", help="run directory (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint whose states file pickles more than tensors and plain data (refused "
+                        "by default: unpickling it runs code from the file). Only for files you trust, as GEOM's "
+                        "--trust-pickle")
     args = p.parse_args(argv)
+    if args.trust_pickle:
+        os.environ["MOLSCALE_TRUST_PICKLE"] = "1"
     from molscale.datasets.errors import InputError, MolscaleError, report
     from molscale.trainer.train.exported import export_checkpoint
     try:

@@ -66,7 +66,7 @@ def start_build(out_url: str, params: dict, storage_options: dict | None):
     (None, fs, path) of a destination checked to be writable."""
     done = existing_build(out_url, params, storage_options)
     if done is not None:
-        print(f"{out_url} is already complete (same parameters); nothing to do.")
+        print(f"{storage.redact_url(out_url)} is already complete (same parameters); nothing to do.")
         return done, None, None
     fs, out_path = storage.get_fs(out_url, storage_options)
     storage.check_writable(fs, out_path, out_url)

@@ -294,7 +294,7 @@ def chunked_build(out_url: str, params: dict, storage_options: dict | None, chun
     _remove_stale_temporaries(fs, out_path)
     parts = _completed_parts(fs, out_path)
     if parts:
-        print(f"resuming the partial build in {out_url}: {len(parts)} chunk(s) already complete")
+        print(f"resuming the partial build in {storage.redact_url(out_url)}: {len(parts)} chunk(s) already complete")
     target = Target(out_url, storage_options, tuple(split_names), groups)
     for part in run_chunks(chunks(), chunk_fn, target, params, workers, backend, set(parts), progress, desc,
                            unit_total):

@@ -30,8 +30,13 @@ class ManifestError(InputError, ValueError):
 
 @dataclass
 class Manifest:
-    url: str
+    url: str      # the real URL, credentials included (s3://KEY:SECRET@bucket/x): to reach storage, never to print
     data: dict
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as messages, logs and written files show it: credentials redacted (storage.redact_url)."""
+        return storage.redact_url(self.url)
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -44,7 +49,7 @@ class Manifest:
 
     def split(self, name: str) -> dict:
         if name not in self.data["splits"]:
-            raise ManifestError(f"{self.url}: no split {name!r}; the dataset has {', '.join(self.splits)}")
+            raise ManifestError(f"{self.shown_url}: no split {name!r}; the dataset has {', '.join(self.splits)}")
         return self.data["splits"][name]
 
     def shards(self, split: str) -> list[dict]:
@@ -80,12 +85,12 @@ class Manifest:
         done = self.split(split).get("half")
         if done:  # a view already: the same half again is itself, the other half of a half is a mistake
             if done["which"] != which:
-                raise ManifestError(f"{self.url}: split {split!r} is already its {done['which']} half")
+                raise ManifestError(f"{self.shown_url}: split {split!r} is already its {done['which']} half")
             return self
         shards = self.shards(split)
         if len(shards) < 2:
-            raise ManifestError(f"{self.url}: split {split!r} has {len(shards)} shard(s); halves are cut at shard "
-                                f"boundaries, so rebuild it with a smaller --shard-size")
+            raise ManifestError(f"{self.shown_url}: split {split!r} has {len(shards)} shard(s); halves are cut "
+                                f"at shard boundaries, so rebuild it with a smaller --shard-size")
         ends = np.cumsum([s["count"] for s in shards])
         cut = int(np.clip(np.argmin(np.abs(ends - ends[-1] / 2)) + 1, 1, len(shards) - 1))
         kept = shards[:cut] if which == "first" else shards[cut:]
@@ -120,11 +125,11 @@ def validate(data: dict, where: str) -> None:
 def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     fs, path = storage.get_fs(url, storage_options)
     manifest_path = storage.join(path, MANIFEST_NAME)
-    where = storage.join(url, MANIFEST_NAME)
+    where = storage.redact_url(storage.join(url, MANIFEST_NAME))
     try:
         raw = storage.read_bytes(fs, manifest_path)
     except (FileNotFoundError, NotADirectoryError):
-        raise ManifestError(f"{where} not found: {url} is not a complete dataset (a build that was "
+        raise ManifestError(f"{where} not found: {storage.redact_url(url)} is not a complete dataset (a build that was "
                             f"interrupted writes no manifest). Build it with `python -m datasets build ...`; "
                             f"rerunning an "
                             f"interrupted geom, pcqm4mv2 or smiles build resumes it.") \
@@ -138,8 +143,11 @@ def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
 
 
 def save_manifest(fs, path: str, data: dict) -> None:
-    validate(data, path)
-    storage.write_bytes(fs, storage.join(path, MANIFEST_NAME), json.dumps(data, indent=1).encode())
+    """Write ``data`` as the manifest; URLs in it (``command`` holds the build's --out) lose their credentials.
+    ``build`` is kept as given: a rerun compares it with its own parameters (sources are local files)."""
+    validate(data, storage.redact_url(path))
+    written = {k: (v if k == "build" else storage.redact_urls(v)) for k, v in data.items()}
+    storage.write_bytes(fs, storage.join(path, MANIFEST_NAME), json.dumps(written, indent=1).encode())
 
 
 def verify_shards(manifest: Manifest, storage_options: dict | None = None) -> list[str]:

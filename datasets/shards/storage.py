@@ -2,9 +2,12 @@
 retries transient errors and writes objects so that a reader never sees half of one.
 
 S3 endpoint and credentials come from the standard places (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_PROFILE, ~/.aws) or from an explicit ``storage`` dict (a run config's ``storage`` section):
-``{"endpoint_url": ..., "key": ..., "secret": ..., "profile": ..., "region": ...}``.
-Credentials are never logged.
+AWS_PROFILE, ~/.aws), from an explicit ``storage`` dict (a run config's ``storage`` section):
+``{"endpoint_url": ..., "key": ..., "secret": ..., "profile": ..., "region": ...}``, or from the URL itself
+(``s3://KEY:SECRET@bucket/prefix``; an ``https://user:token@host/...`` URL is read with basic auth).
+Credentials are never logged or written: ``redact`` (options) here and ``redact_url`` / ``redact_text`` /
+``redact_urls`` (URLs, alone or in text and nested values, datasets/redaction.py) are the one definition of what
+is hidden, and importing this module makes every log record of the process go through ``redact_text``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from molscale.datasets.errors import InputError, RunError
+from molscale.datasets.redaction import REDACTED, install_log_redaction, redact_text, redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,12 @@ def storage_options(url: str, storage: dict | None = None) -> dict:
 
 
 def get_fs(url: str, storage: dict | None = None):
-    """(filesystem, path) for a local path or any fsspec URL."""
-    fs, path = url_to_fs(url, **storage_options(url, storage))
+    """(filesystem, path) for a local path or any fsspec URL.
+
+    ``s3://KEY:SECRET@bucket/x`` takes its credentials from the URL (url_credentials), ahead of ``storage``'s;
+    the path never holds them. Write such a URL only as redact_url gives it."""
+    url, from_url = url_credentials(url)
+    fs, path = url_to_fs(url, **storage_options(url, {**(storage or {}), **from_url}))
     return fs, path
 
 
@@ -94,9 +102,10 @@ def retry(fn, what: str, attempts: int = 6, base_delay_s: float = 0.5, max_delay
             raise
         except Exception as err:  # s3fs/aiohttp/botocore raise many types for the same network fault
             if type(err).__name__ in _FINAL_ERROR_NAMES:
-                raise StorageAccessError(f"{what}: {err}") from err
+                raise StorageAccessError(redact_text(f"{what}: {err}")) from err
             if attempt == attempts:
-                raise StorageError(f"{what}: still failing after {attempts} attempts: {err!r}") from err
+                raise StorageError(redact_text(f"{what}: still failing after {attempts} attempts: {err!r}")) \
+                    from err
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("%s: %r; retrying in %.1f s (attempt %d of %d)", what, err, delay, attempt, attempts)
             time.sleep(delay)
@@ -149,18 +158,18 @@ def check_writable(fs, path: str, url: str) -> None:
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except Exception as err:
-        raise InputError(f"cannot write to {url}: {err}. Check the path, bucket name and credentials "
-                         f"(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).") from None
+        raise InputError(f"cannot write to {redact_url(url)}: {redact_text(str(err))}. Check the path, bucket "
+                         f"name and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                         f"AWS_PROFILE).") from None
 
 
 # Option names that hold credentials (s3fs/botocore spell them key, secret, token, aws_secret_access_key,
 # aws_session_token, ...): matched by substring so nested client_kwargs / config_kwargs are covered too.
 _SECRET_PARTS = ("key", "secret", "token", "password", "passwd", "credential")
-REDACTED = "***"
-
 
 def redact(options):
-    """A copy of storage options with every credential-like value replaced by ``***``, at any depth.
+    """A copy of storage options with every credential-like value replaced by ``***``, at any depth, and the
+    credentials in URLs among them (an endpoint_url with user:password@) redacted by redact_url.
 
     For anything that writes or logs a configuration (RUN_DIR/config.json, the W&B run config, log lines).
     """
@@ -169,8 +178,38 @@ def redact(options):
                     and v not in (None, "") else redact(v)) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return type(options)(redact(v) for v in options)
-    return options
+    return redact_urls(options)
+
+
+def url_credentials(url: str) -> tuple[str, dict]:
+    """(url without its userinfo, S3 options from it): ``s3://KEY:SECRET@bucket/x`` -> ``s3://bucket/x`` and
+    ``{"key": KEY, "secret": SECRET}`` (percent-decoded: write a ``/`` in a secret as ``%2F``). The redacted
+    form ``s3://***@bucket/x`` (what a run writes) gives no options: the credentials then come from the
+    ``storage`` dict or the environment as usual. Other protocols keep their userinfo (aiohttp sends an
+    https://user:token@host URL's as basic auth) except the redacted ``***@``, which is dropped."""
+    if not isinstance(url, str) or "://" not in url:
+        return url, {}
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url, {}
+    userinfo, host = authority.rsplit("@", 1)
+    if userinfo == REDACTED:
+        return scheme + sep + host + rest[end:], {}
+    if scheme.lower() not in ("s3", "s3a"):
+        return url, {}
+    from urllib.parse import unquote
+    key, _, secret = userinfo.partition(":")
+    options = {"key": unquote(key)}
+    if secret:
+        options["secret"] = unquote(secret)
+    return scheme + sep + host + rest[end:], options
+
+
+install_log_redaction()
 
 
 __all__ = ["StorageError", "StorageAccessError", "get_fs", "storage_options", "join", "retry", "write_bytes",
-           "put_file", "read_bytes", "check_writable", "is_local", "fsspec"]
+           "put_file", "read_bytes", "check_writable", "is_local", "fsspec", "redact", "redact_url", "redact_text",
+           "redact_urls", "url_credentials", "REDACTED"]

@@ -12,13 +12,21 @@ Formats, by file extension (``.gz`` allowed after it):
 - ``.smi`` / ``.txt`` / ``.csv``: as ``python -m datasets build smiles`` reads them (one SMILES per line with an
   optional name after it, or a CSV with a ``smiles`` column and optionally a ``name`` or ``id`` column). Each
   SMILES gets K ETKDGv3 conformers, MMFF-optimised, as that builder embeds them.
+
+Damaged files cost the damaged records only: the file is read as bytes and each record decoded on its own (a
+record whose bytes are not UTF-8 is rejected with the line and byte); an XYZ frame whose atom count disagrees
+with its lines is rejected and reading resumes at the next intact frame (a claimed count allocates nothing);
+a damaged .gz keeps what decompresses and rejects the record it cuts; non-finite coordinates and coordinates
+beyond ``MAX_COORDINATE`` are rejected. Only a file none of whose records is text is an error as a whole.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from rdkit import Chem, RDLogger
@@ -65,56 +73,175 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def _text(path: str) -> str:
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
-            return f.read().decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise InputError(f"--input {path} cannot be read as text: {err}") from None
+class Unreadable(NamedTuple):
+    """A raw record that cannot even be handed to a parser (bytes that are not UTF-8 text, a broken layout,
+    the damaged end of a compressed file): ``parse_record`` turns it into a rejected record with this reason."""
+    name: str
+    kind: str
+    detail: str
 
 
-def split_records(path: str, fmt: str | None = None) -> list[tuple[str, object]]:
+NOT_UTF8 = "not UTF-8 text"
+MAX_COORDINATE = 1e5  # Angstrom: a coordinate beyond this is damage (and overflows the model's distances)
+_MAX_COUNT_DIGITS = 12  # an XYZ atom-count line longer than this is not taken as one
+
+
+def not_utf8_detail(data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:
+    """Where the first byte that is not UTF-8 sits in ``data`` (a record starting at line ``first_line``)."""
+    line = first_line + data.count(b"\n", 0, err.start)
+    return f"line {line}: byte 0x{data[err.start]:02x} is not UTF-8 ({err.reason})"
+
+
+def _replace(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def read_bytes(path: str) -> tuple[bytes, str | None]:
+    """The bytes of ``path`` (gunzipped when it is gzip) and, for a damaged compressed file, what went wrong:
+    the bytes that could be decompressed come back, and the caller rejects the record the damage cut."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x1f\x8b":
+        return raw, None
+    out: list[bytes] = []
+    rest = raw
+    while rest:
+        if rest[:2] != b"\x1f\x8b":
+            if rest.strip(b"\0"):
+                return b"".join(out), f"{len(rest)} bytes after the compressed data are not gzip; they are lost"
+            break
+        member = zlib.decompressobj(wbits=31)
+        for start in range(0, len(rest), 1 << 16):  # by pieces: damage loses the piece it is in, not all
+            try:
+                out.append(member.decompress(rest[start:start + (1 << 16)]))
+            except zlib.error as err:
+                return b"".join(out), f"the compressed data is damaged after {sum(map(len, out))} bytes ({err})"
+            if member.eof:
+                break
+        if not member.eof:
+            return b"".join(out), f"the compressed file ends early, after {sum(map(len, out))} bytes (truncated)"
+        rest = member.unused_data
+    return b"".join(out), None
+
+
+def split_records(path: str, fmt: str | None = None, what: str = "--input") -> list[tuple[str, object]]:
     """The raw records of a molecule file, in file order: [(format, payload)] for ``parse_record``.
 
     Payloads: an SDF record's text; an XYZ frame's (first line number, lines) or, where the frame layout
-    breaks, (line number, error message); a SMILES's (smiles, name, fields)."""
+    breaks, (line number, error message); a SMILES's (smiles, name, fields); or, for any format, an
+    ``Unreadable`` (a record whose bytes are not UTF-8, the record a damaged .gz file cuts). A damaged record
+    costs that record: the others are read. A file none of whose records is UTF-8 text is an InputError."""
     fmt = fmt or file_format(path)
     if fmt == "smiles":
         from molscale.datasets.sources.smiles import read_smiles_records
-        try:
-            return [("smiles", item) for item in read_smiles_records(path)]
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise InputError(f"--input {path} cannot be read as text: {err}") from None
-    text = _text(path)
-    if fmt == "sdf":
-        blocks = text.replace("\r\n", "\n").split("$$$$\n")
-        if blocks and blocks[-1].strip().rstrip("$").strip() == "":  # what follows the last $$$$
-            blocks = blocks[:-1]
-        return [("sdf", block) for block in blocks if block.strip()]
-    return [("xyz", frame) for frame in _xyz_frames(text.splitlines())]
+        records = [("smiles", item) for item in read_smiles_records(path)]
+    else:
+        data, damage = read_bytes(path)
+        records = [(fmt, item) for item in (_sdf_blocks(data) if fmt == "sdf" else _xyz_frames(data))]
+        if damage:
+            name = getattr(records[-1][1], "name", "") if records else ""
+            records[-1:] = [(fmt, Unreadable(name, "truncated file", damage))]
+    if records and all(isinstance(p, Unreadable) and p.kind == NOT_UTF8 for _, p in records):
+        raise InputError(f"{what} {path} cannot be read as text: no record is UTF-8 ({records[0][1].detail})")
+    return records
 
 
-def _xyz_frames(lines: list[str]):
-    i = 0
-    while i < len(lines):
-        if not lines[i].strip():  # blank lines between frames
-            i += 1
+def _sdf_blocks(data: bytes):
+    """SDF records (text), or Unreadable for a record whose bytes are not UTF-8 or that holds two mol blocks."""
+    data = data.replace(b"\r\n", b"\n")
+    blocks = _SDF_END.split(data)
+    if blocks and blocks[-1].strip().rstrip(b"$").strip() == b"":  # what follows the last $$$$
+        blocks = blocks[:-1]
+    line = 1
+    for block in blocks:
+        first, lines = line, block.count(b"\n") + 1
+        line += lines
+        if not block.strip():
             continue
-        head = lines[i].split()
-        if len(head) != 1 or not head[0].isdigit():
-            yield (i + 1, f"line {i + 1}: {lines[i].strip()[:40]!r} is not an atom count; the rest of the file "
-                          f"(from line {i + 1}) cannot be split into frames")
-            return
-        count = int(head[0])
-        frame = lines[i:i + 2 + count]
-        if len(frame) < 2 + count:
-            yield (i + 1, f"line {i + 1}: the frame announces {count} atoms and the file ends after "
-                          f"{max(0, len(frame) - 2)}")
-            return
-        yield (i + 1, frame)
-        i += 2 + count
+        title = _replace(block.split(b"\n", 1)[0]).strip()
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield Unreadable(title, NOT_UTF8, not_utf8_detail(block, err, first))
+            continue
+        ends = len(_MOL_END.findall(text))
+        if ends > 1:
+            yield Unreadable(title, "unreadable SDF record",
+                             f"line {first}: {ends} mol blocks in one record (a damaged $$$$ line between records?)")
+            continue
+        yield text
+
+
+# $$$$ ends a record at the end of a line: also after a record cut mid-line, which then costs itself only
+_SDF_END = re.compile(rb"\$\$\$\$[ \t\r]*(?:\n|\Z)")
+_MOL_END = re.compile(r"^M  END\s*$", re.M)
+
+
+def _xyz_frames(data: bytes):
+    """XYZ frames: (first line number, lines) of each, (line number, message) where the layout breaks, or
+    Unreadable for a frame whose bytes are not UTF-8.
+
+    A frame is an atom-count line, a comment line and that many atom lines, followed by the next count line
+    or the end (blank lines between frames allowed). Where the layout breaks (a count that disagrees with the
+    lines, a line that is no count), the lines up to the next intact frame become one rejected record and
+    reading goes on from there: a damaged frame costs that frame. Nothing is allocated for a claimed count."""
+    lines = data.splitlines()
+    L = len(lines)
+    count = [-1] * L
+    blank = [False] * L
+    for p, line in enumerate(lines):
+        s = line.strip()
+        blank[p] = not s
+        if s.isdigit() and len(s) <= _MAX_COUNT_DIGITS:  # bytes.isdigit: ASCII digits only
+            count[p] = int(s)
+    next_count, next_nonblank = [L] * (L + 3), [L] * (L + 3)
+    for p in range(L - 1, -1, -1):
+        next_count[p] = p if count[p] >= 0 else next_count[p + 1]
+        next_nonblank[p] = p if not blank[p] else next_nonblank[p + 1]
+
+    def atom_like(p: int) -> bool:
+        parts = lines[p].split()
+        return len(parts) >= 4 and parts[0][:1].isalpha()
+
+    def intact(k: int) -> bool:
+        """A frame starts at line k, its atom lines hold no count line and what follows is not an atom line."""
+        n = count[k]
+        end = k + 2 + n
+        if n < 0 or end > L or next_count[k + 2] < end:
+            return False
+        after = next_nonblank[end]
+        return after == L or count[after] >= 0 or not atom_like(after)
+
+    i = next_nonblank[0]
+    while i < L:
+        if intact(i):
+            end = i + 2 + count[i]
+            frame = lines[i:end]
+            joined = b"\n".join(frame)
+            try:
+                yield (i + 1, joined.decode("utf-8").split("\n"))
+            except UnicodeDecodeError as err:
+                yield Unreadable(_replace(frame[1]).strip(), NOT_UTF8, not_utf8_detail(joined, err, i + 1))
+            i = next_nonblank[end]
+            continue
+        k = next_count[i + 1]  # the next intact frame: the damage ends there
+        while k < L and not intact(k):
+            k = next_count[k + 1]
+        shown = _replace(lines[i].strip()[:40])
+        if count[i] < 0:
+            what = f"line {i + 1}: {shown!r} is not an atom count"
+        elif k == L and i + 2 + count[i] > L:
+            what = f"line {i + 1}: the frame announces {count[i]} atoms and the file ends after {max(0, L - i - 2)}"
+        else:
+            held = max(0, (k if k < L else L) - i - 2)
+            what = (f"line {i + 1}: the frame announces {count[i]} atoms but {held} line(s) follow before "
+                    + (f"the next frame (line {k + 1})" if k < L else "the end of the file"))
+        if k < L:
+            what += f"; line {k} skipped" if k == i + 1 else f"; lines {i + 1}-{k} skipped"
+        elif count[i] < 0:
+            what += f"; the rest of the file (from line {i + 1}) cannot be split into frames"
+        yield (i + 1, what)
+        i = k
 
 
 def sd_tags(block: str) -> dict[str, str]:
@@ -244,6 +371,10 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     if not _check_elements(record, z, vocab):
         return None
+    from molscale.datasets.sources.smiles import MAX_EMBED_ATOMS
+    if len(z) > MAX_EMBED_ATOMS:
+        record.reject("too many atoms to embed", f"{len(z)} with hydrogens (at most {MAX_EMBED_ATOMS})")
+        return None
     if not AllChem.MMFFHasAllMoleculeParams(mol):
         record.reject("no MMFF parameters", "its conformers could not be optimised as `build smiles` does")
         return None
@@ -264,6 +395,20 @@ def parse_record(index: int, fmt: str, payload, conformers: int = 1, seed: int =
     model knows (others make the record unusable); ``conformers``: K for SMILES (seeded by ``seed`` and the
     record's index, so the result does not depend on where it runs)."""
     record = MoleculeRecord(index=index, name="")
+    if isinstance(payload, Unreadable):
+        record.name = payload.name
+        record.reject(payload.kind, payload.detail)
+        return record
+    try:
+        return _parse(record, fmt, payload, conformers, seed, vocab, add_hydrogens)
+    except Exception as err:  # RDKit raises many types on hostile input: that record is lost, not the file
+        record.z, record.conformers, record.bonds = None, [], None
+        record.reject(f"unreadable {fmt.upper()} record", f"{type(err).__name__}: {str(err).strip()[:200]}")
+        return record
+
+
+def _parse(record: MoleculeRecord, fmt: str, payload, conformers: int, seed: int, vocab,
+           add_hydrogens: bool) -> MoleculeRecord:
     if fmt == "smiles":
         got = _from_smiles(record, payload, conformers, seed, vocab)
         if got is None:
@@ -274,8 +419,17 @@ def parse_record(index: int, fmt: str, payload, conformers: int = 1, seed: int =
         if got is None or not _check_elements(record, got[0], vocab):
             return record
         z, positions = got[0], [got[1]]
+    dummies = np.flatnonzero(np.asarray(z) < 1)
+    if len(dummies):
+        record.reject("dummy atom", f"atom {int(dummies[0])} has atomic number 0 (a query or attachment point)")
+        return record
+    positions = [np.asarray(p, dtype=np.float64) for p in positions]
     if not all(np.all(np.isfinite(p)) for p in positions):
         record.reject("non-finite coordinate")
+        return record
+    largest = max(float(np.abs(p).max()) for p in positions)
+    if largest > MAX_COORDINATE:
+        record.reject("coordinate out of range", f"{largest:.3g} Angstrom (at most {MAX_COORDINATE:g})")
         return record
     record.z, record.conformers = z, [_centred(p) for p in positions]
     return record

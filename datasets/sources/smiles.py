@@ -8,11 +8,12 @@ the input, rejected molecules included), ``props.json`` ``{"mmff_energy": E (kca
 GEOM-Drugs' 16 types, so these shards and GEOM shards fit the same models. Split 80/10/10 by molecule from a
 seeded hash of the canonical SMILES (duplicates land in the same split).
 
-Rejected and counted, by reason: unparsable SMILES, unsupported element, embedding failure, missing MMFF
-parameters, non-finite coordinates. Inputs: a text file with one SMILES per line (first whitespace-separated
-token; blank lines and lines starting with # skipped; .gz allowed), a CSV with a ``smiles`` column, or
-``moses`` / ``moses:test`` / ``moses:test_scaffolds``: the splits shipped in the PyPI package molsets
-(install it with ``pip install --no-deps molsets``: only its data files are read).
+Rejected and counted, by reason: unparsable SMILES, unsupported element, more than ``MAX_EMBED_ATOMS`` atoms,
+embedding failure, missing MMFF parameters, non-finite coordinates, a line that is not UTF-8 text or a CSV row
+that cannot be split (a damaged record costs that record). Inputs: a text file with one SMILES per line
+(first whitespace-separated token; blank lines and lines starting with # skipped; .gz allowed), a CSV with a
+``smiles`` column, or ``moses`` / ``moses:test`` / ``moses:test_scaffolds``: the splits shipped in the PyPI
+package molsets (install it with ``pip install --no-deps molsets``: only its data files are read).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import importlib.util
 import io
 import itertools
 import os
+import zlib
 
 import numpy as np
 from rdkit import Chem, RDLogger
@@ -36,6 +38,7 @@ from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
 from molscale.datasets.sources.fields import parse_properties, property_values
 from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
+from molscale.datasets.sources.molecule_files import NOT_UTF8, Unreadable
 
 RDLogger.DisableLog("rdApp.*")
 
@@ -43,6 +46,9 @@ DEFAULT_CONFORMERS = 5
 DEFAULT_CHUNK_MOLECULES = 200
 MOSES_SPLITS = ("train", "test", "test_scaffolds")
 MMFF_MAX_ITERS = 500
+# ETKDG's time grows about as atoms^3 (one conformer: 150 atoms 1 s, 300 atoms 7 s, 600 atoms 53 s on one core),
+# so a larger molecule (or a damaged line that parses as one) is rejected rather than embedded for minutes.
+MAX_EMBED_ATOMS = 500
 _VOCAB = frozenset(GEOM_ATOM_VOCAB)
 
 
@@ -62,47 +68,137 @@ def moses_file(name: str) -> str:
     return path
 
 
+def _text_lines(path: str):
+    """(line number, line) of a text file (plain or gzip), lines kept with their ends; bytes that are not UTF-8
+    come through as surrogate escapes (``_bad_utf8`` finds them), so that one bad byte costs its line only. A
+    damaged .gz ends the lines with (line number, Unreadable) for what could not be decompressed."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    number = 0
+    text = io.TextIOWrapper(gzip.open(path, "rb") if gzipped else open(path, "rb"), encoding="utf-8",
+                            errors="surrogateescape", newline="")
+    with text:
+        try:
+            for number, line in enumerate(text, start=1):
+                yield number, line
+        except (OSError, EOFError, zlib.error) as err:
+            yield number + 1, Unreadable("", "truncated file", f"line {number + 1}: the compressed file is "
+                                                               f"damaged here ({err}); what follows is lost")
+
+
+def _bad_utf8(text: str, line: int) -> str | None:
+    """Where ``text`` (decoded with surrogate escapes) holds a byte that is not UTF-8; None when it holds none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return f"line {line}: byte 0x{ord(text[err.start]) - 0xDC00:02x} is not UTF-8"
+
+
+def _readable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _csv_rows(lines):
+    """(first line number, cells) of each CSV row of ``lines`` ((number, line) pairs), or (number, Unreadable)
+    for a row the csv module rejects (a quote that is never closed, say): that row is its first line, and
+    reading goes on with the line after it, so a damaged row costs that row."""
+    pending: list = []  # lines to read again after a damaged row
+    lines = iter(lines)
+    while True:
+        taken: list = []
+
+        def feed():
+            while True:
+                item = pending.pop(0) if pending else next(lines, None)
+                if item is None:
+                    return
+                if isinstance(item[1], Unreadable):  # the damaged end of a .gz: stop here
+                    pending.insert(0, item)
+                    return
+                taken.append(item)
+                yield item[1]
+
+        reader = csv.reader(feed(), strict=True)
+        try:
+            for row in reader:
+                first, taken[:] = taken[0][0], []
+                yield first, row
+        except csv.Error as err:
+            first = taken[0][0]
+            pending[0:0] = taken[1:]
+            yield first, Unreadable("", "unreadable CSV row", f"line {first}: {err}")
+            continue
+        if pending:  # the damaged end of a .gz
+            yield pending[0]
+        return
+
+
 def read_smiles_records(path: str):
-    """(SMILES, name, fields) of each record of a text or CSV file (plain or gzip), in file order.
+    """(SMILES, name, fields) of each record of a text or CSV file (plain or gzip), in file order, or an
+    ``Unreadable`` (molecule_files) for a record that is not UTF-8 text or a CSV row that cannot be split.
 
     A CSV (a header with a ``smiles`` column): name from a ``name`` or ``id`` column, fields every column by
     header name. A text file: one SMILES per line (blank lines and lines starting with # skipped), the rest of
     the line its name, no fields."""
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    text = io.TextIOWrapper(gzip.open(path, "rb") if gzipped else open(path, "rb"), encoding="utf-8",
-                            newline="")
-    with text:
-        first = text.readline()
-        header = [name.strip() for name in next(csv.reader([first]), [])]
+    lines = _text_lines(path)
+    first = next(lines, None)
+    if first is None:
+        return
+    header = smiles_header(first[1]) if isinstance(first[1], str) else []
+    if header:  # a CSV with a smiles column
         lower = [name.lower() for name in header]
-        if "smiles" in lower:  # a CSV with a smiles column
-            column = lower.index("smiles")
-            name_column = next((lower.index(n) for n in ("name", "id") if n in lower), None)
-            for row in csv.reader(text):
-                if row:
-                    cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
-                    yield cells[column], cells[name_column] if name_column is not None else "", dict(zip(header, cells))
-            return
-        for line in itertools.chain([first], text):  # no header: the first line is data
-            if line.strip() and not line.startswith("#"):
-                parts = line.split()
+        column = lower.index("smiles")
+        name_column = next((lower.index(n) for n in ("name", "id") if n in lower), None)
+        for number, row in _csv_rows(lines):
+            if isinstance(row, Unreadable):
+                yield row
+            elif row:
+                cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
+                name = cells[name_column] if name_column is not None else ""
+                bad = next(filter(None, (_bad_utf8(cell, number) for cell in cells)), None)
+                if bad:
+                    yield Unreadable(_readable(name), NOT_UTF8, bad)
+                else:
+                    yield cells[column], name, dict(zip(header, cells))
+        return
+    for number, line in itertools.chain([first], lines):  # no header: the first line is data
+        if isinstance(line, Unreadable):
+            yield line
+        elif line.strip() and not line.startswith("#"):
+            parts = line.split()
+            bad = _bad_utf8(line, number)
+            if bad:
+                yield Unreadable(_readable(" ".join(parts[1:])), NOT_UTF8, bad)
+            else:
                 yield parts[0], " ".join(parts[1:]), {}
 
 
+def smiles_header(first_line: str) -> list[str]:
+    """The column names of a CSV whose first line is ``first_line`` and which has a ``smiles`` column, else []."""
+    header = [_readable(name.strip()) for name in next(csv.reader([first_line]), [])]
+    return header if "smiles" in [name.lower() for name in header] else []
+
+
 def read_smiles(path: str):
-    """SMILES strings of a text or CSV file (plain or gzip), in file order."""
-    for smiles, _, _ in read_smiles_records(path):
-        yield smiles
+    """SMILES strings of a text or CSV file (plain or gzip), in file order (records that cannot be read: "")."""
+    for record in read_smiles_records(path):
+        yield "" if isinstance(record, Unreadable) else record[0]
 
 
 def smiles_chunks(path: str, chunk_molecules: int, limit: int | None, fields: tuple[str, ...] = ()):
     """Chunks of (first index, items): an item is the SMILES, or (SMILES, {field: raw value}) with ``fields``."""
     chunk, first, items = 0, 0, []
-    for index, (smiles, _, row) in enumerate(read_smiles_records(path)):
+    for index, record in enumerate(read_smiles_records(path)):
         if limit is not None and index >= limit:
             break
-        items.append((smiles, {f: row.get(f) for f in fields}) if fields else smiles)
+        if isinstance(record, Unreadable):  # rejected by the worker, with its reason
+            items.append(record)
+        else:
+            smiles, _, row = record
+            items.append((smiles, {f: row.get(f) for f in fields}) if fields else smiles)
         if len(items) == chunk_molecules:
             yield chunk, (first, items), len(items)
             chunk, first, items = chunk + 1, first + len(items), []
@@ -150,6 +246,9 @@ def add_molecule(sink, index: int, smiles: str, params: dict, fields: dict | Non
         rejected.add(record, f"unsupported element: {', '.join(Z_TO_SYMBOL.get(z, f'Z={z}') for z in bad)}")
         return
     mol = Chem.AddHs(mol)
+    if mol.GetNumAtoms() > MAX_EMBED_ATOMS:
+        rejected.add(record, f"too many atoms to embed: {mol.GetNumAtoms()} with hydrogens (at most {MAX_EMBED_ATOMS})")
+        return
     if not AllChem.MMFFHasAllMoleculeParams(mol):
         rejected.add(record, "no MMFF parameters")
         return
@@ -177,6 +276,10 @@ def smiles_chunk(sink, payload, params: dict) -> None:
     first, items = payload
     for offset, item in enumerate(items):
         sink.notes["molecules_read"] += 1
+        if isinstance(item, Unreadable):  # not UTF-8 text, a CSV row that cannot be split
+            name = f" ({item.name})" if item.name else ""
+            sink.rejected.add(f"smiles {first + offset}{name}", f"{item.kind}: {item.detail}")
+            continue
         smiles, fields = item if isinstance(item, (tuple, list)) else (item, None)
         add_molecule(sink, first + offset, smiles, params, fields)
 
@@ -209,7 +312,10 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
         name = path
     specs = parse_properties(properties)
     if specs:
-        header = next(read_smiles_records(path), ("", "", {}))[2]
+        lines = _text_lines(path)
+        first_line = next(lines, (0, ""))[1]
+        lines.close()
+        header = smiles_header(first_line) if isinstance(first_line, str) else []
         missing = [n for n, _ in specs if n not in header]
         if missing:
             columns = f"its columns: {', '.join(header)}" if header else "properties need a CSV with a smiles column"
@@ -228,6 +334,11 @@ def build_smiles(out_url: str, source: str, conformers: int = DEFAULT_CONFORMERS
                                            backend=backend, unit_total=limit)
     if done is not None:
         return done
+    if not merged["notes"]["molecules_read"]:
+        raise InputError(f"--input {source} holds no molecules")
+    if not sum(entry["count"] for entry in merged["splits"].values()):
+        raise InputError(f"--input {source}: none of its {merged['notes']['molecules_read']} molecules could be "
+                         f"used ({merged['rejected']['reasons']}); nothing was written")
     notes = merged["notes"]
     manifest = chunked_manifest(
         merged, params=params, command=command, atom_vocab=GEOM_ATOM_VOCAB,

@@ -5,7 +5,8 @@ comments) and kept as given: coordinates CoM-free, hydrogens as in the file, bon
 for XYZ, perceived from the coordinates with RDKit (kept without bonds when that fails, and counted). Chosen
 fields become properties (``props.json`` and the manifest's train-split statistics, so a model can be trained
 on them with ``model.properties``). Rejected and counted, by reason: everything ``molecule_files`` rejects,
-and a property that is missing or not a finite number. Sample key ``{format}-{record index:08d}``. Split
+a property that is missing or not a finite number, and two atoms closer than ``MIN_ATOM_DISTANCE`` (a damaged
+file: RDKit's bond perception would crash on them). Sample key ``{format}-{record index:08d}``. Split
 80/10/10 from a seeded hash of the record's canonical SMILES (SDF records that sanitise), else its name, else
 its index: records of one molecule (same SMILES, or the same name) land in the same split. Atom vocabulary:
 the elements the file holds, in order of atomic number.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from rdkit import Chem
 
 from molscale.datasets.errors import InputError
@@ -33,6 +35,22 @@ def _chunks(raw: list, chunk_records: int, limit: int | None):
     for chunk, first in enumerate(range(0, len(raw), chunk_records)):
         items = raw[first:first + chunk_records]
         yield chunk, (first, items), len(items)
+
+
+MIN_ATOM_DISTANCE = 0.1  # Angstrom: atoms closer than this are damage (a repeated atom line), not chemistry
+
+
+def _atoms_on_top(record) -> str | None:
+    """Why the record's atoms cannot be a molecule (two closer than MIN_ATOM_DISTANCE), else None. RDKit's bond
+    perception crashes the process (not an exception) on atoms at the same place, so this is checked first."""
+    from scipy.spatial import cKDTree
+    pos = record.conformers[0]
+    pairs = cKDTree(pos).query_pairs(MIN_ATOM_DISTANCE, output_type="ndarray")
+    if not len(pairs):
+        return None
+    i, j = (int(a) for a in pairs[0])
+    return (f"atoms on top of each other: atoms {i} and {j} are {float(np.linalg.norm(pos[i] - pos[j])):.3f} "
+            f"Angstrom apart (at least {MIN_ATOM_DISTANCE} expected)")
 
 
 def _bonds(record):
@@ -59,6 +77,7 @@ def file_chunk(sink, payload, params: dict) -> None:
             sink.rejected.add(record_id, record.reason)
             continue
         values, reason = property_values(record.fields, specs)
+        reason = reason or _atoms_on_top(record)
         if reason:
             sink.rejected.add(record_id, reason)
             continue

@@ -25,8 +25,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from molscale.datasets.errors import InputError
+from molscale.datasets.redaction import redact_url
 from molscale.datasets.shards import storage
 from molscale.datasets.shards.manifest import HALVES, Manifest, load_manifest
+from molscale.datasets.shards.tario import CorruptShardError
 from molscale.datasets.stream.plan import Batching, plan_epoch
 from molscale.datasets.stream.split_reader import BAD_SHARD_ERRORS, TooManyBadShardsError, read_shard
 
@@ -160,6 +162,8 @@ class _EpochStream(IterableDataset):
         self.cfg, self.reading, self.manifest, self.rank, self.world_size = cfg, reading, manifest, rank, world_size
         self.position, self.properties = position, reading.properties
         self.vocab_index = vocab_lookup(manifest.atom_vocab)
+        self.known_z = np.zeros(256, dtype=bool)
+        self.known_z[list(manifest.atom_vocab)] = True
         self.shards = manifest.shards(reading.split)
 
     def __iter__(self):
@@ -175,11 +179,28 @@ class _EpochStream(IterableDataset):
     def _read_shard(self, fs, shard_id: int) -> list[dict] | None:
         shard = self.shards[shard_id]
         try:
-            return read_shard(self.manifest, shard, self.reading.storage, self.reading.with_bonds, fs=fs,
-                              attempts=self.cfg.retries)
+            samples = read_shard(self.manifest, shard, self.reading.storage, self.reading.with_bonds, fs=fs,
+                                 attempts=self.cfg.retries)
+            self._check_samples(samples, shard)
+            return samples
         except BAD_SHARD_ERRORS as err:  # the shard's url is in the message
             log.error("skipping shard: %s", err)
             return None
+
+    def _check_samples(self, samples: list[dict], shard: dict) -> None:
+        """What collate needs of a sample beyond read_shard's checks: the batch's properties as numbers and
+        elements of the dataset's vocabulary (a damaged shard can hold samples that decode and still lack them)."""
+        number = (int, float)
+        for s in samples:
+            props = s["props"]
+            for p in self.properties:
+                value = props.get(p)
+                if value.__class__ not in number:  # missing, a string, a bool, a list: not a number
+                    raise CorruptShardError(f"{self.manifest.shard_url(shard)}: sample {s['key']}: property {p!r} "
+                                            f"missing or not a number")
+        if samples and not self.known_z[np.concatenate([s["z"] for s in samples])].all():
+            raise CorruptShardError(f"{self.manifest.shard_url(shard)}: atomic numbers outside the dataset's "
+                                    f"vocabulary {list(self.manifest.atom_vocab)}")
 
     def _run(self, wplan, stream: int, fs, first: int):
         batches = wplan.batches[first:]
@@ -360,7 +381,8 @@ class StreamingLoader:
     # --- exact resume -----------------------------------------------------------------------
     def _identity(self) -> dict:
         c, r = self.cfg, self.reading
-        return {"url": c.url.rstrip("/"), "split": r.split, "world_size": self.world_size,
+        # written into checkpoints (so without credentials); load_state_dict does not compare it
+        return {"url": redact_url(c.url.rstrip("/")), "split": r.split, "world_size": self.world_size,
                 "num_workers": max(1, c.num_workers), "seed": r.seed,
                 "batching": [c.batch_size, c.pair_budget, list(c.bucket_bounds), r.shuffle, c.shuffle_buffer]}
 

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from molscale.datasets.errors import InputError
-from molscale.datasets.shards.storage import redact
+from molscale.datasets.shards.storage import redact, redact_urls
 from molscale.datasets.stream.loader import LoaderConfig
 from molscale.trainer.model.diffusion import LossConfig
 from molscale.trainer.model.networks import ModelConfig, UniGEM
@@ -190,15 +190,18 @@ class RunConfig:
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     train: TrainSection = field(default_factory=TrainSection)
-    storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged
+    storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged (to_dict redacts)
     objective: str = "diffusion"           # diffusion (model.kind unigem | edm) | moleculejae (pretraining)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # objective moleculejae
     init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
     def to_dict(self, redacted: bool = True) -> dict:
-        """Plain dict of the config; credentials in ``storage`` (nested ones too) are redacted unless asked."""
+        """Plain dict of the config; unless asked, credentials are redacted: those in ``storage`` (nested ones
+        too) and those in every URL (data.url, init_from, an endpoint: ``s3://***@bucket/x``, ``?token=***``).
+        What is written or logged (RUN_DIR/config.json, the W&B config) is this; the run uses the real values."""
         d = dataclasses.asdict(self)
         if redacted:
+            d = redact_urls(d)
             d["storage"] = redact(d["storage"])
         return d
 

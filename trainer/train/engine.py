@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from molscale.datasets.errors import MolscaleError, RunError
+from molscale.datasets.redaction import redact_url
 from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train import checkpoints, init_from
 from molscale.trainer.train.clipping import AdaptiveClipper
@@ -184,7 +185,7 @@ class Trainer:
                 "model_config": dataclasses.asdict(self.model_cfg),
                 "diffusion_config": dataclasses.asdict(self.cfg.diffusion), "prop_stats": self.prop_stats,
                 "objective": self.cfg.objective,
-                "atom_count_histogram": self.histogram, "dataset_url": self.cfg.data.url,
+                "atom_count_histogram": self.histogram, "dataset_url": redact_url(self.cfg.data.url),
                 "wandb": self.logger.identity()}  # the W&B run, so that evaluation joins its project and group
 
     def rank_state(self) -> dict:
@@ -212,6 +213,7 @@ class Trainer:
     def save(self) -> str:
         tag = checkpoints.save(self.engine, self.run_dir, self.step, self.client_state(), self.rank_state(),
                                self.cfg.checkpoint.keep_last)
+        self.saved_step = self.step
         if self.rank == 0:
             log.info("checkpoint %s", os.path.join(self.run_dir, tag))
             self.logger.log_checkpoint(os.path.join(self.run_dir, tag), self.step)
@@ -413,7 +415,9 @@ class Trainer:
                 if self.stop_requested:
                     break
             if self.stop_requested:
-                if not os.path.exists(os.path.join(self.run_dir, checkpoints.tag_for(self.step), "complete")):
+                # saved by this process, not merely present: a checkpoint of this step left by an earlier attempt
+                # (found damaged on resume, say) is written again
+                if getattr(self, "saved_step", None) != self.step:
                     self.save()
                 if self.rank == 0:
                     log.warning("stopped by SIGTERM at step %d; checkpoint saved, resume with --resume auto",

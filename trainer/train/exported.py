@@ -3,10 +3,10 @@ to rebuild them (reading it back is checkpoints.load_exported, next to the other
 
 The card travels inside the file (safetensors metadata, key ``molscale_card``), so the file alone is enough to
 generate and predict: model and diffusion configs, atom vocabulary, property names, units and normalisation,
-the train split's atom-count histogram (for sampling molecule sizes), the dataset's URL and the SHA-256 of
-its manifest, the training step and which weights were exported (EMA when the run kept them). A copy of the
-card is written next to the file as ``<file>.json`` for people and model registries; loading reads the
-embedded one. ``weights_sha256`` (over the tensors in name order) makes a corrupted file fail on load.
+the train split's atom-count histogram (for sampling molecule sizes), the dataset's URL (without credentials)
+and the SHA-256 of its manifest, the training step and which weights were exported (EMA when the run kept them).
+A copy of the card is written next to the file as ``<file>.json`` for people and model registries; loading reads
+the embedded one. ``weights_sha256`` (over the tensors in name order) makes a corrupted file fail on load.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 
+from molscale.datasets.shards.storage import redact_url
 from molscale.trainer.train.checkpoints import (
     CARD_FORMAT,
     CARD_KEY,
@@ -71,7 +72,9 @@ def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
         "property_units": property_units(state.get("dataset_url", ""), cfg.property_columns),
         "property_stats": stats,
         "atom_count_histogram": {str(k): int(v) for k, v in state["atom_count_histogram"].items()},
-        "dataset": {"url": state.get("dataset_url", ""),
+        # the URL as a card may show it: credentials redacted (storage.redact_url); a reader with its own
+        # credentials (environment, storage options) still reaches s3://***@bucket/x (storage.url_credentials)
+        "dataset": {"url": redact_url(state.get("dataset_url", "")),
                     "manifest_sha256": manifest_digest(state.get("dataset_url", ""))},
         "step": int(state.get("step", 0)),
         "weights": "ema" if used_ema else "model",

@@ -1,7 +1,9 @@
 """Metrics of a run: one JSON object per logged step in RUN_DIR/metrics.jsonl and the same in W&B.
 
 Only rank 0 writes; every other rank gets the no-op logger. wandb is imported lazily; its mode, project,
-entity and group come from trainer/train/wandb_run.py (config > WANDB_* environment > defaults).
+entity and group come from trainer/train/wandb_run.py (config > WANDB_* environment > defaults). Credentials
+in URLs never reach what is written (the W&B config, the command line W&B records, metrics.jsonl):
+storage.redact_urls redacts them first.
 
 W&B drops a log whose step is below the run's last step, so after a kill and ``--resume auto`` from an
 earlier checkpoint the redone trainer steps would be lost. The trainer step is therefore logged as the
@@ -19,6 +21,8 @@ import json
 import logging
 import os
 import uuid
+
+from molscale.datasets.shards.storage import redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +83,13 @@ class RunLogger:
     def _start_wandb(self, config, wandb_cfg):
         import wandb
 
-        from molscale.trainer.train.wandb_run import resolve_mode, resolve_target
+        from molscale.trainer.train.wandb_run import redacted_argv, resolve_mode, resolve_target
         run_id = self.state["id"]
         target = resolve_target(wandb_cfg.project, wandb_cfg.entity, wandb_cfg.group, "molscale")
-        run = wandb.init(id=run_id, resume="allow", dir=self.run_dir, config=config, name=wandb_cfg.name,
-                         mode=resolve_mode(wandb_cfg.mode), job_type="train", project=target["project"],
-                         entity=target["entity"], group=target["group"] or run_id)
+        with redacted_argv():  # W&B records the command line; --set data.url=... may hold credentials
+            run = wandb.init(id=run_id, resume="allow", dir=self.run_dir, config=redact_urls(config),
+                             name=wandb_cfg.name, mode=resolve_mode(wandb_cfg.mode), job_type="train",
+                             project=target["project"], entity=target["entity"], group=target["group"] or run_id)
         run.define_metric(STEP_METRIC)
         run.define_metric("*", step_metric=STEP_METRIC)
         # an online run resumed on the server may be further along than this run dir knows
@@ -110,6 +115,7 @@ class RunLogger:
             self.wandb = None
 
     def log(self, record: dict) -> None:
+        record = redact_urls(record)  # a metric is a number; a string that is a URL is written without credentials
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             values = {k: v for k, v in record.items() if k != "step"}

@@ -7,6 +7,9 @@ instead of wandb: a machine with no W&B credentials at all runs offline, where w
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 
 def wandb_settings():
     """The settings ``wandb.init`` will use in this process (environment and settings files, read once)."""
@@ -57,3 +60,17 @@ def identity(run) -> dict:
     mode = "offline" if run.offline else ("disabled" if run.disabled else "online")
     return {"entity": run.entity or None, "project": run.project, "id": run.id, "group": run.group or None,
             "name": run.name, "mode": mode}
+
+
+@contextlib.contextmanager
+def redacted_argv():
+    """sys.argv with the credentials in its URLs redacted, for the duration of ``wandb.init``: W&B records the
+    command line (its run metadata, ``args``), and ``--set data.url=s3://KEY:SECRET@bucket/x`` or
+    ``--reference https://user:token@host/x`` must not reach it. The process's own argv is restored after."""
+    from molscale.datasets.shards.storage import redact_text
+    saved = sys.argv
+    sys.argv = [redact_text(arg) for arg in saved]
+    try:
+        yield
+    finally:
+        sys.argv = saved
