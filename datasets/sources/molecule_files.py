@@ -26,13 +26,13 @@ import os
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 from rdkit import Chem, RDLogger
 
 from molscale.datasets.chemistry.elements import SYMBOL_TO_Z, Z_TO_SYMBOL
 from molscale.datasets.errors import InputError
+from molscale.datasets.sources.unreadable import NOT_UTF8, Unreadable
 
 RDLogger.DisableLog("rdApp.*")
 
@@ -73,15 +73,6 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
-class Unreadable(NamedTuple):
-    """A raw record that cannot even be handed to a parser (bytes that are not UTF-8 text, a broken layout,
-    the damaged end of a compressed file): ``parse_record`` turns it into a rejected record with this reason."""
-    name: str
-    kind: str
-    detail: str
-
-
-NOT_UTF8 = "not UTF-8 text"
 MAX_COORDINATE = 1e5  # Angstrom: a coordinate beyond this is damage (and overflows the model's distances)
 _MAX_COUNT_DIGITS = 12  # an XYZ atom-count line longer than this is not taken as one
 

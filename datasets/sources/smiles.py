@@ -38,7 +38,7 @@ from molscale.datasets.shards.manifest import FORMAT, load_manifest
 from molscale.datasets.shards.samples import encode_sample
 from molscale.datasets.sources.fields import parse_properties, property_values
 from molscale.datasets.sources.geom import SPLIT_FRACTIONS, SPLIT_NAMES, assign_split
-from molscale.datasets.sources.molecule_files import NOT_UTF8, Unreadable
+from molscale.datasets.sources.unreadable import NOT_UTF8, Unreadable
 
 RDLogger.DisableLog("rdApp.*")
 
