@@ -424,6 +424,7 @@ def test_an_absurd_atom_count_costs_its_frame_and_no_memory(molecules, entry_poi
     script = ("import resource, sys\n"
               "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
               "from molscale.datasets.sources.molecule_files import read_molecule_file\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
               "for path in sys.argv[1:]:\n"
               "    records = read_molecule_file(path)\n"
               "    print(path, sum(r.ok for r in records), len(records))\n"
@@ -431,12 +432,14 @@ def test_an_absurd_atom_count_costs_its_frame_and_no_memory(molecules, entry_poi
     r = subprocess.run([sys.executable, "-c", script, str(xyz), str(sdf), str(gz)], capture_output=True, text=True,
                        timeout=60, env=dict(ENV, OPENBLAS_NUM_THREADS="1"), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    *reads, peak_kib = r.stdout.split("\n")[:-1]
+    imported_kib, *reads, peak_kib = r.stdout.split("\n")[:-1]
     assert reads[0].endswith(f" {N_MOLECULES - 1} {N_MOLECULES}")
     assert reads[1].endswith(f" {N_MOLECULES - 1} {N_MOLECULES}")  # the record claiming V3000 is lost alone
     ok, total = map(int, reads[2].split()[1:])
     assert ok >= N_MOLECULES - 3 and total <= N_MOLECULES
-    assert int(peak_kib) < 600 * 1024, f"reader peaked at {int(peak_kib) // 1024} MiB"
+    # the imports (torch, RDKit) set the floor, which differs between machines; reading must add little to it
+    growth_mib = (int(peak_kib) - int(imported_kib)) // 1024
+    assert growth_mib < 200, f"reading grew the process by {growth_mib} MiB"
 
 
 def test_damaged_files_through_the_real_commands(molecules, checkpoint, qm9_small, tmp_path):
