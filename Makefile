@@ -1,4 +1,4 @@
-# make test  - create .venv when missing, install the project with its test extra, run every test
+# make test  - create .venv when missing, install the project with its test and gpu extras, run every test
 # make demo  - the whole pipeline on the embedded defaults: QM9 shards, DeepSpeed training (2 CPU ranks),
 #              sampling over a local Ray, metrics and report
 VENV ?= .venv
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,gpu]'
 	# MOSES SMILES (build smiles --input moses): only molsets' data files are used; --no-deps keeps out
 	# its declared dependencies (pomegranate==0.12.0, fcd-torch, pandas, seaborn), which nothing here needs
 	$(PY) -m pip install --quiet --no-deps molsets==0.3.1

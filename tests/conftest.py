@@ -7,6 +7,9 @@ import socket
 
 import pytest
 
+# model.kernel = 'fused' on the CPU: Triton's interpreter, chosen when the kernels are defined (at import)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from molscale.trainer.model import fused_edges
+
 COORD_RANGE = 15.0  # tanh coordinate update range
 NORM_CONSTANT = 1.0  # unit_ij = (x_i - x_j) / (|x_i - x_j| + NORM_CONSTANT)
 AGGREGATION_NORM = 1.0  # sum aggregation divided by this factor
@@ -86,31 +88,42 @@ class EGNNBlock(nn.Module):
         self.coord_out = nn.Linear(hidden, 1, bias=False)
         nn.init.xavier_uniform_(self.coord_out.weight, gain=0.001)
 
-    kernel = "eager"  # 'eager' | 'compiled' (model.kernel); set on a built model by use_kernel()
+    kernel = "eager"  # 'eager' | 'compiled' | 'fused' (model.kernel); set on a built model by use_kernel()
 
     def forward(self, h, pos, graph: DenseGraph):
         # h [B, N, H] node features, pos [B, N, 3] Angstrom
         if self.kernel == "compiled":
             return compiled_step(self, h, pos, graph)
-        return self.step(h, pos, graph.node_mask, graph.edge_mask, graph.dist2_in)
+        fused = self.kernel == "fused" and fused_edges.runs_on(h.device)
+        return self.step(h, pos, graph.node_mask, graph.edge_mask, graph.dist2_in, fused=fused)
 
-    def step(self, h, pos, node_mask, edge_mask, dist2_in):
-        """The block's arithmetic on plain tensors (what torch.compile traces for model.kernel = 'compiled')."""
+    def step(self, h, pos, node_mask, edge_mask, dist2_in, fused=False):
+        """The block's arithmetic on plain tensors (what torch.compile traces for model.kernel = 'compiled');
+        fused=True runs the two edge MLPs as Triton kernels (trainer/model/fused_edges.py), the rest as here."""
         diff = pos[:, :, None, :] - pos[:, None, :, :]  # [B, N, N, 3], x_i - x_j
         dist2 = diff.square().sum(-1)  # [B, N, N]
         edge_attr = torch.stack([dist2, dist2_in], dim=-1)  # [B, N, N, 2]
 
         # messages m_ij = phi_e(h_i, h_j, e_ij), gated by sigmoid(w . m_ij) and summed over neighbours j
-        m = F.silu(self.msg_out(edge_hidden(self.msg_i, self.msg_j, self.msg_e, h, edge_attr)))  # [B, N, N, H]
-        gate = torch.sigmoid(self.gate(m).squeeze(-1)) * edge_mask  # [B, N, N]
-        agg = (m * gate.unsqueeze(-1).to(m.dtype)).sum(2, dtype=h.dtype) / AGGREGATION_NORM  # [B, N, H]
+        if fused:
+            agg = fused_edges.fused_edge_mlp(fused_edges.MESSAGE, self.msg_i(h), self.msg_j(h), edge_attr,
+                                             self.msg_e, self.msg_out, self.gate, edge_mask)
+            agg = agg.to(h.dtype) / AGGREGATION_NORM
+        else:
+            m = F.silu(self.msg_out(edge_hidden(self.msg_i, self.msg_j, self.msg_e, h, edge_attr)))  # [B, N, N, H]
+            gate = torch.sigmoid(self.gate(m).squeeze(-1)) * edge_mask  # [B, N, N]
+            agg = (m * gate.unsqueeze(-1).to(m.dtype)).sum(2, dtype=h.dtype) / AGGREGATION_NORM  # [B, N, H]
         node_in = torch.cat([h, agg], dim=-1)  # [B, N, 2H]
         h = h + self.node_out(F.silu(self.node_in(node_in))).to(h.dtype)
         h = h * node_mask
 
         # x_i += sum_j (x_i - x_j) / (|x_i - x_j| + 1) * tanh(phi_x(h_i, h_j, e_ij)) * range
-        hidden = edge_hidden(self.coord_i, self.coord_j, self.coord_e, h, edge_attr)
-        phi = self.coord_out(F.silu(self.coord_hidden(hidden))).squeeze(-1)  # [B, N, N]
+        if fused:
+            phi = fused_edges.fused_edge_mlp(fused_edges.COORDINATE, self.coord_i(h), self.coord_j(h), edge_attr,
+                                             self.coord_e, self.coord_hidden, self.coord_out)
+        else:
+            hidden = edge_hidden(self.coord_i, self.coord_j, self.coord_e, h, edge_attr)
+            phi = self.coord_out(F.silu(self.coord_hidden(hidden))).squeeze(-1)  # [B, N, N]
         weight = torch.tanh(phi.to(pos.dtype)) * (COORD_RANGE / AGGREGATION_NORM) * edge_mask
         unit = diff / (torch.sqrt(dist2 + 1e-8) + NORM_CONSTANT).unsqueeze(-1)  # [B, N, N, 3]
         pos = pos + (unit * weight.unsqueeze(-1)).sum(2)
@@ -146,7 +159,7 @@ def edge_hidden(lin_i, lin_j, lin_e, h, edge_attr):
 
 
 # ------------------------------------------------------------------------------ model.kernel = 'compiled'
-KERNELS = ("eager", "compiled")
+KERNELS = ("eager", "compiled", "fused")
 # Compiled code is specialised to its input shapes (dynamic=False): each padded size N (QM9: up to 29; sampling:
 # any size up to the dataset's largest) and batch size is its own entry, and a training step makes two per shape
 # (the first block's pos has no gradient, the later blocks' has), validation and sampling one more without

@@ -43,7 +43,8 @@ class ModelConfig:
     atom_vocab: list[int] | None = None  # atomic numbers, in order; a run fills in its dataset's
     layout: str = "dense"  # 'dense', or the reference layouts 'edge-list' / 'edge-list-real' (benchmark)
     chunk_cost_pairs: int | None | str = "auto"  # see trainer/model/packing.py; None: never split a batch
-    kernel: str = "eager"  # 'eager' | 'compiled': each EGNN block through torch.compile (docs/numerics.md)
+    # 'eager' | 'compiled' (each EGNN block through torch.compile) | 'fused' (the edge MLPs as Triton kernels)
+    kernel: str = "eager"  # docs/numerics.md, "Compiled blocks" and "Fused edge kernels"
 
     @property
     def branch_blocks(self):
@@ -70,9 +71,9 @@ class ModelConfig:
             raise ValueError(f"model.layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"model.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
-        if self.kernel == "compiled" and self.layout != "dense":
-            raise ValueError(f"model.kernel = 'compiled' needs model.layout = 'dense' (the edge-list layouts are "
-                             f"eager references), got {self.layout!r}")
+        if self.kernel != "eager" and self.layout != "dense":
+            raise ValueError(f"model.kernel = {self.kernel!r} needs model.layout = 'dense' (the edge-list layouts "
+                             f"are eager references), got {self.layout!r}")
         if self.atom_vocab is not None and (len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab):
             raise ValueError(f"model.atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
         if len(set(self.condition_on)) != len(self.condition_on):

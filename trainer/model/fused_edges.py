@@ -1,0 +1,309 @@
+"""Fused edge MLPs of the dense EGNN block (model.kernel = 'fused'): Triton kernels that keep [B, N, N, H] on chip.
+
+Both edge MLPs of an EGNN block (trainer/model/egnn.py) have the same shape. For every pair (i, j) of a molecule:
+
+    s_ij = silu(A_i + C_j + W_e e_ij)          A = W_i h + b, C = W_j h: node-sized, computed outside
+    u_ij = silu(W_2 s_ij + b_2)                  the H x H product, the edge work that matters
+    message MLP:    agg_i = sum_j sigmoid(w . u_ij + b) * mask_ij * u_ij      -> [B, N, H]
+    coordinate MLP: phi_ij = w . u_ij                                           -> [B, N, N], one scalar per pair
+
+The forward kernel tiles over (molecule, block of rows i) and loops over blocks of columns j; s and u live in
+registers and only the node-sized result (agg) or the per-pair scalar (phi) is written. The coordinate update
+(tanh, unit vectors, the sum over j) stays in PyTorch on per-pair scalars and 3-vectors, 1/H of an edge tensor.
+
+The backward recomputes s and u (nothing H-wide is saved by the forward) and writes two edge tensors, s and the
+gradient dz of W_2's output, so that W_2's weight gradient dz^T s is one deterministic matrix product (a
+full-H x H accumulator per program does not fit in a GPU's registers); everything else (the gradients of A, C,
+e_ij, W_e, b_2, w, b) is reduced in the kernel, into per-program partial sums that are added up afterwards in a
+fixed order, so two runs give bit-identical gradients (no atomics).
+
+The arithmetic is float32 (float64 when the inputs are float64, as in the tests); the matrix products take
+W_2's dtype (bf16 under autocast, as the eager Linear would). Correctness is tested on the CPU under Triton's
+interpreter (TRITON_INTERPRET=1) against the eager block (tests/trainer/test_fused_edges.py).
+"""
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("trainer")
+
+try:  # an optional dependency: `pip install molscale[gpu]`
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+MESSAGE, COORDINATE = 0, 1  # the two kinds of edge MLP (the kernels' MODE)
+
+
+# Triton decides when a kernel is defined (this module's import) whether it runs compiled or in its CPU
+# interpreter: TRITON_INTERPRET=1 must be set before molscale is imported (tests/conftest.py does).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on `device` here, or None when they can."""
+    if triton is None:
+        return "triton is not installed (pip install 'molscale[gpu]')"
+    if device.type == "cuda" or INTERPRETED:
+        return None
+    return f"Triton kernels need a CUDA device ({device.type} tensors; TRITON_INTERPRET=1 runs them on the CPU, slowly)"
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    log.warning("model.kernel=fused: %s; EGNN blocks run eagerly", reason)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether blocks on `device` take the fused kernels; if not, one log line says why (once per reason)."""
+    reason = unavailable_reason(device)
+    if reason is not None:
+        _warn_fallback(reason)
+    return reason is None
+
+
+def tile_sizes(n: int, hidden_padded: int, device: torch.device):
+    """(rows i, columns j, feature chunk) per program. On a GPU 8 x 8 pairs and 64 features (registers bound
+    it; not tuned yet). The interpreter's cost is per operation, not per element: one tile per molecule."""
+    if device.type == "cuda":
+        return 8, 8, min(64, hidden_padded)
+    side = max(4, min(32, triton.next_power_of_2(n)))
+    return side, side, hidden_padded
+
+
+if triton is not None:
+    # The interpreter's tl.dot gives wrong results for bf16 operands: there, operands are rounded to the
+    # product's dtype and multiplied in the accumulator's (the same values: bf16 x bf16 is exact in float32)
+    _UPCAST_DOT = tl.constexpr(INTERPRETED)
+
+    @triton.jit
+    def _dot(x, w, ACC: tl.constexpr):
+        x = x.to(w.dtype)  # the product's dtype: W_2's (bf16 under autocast)
+        if _UPCAST_DOT:
+            return tl.dot(x.to(ACC), w.to(ACC), out_dtype=ACC)
+        return tl.dot(x, w, out_dtype=ACC)
+
+    @triton.jit
+    def _silu_grad(x):
+        sig = tl.sigmoid(x)
+        return sig * (1.0 + x * (1.0 - sig))
+
+    @triton.jit
+    def _pair_index(pid_i, j0, N, BI: tl.constexpr, BJ: tl.constexpr):
+        # the BI x BJ pairs of a tile as one flat row index r -> (i, j)
+        r = tl.arange(0, BI * BJ)
+        ii = pid_i * BI + r // BJ
+        jj = j0 + r % BJ
+        return ii, jj, (ii < N) & (jj < N)
+
+    @triton.jit
+    def _edge_preact(A, C, E, WE, b, ii, jj, valid, kk, N, H: tl.constexpr, ACC: tl.constexpr):
+        # A_i + C_j + W_e e_ij on features kk, for the pairs (ii, jj): [BI * BJ, BK]
+        kmask = kk < H
+        m2 = valid[:, None] & kmask[None, :]
+        a = tl.load(A + (b * N + ii)[:, None] * H + kk[None, :], mask=m2, other=0.0).to(ACC)
+        c = tl.load(C + (b * N + jj)[:, None] * H + kk[None, :], mask=m2, other=0.0).to(ACC)
+        pair = (b * N + ii) * N + jj
+        e0 = tl.load(E + pair * 2, mask=valid, other=0.0).to(ACC)
+        e1 = tl.load(E + pair * 2 + 1, mask=valid, other=0.0).to(ACC)
+        we0 = tl.load(WE + kk * 2, mask=kmask, other=0.0).to(ACC)
+        we1 = tl.load(WE + kk * 2 + 1, mask=kmask, other=0.0).to(ACC)
+        return a + c + e0[:, None] * we0[None, :] + e1[:, None] * we1[None, :]
+
+    @triton.jit
+    def _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H: tl.constexpr, HP: tl.constexpr,
+                      BK: tl.constexpr, ACC: tl.constexpr, S_OUT, STORE_S: tl.constexpr):
+        # z = W_2 silu(pre) + b_2 for the tile's pairs: [BI * BJ, HP]; optionally writes s (the backward's)
+        cols = tl.arange(0, HP)
+        z = tl.zeros((ii.shape[0], HP), dtype=ACC)
+        for k0 in tl.static_range(0, HP, BK):
+            kk = k0 + tl.arange(0, BK)
+            pre = _edge_preact(A, C, E, WE, b, ii, jj, valid, kk, N, H, ACC)
+            s = pre * tl.sigmoid(pre)
+            if STORE_S:
+                pair = (b * N + ii) * N + jj
+                tl.store(S_OUT + pair[:, None] * H + kk[None, :], s.to(S_OUT.dtype.element_ty),
+                         mask=valid[:, None] & (kk < H)[None, :])
+            # W_2 is [H_out, H_in]: this chunk of its transpose is [BK (in), HP (out)]
+            w2t = tl.load(W2 + cols[None, :] * H + kk[:, None], mask=(kk < H)[:, None] & (cols < H)[None, :],
+                          other=0.0)
+            z += _dot(s, w2t, ACC)
+        b2 = tl.load(B2 + cols, mask=cols < H, other=0.0).to(ACC)
+        return z + b2[None, :]
+
+    @triton.jit
+    def _edge_mlp_forward(A, C, E, WE, W2, B2, WV, BV, MASK, OUT, N, H: tl.constexpr, HP: tl.constexpr,
+                          BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+                          ACC: tl.constexpr):
+        b = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        cols = tl.arange(0, HP)
+        wv = tl.load(WV + cols, mask=cols < H, other=0.0).to(ACC)
+        agg = tl.zeros((BI, HP), dtype=ACC)
+        for j0 in range(0, N, BJ):
+            ii, jj, valid = _pair_index(pid_i, j0, N, BI, BJ)
+            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, OUT, False)
+            u = z * tl.sigmoid(z)
+            logit = tl.sum(u * wv[None, :], axis=1)
+            pair = (b * N + ii) * N + jj
+            if MODE == 0:  # gated messages summed over j
+                gate = tl.sigmoid(logit + tl.load(BV).to(ACC)) * tl.load(MASK + pair, mask=valid, other=0.0).to(ACC)
+                agg += tl.sum(tl.reshape(u * gate[:, None], (BI, BJ, HP)), axis=1)
+            else:  # the coordinate MLP's scalar per pair
+                tl.store(OUT + pair, logit.to(OUT.dtype.element_ty), mask=valid)
+        if MODE == 0:
+            rows = pid_i * BI + tl.arange(0, BI)
+            tl.store(OUT + (b * N + rows)[:, None] * H + cols[None, :], agg.to(OUT.dtype.element_ty),
+                     mask=(rows < N)[:, None] & (cols < H)[None, :])
+
+    @triton.jit
+    def _edge_mlp_backward(A, C, E, WE, W2, B2, WV, BV, MASK, DOUT,
+                           S_OUT, DZ_OUT, DA, DC_PART, DE, DWE_PART, DWV_PART, DBV_PART,
+                           N, NBI, H: tl.constexpr, HP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                           BK: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
+        b = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        program = b * NBI + pid_i
+        cols = tl.arange(0, HP)
+        cmask = cols < H
+        wv = tl.load(WV + cols, mask=cmask, other=0.0).to(ACC)
+        dwv = tl.zeros((HP,), dtype=ACC)
+        dbv = tl.zeros((1,), dtype=ACC)
+        for j0 in range(0, N, BJ):
+            ii, jj, valid = _pair_index(pid_i, j0, N, BI, BJ)
+            pair = (b * N + ii) * N + jj
+            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, S_OUT, True)
+            sig_z = tl.sigmoid(z)
+            u = z * sig_z
+            if MODE == 0:
+                logit = tl.sum(u * wv[None, :], axis=1) + tl.load(BV).to(ACC)
+                sig = tl.sigmoid(logit)
+                mask = tl.load(MASK + pair, mask=valid, other=0.0).to(ACC)
+                dagg = tl.load(DOUT + (b * N + ii)[:, None] * H + cols[None, :],
+                               mask=valid[:, None] & cmask[None, :], other=0.0).to(ACC)
+                dlogit = tl.sum(dagg * u, axis=1) * mask * sig * (1.0 - sig)
+                du = dagg * (sig * mask)[:, None] + dlogit[:, None] * wv[None, :]
+                dbv += tl.sum(dlogit, axis=0)
+            else:
+                dlogit = tl.load(DOUT + pair, mask=valid, other=0.0).to(ACC)
+                du = dlogit[:, None] * wv[None, :]
+            dwv += tl.sum(dlogit[:, None] * u, axis=0)
+            dz = du * sig_z * (1.0 + z * (1.0 - sig_z))
+            tl.store(DZ_OUT + pair[:, None] * H + cols[None, :], dz.to(DZ_OUT.dtype.element_ty),
+                     mask=valid[:, None] & cmask[None, :])
+            de0 = tl.zeros((BI * BJ,), dtype=ACC)
+            de1 = tl.zeros((BI * BJ,), dtype=ACC)
+            for k0 in tl.static_range(0, HP, BK):
+                kk = k0 + tl.arange(0, BK)
+                kmask = kk < H
+                # ds = dz W_2 on features kk: W_2[:, kk] is [HP (out), BK (in)]
+                w2 = tl.load(W2 + cols[:, None] * H + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+                ds = _dot(dz, w2, ACC)
+                pre = _edge_preact(A, C, E, WE, b, ii, jj, valid, kk, N, H, ACC)
+                dpre = ds * _silu_grad(pre)
+                dpre = tl.where(valid[:, None], dpre, 0.0)
+                # dA_i: rows owned by this program, accumulated over the j blocks in memory
+                rows = pid_i * BI + tl.arange(0, BI)
+                row_ptr = DA + (b * N + rows)[:, None] * H + kk[None, :]
+                row_mask = (rows < N)[:, None] & kmask[None, :]
+                da_rows = tl.sum(tl.reshape(dpre, (BI, BJ, BK)), axis=1)
+                tl.store(row_ptr, tl.load(row_ptr, mask=row_mask, other=0.0) + da_rows.to(DA.dtype.element_ty),
+                         mask=row_mask)
+                # dC_j: this program's partial sum over its rows i (added up across programs afterwards)
+                jcols = j0 + tl.arange(0, BJ)
+                dc_cols = tl.sum(tl.reshape(dpre, (BI, BJ, BK)), axis=0)
+                tl.store(DC_PART + ((program * N) + jcols)[:, None] * H + kk[None, :],
+                         dc_cols.to(DC_PART.dtype.element_ty), mask=(jcols < N)[:, None] & kmask[None, :])
+                # W_e and e_ij
+                pair2 = pair * 2
+                e0 = tl.load(E + pair2, mask=valid, other=0.0).to(ACC)
+                e1 = tl.load(E + pair2 + 1, mask=valid, other=0.0).to(ACC)
+                we0 = tl.load(WE + kk * 2, mask=kmask, other=0.0).to(ACC)
+                we1 = tl.load(WE + kk * 2 + 1, mask=kmask, other=0.0).to(ACC)
+                de0 += tl.sum(dpre * we0[None, :], axis=1)
+                de1 += tl.sum(dpre * we1[None, :], axis=1)
+                dwe_ptr = DWE_PART + (program * H + kk) * 2
+                tl.store(dwe_ptr, tl.load(dwe_ptr, mask=kmask, other=0.0) + tl.sum(dpre * e0[:, None], axis=0),
+                         mask=kmask)
+                tl.store(dwe_ptr + 1, tl.load(dwe_ptr + 1, mask=kmask, other=0.0)
+                         + tl.sum(dpre * e1[:, None], axis=0), mask=kmask)
+            tl.store(DE + pair * 2, de0.to(DE.dtype.element_ty), mask=valid)
+            tl.store(DE + pair * 2 + 1, de1.to(DE.dtype.element_ty), mask=valid)
+        tl.store(DWV_PART + program * H + cols, dwv, mask=cmask)
+        tl.store(DBV_PART + program + tl.arange(0, 1), dbv)
+
+
+def _acc_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _triton_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class FusedEdgeMLP(torch.autograd.Function):
+    """agg [B, N, H] (MESSAGE) or phi [B, N, N] (COORDINATE) of one edge MLP, with a recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, mode, a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask):
+        a, c, edge_attr = a.contiguous(), c.contiguous(), edge_attr.contiguous()
+        w_e, w_2, b_2, w_v = w_e.contiguous(), w_2.contiguous(), b_2.contiguous(), w_v.contiguous()
+        batch, n, hidden = a.shape
+        acc = _acc_dtype(a, edge_attr, w_2)
+        hp = max(16, triton.next_power_of_2(hidden))
+        bi, bj, bk = tile_sizes(n, hp, a.device)
+        if mode == MESSAGE:
+            out = torch.empty(batch, n, hidden, dtype=acc, device=a.device)
+        else:
+            out = torch.empty(batch, n, n, dtype=acc, device=a.device)
+            b_v = mask = w_v  # not read in this mode
+        b_v, mask = b_v.contiguous(), mask.contiguous()
+        _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
+            a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
+            _triton_dtype(acc))
+        ctx.mode, ctx.tiles, ctx.hp, ctx.acc = mode, (bi, bj, bk), hp, acc
+        ctx.save_for_backward(a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask = ctx.saved_tensors
+        batch, n, hidden = a.shape
+        bi, bj, bk = ctx.tiles
+        acc, dev = ctx.acc, a.device
+        nbi = triton.cdiv(n, bi)
+        programs = batch * nbi
+        s = torch.zeros(batch * n * n, hidden, dtype=w_2.dtype, device=dev)
+        dz = torch.zeros(batch * n * n, hidden, dtype=w_2.dtype, device=dev)
+        da = torch.zeros(batch, n, hidden, dtype=acc, device=dev)
+        dc_part = torch.zeros(programs, n, hidden, dtype=acc, device=dev)
+        de = torch.zeros(batch, n, n, 2, dtype=acc, device=dev)
+        dwe_part = torch.zeros(programs, hidden, 2, dtype=acc, device=dev)
+        dwv_part = torch.zeros(programs, hidden, dtype=acc, device=dev)
+        dbv_part = torch.zeros(programs, dtype=acc, device=dev)
+        _edge_mlp_backward[(batch, nbi)](
+            a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, grad_out.contiguous(),
+            s, dz, da, dc_part, de, dwe_part, dwv_part, dbv_part,
+            n, nbi, hidden, ctx.hp, bi, bj, bk, ctx.mode, _triton_dtype(acc))
+        # fixed-order reductions of the per-program partial sums: deterministic
+        dc = dc_part.view(batch, nbi, n, hidden).sum(1)
+        dw_2 = (dz.t() @ s).to(w_2.dtype)
+        db_2 = dz.sum(0, dtype=acc).to(b_2.dtype)
+        grads = [None, da.to(a.dtype), dc.to(c.dtype), de.to(edge_attr.dtype), dwe_part.sum(0).to(w_e.dtype),
+                 dw_2, db_2, dwv_part.sum(0).to(w_v.dtype)]
+        grads.append(dbv_part.sum().reshape(b_v.shape).to(b_v.dtype) if ctx.mode == MESSAGE else None)
+        return (*grads, None)
+
+
+def fused_edge_mlp(mode, a, c, edge_attr, lin_e, lin_2, lin_v, mask=None):
+    """The edge MLP of `mode` from its layers: lin_e (W_e, 2 -> H), lin_2 (H -> H), lin_v (H -> 1)."""
+    w_2 = lin_2.weight
+    if torch.is_autocast_enabled(a.device.type):
+        w_2 = w_2.to(torch.get_autocast_dtype(a.device.type))  # the product in bf16, as the eager Linear's
+    bias_v = lin_v.bias if mode == MESSAGE else None
+    return FusedEdgeMLP.apply(mode, a, c, edge_attr, lin_e.weight, w_2, lin_2.bias, lin_v.weight.reshape(-1),
+                              bias_v, mask)
