@@ -41,6 +41,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
+    from molscale.trainer.model.egnn import KERNELS
     from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
         prog="evals/generate.py",
@@ -109,6 +110,10 @@ def parse_args(argv=None):
                    help="the network's matrix products while sampling: fp32 (as the research code samples; default), "
                         "tf32 (TF32 tensor cores on GPUs) or bf16 (autocast, as bf16 training; coordinates stay "
                         "fp32). Speeds and a small CPU quality comparison in BENCHMARKS.md")
+    p.add_argument("--kernel", choices=list(KERNELS), default=None,
+                   help="how the samplers run the EGNN blocks: eager, compiled (torch.compile) or fused (Triton edge "
+                        "kernels, on CUDA GPUs; elsewhere they run eagerly with one log line). Default: as the model "
+                        "was trained (model.kernel)")
     p.add_argument("--workers", type=int, default=None,
                    help="sampling actors (default: one per GPU, else one per CPU of the cluster)")
     p.add_argument("--split", default="test", help="with --dataset: the split to evaluate (default test)")

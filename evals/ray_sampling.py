@@ -57,14 +57,15 @@ def sampler_actor_class(ray):
     class Sampler:
         """Holds the EMA model of one checkpoint; samples chunks of molecules."""
 
-        def __init__(self, checkpoint: str, cuda_graphs: bool = False, precision: str = "fp32"):
+        def __init__(self, checkpoint: str, cuda_graphs: bool = False, precision: str = "fp32",
+                     kernel: str | None = None):
             import torch
 
             from molscale.trainer.train.checkpoints import load_for_eval
             if not torch.cuda.is_available():
                 torch.set_num_threads(1)  # one actor per core
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.loaded = load_for_eval(checkpoint, self.device)
+            self.loaded = load_for_eval(checkpoint, self.device, kernel=kernel)
             if cuda_graphs and self.device == "cuda":
                 self.loaded.model.use_cuda_graphs()
             self.precision = precision
@@ -148,12 +149,14 @@ def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int 
              histogram: dict[int, int], cuda_graphs: bool = False,
              precision: str = "fp32", sampler: str = "ancestral",
              guide: tuple | None = None,
-             condition: tuple | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list]:
+             condition: tuple | None = None,
+             kernel: str | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id, the chunk plan). ``pair_budget``: chunk_plan's; ``workers``: at most ``sampler_capacity``
     (more would wait for resources forever);
     ``guide``: (property, value, scale, start) for guidance_for, or None; ``condition``: a conditional model's
-    (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller."""
+    (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller;
+    ``kernel``: the samplers' model.kernel (None: the checkpoint's)."""
     from ray.util import ActorPool
     from tqdm import tqdm
     unit = sampler_capacity(ray)[1]
@@ -161,7 +164,7 @@ def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int 
         sampler_actor_class(ray).options(num_cpus=1)
     counts, targets = condition if condition is not None else (None, None)
     plan = chunk_plan(n_samples, histogram, seed, pair_budget, counts)
-    actors = [Sampler.remote(checkpoint, cuda_graphs, precision) for _ in range(max(1, min(workers, len(plan))))]
+    actors = [Sampler.remote(checkpoint, cuda_graphs, precision, kernel) for _ in range(max(1, min(workers, len(plan))))]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}

@@ -2,7 +2,7 @@
 
     python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
                             [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
-                            [--kernel eager|compiled] [--manifest DATASET [--engine]]
+                            [--kernel eager|compiled|fused] [--manifest DATASET [--engine]]
 
 Atom counts are drawn from the QM9 train histogram (or, with --manifest, from that dataset's train split and
 atom vocabulary) with a fixed seed; timings are medians over timed
@@ -21,6 +21,7 @@ reads of the device, built from the run-config defaults (the paper's recipe) and
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import itertools
 import json
@@ -39,6 +40,7 @@ from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model.diffusion import remove_mean
+from molscale.trainer.model import fused_edges
 from molscale.trainer.model.egnn import KERNELS
 from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
@@ -118,6 +120,8 @@ class _OperatorCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if fused_edges.COUNTS.inside:  # around a Triton launch: the kernel's own counts (fused_edges.COUNTS)
+            return out
         self.calls += 1
         if func in SYNC_OPS:
             self.syncs += 1
@@ -141,12 +145,16 @@ def step_counts(fn, repeats: int = 1) -> dict:
     """What one call of ``fn`` costs, averaged over ``repeats`` calls: operator calls, kernels (non-view calls),
     host syncs, bytes written in edge-shaped tensors, and GFLOP (torch's FLOP counter: matrix products)."""
     counter, flops = _OperatorCounter(), FlopCounterMode(display=False)
+    fused = dataclasses.replace(fused_edges.COUNTS)  # model.kernel = 'fused': Triton launches, counted apart
     with flops, counter:
         for _ in range(repeats):
             fn()
-    return {"calls": counter.calls // repeats, "kernels": counter.kernels // repeats,
-            "syncs": counter.syncs / repeats, "edge_MB": counter.edge_bytes / repeats / 1e6,
-            "GFLOP": flops.get_total_flops() / repeats / 1e9}
+    launches = fused_edges.COUNTS.kernels - fused.kernels
+    edge_bytes = counter.edge_bytes + fused_edges.COUNTS.edge_bytes - fused.edge_bytes
+    total_flops = flops.get_total_flops() + fused_edges.COUNTS.flops - fused.flops
+    return {"calls": (counter.calls + launches) // repeats, "kernels": (counter.kernels + launches) // repeats,
+            "syncs": counter.syncs / repeats, "edge_MB": edge_bytes / repeats / 1e6,
+            "GFLOP": total_flops / repeats / 1e9}
 
 
 def step_functions(model, batch, layout, args):
@@ -198,8 +206,9 @@ def main(argv=None):
                         help="also time the trainer's real step (DeepSpeed engine, clipping, EMA, host reads); "
                              "needs --manifest")
     parser.add_argument("--kernel", choices=list(KERNELS), default="eager",
-                        help="the EGNN blocks eager or through torch.compile (model.kernel); a compiled run's first "
-                             "iterations compile (use --warmup 2 or more)")
+                        help="the EGNN blocks eager, through torch.compile, or with the fused Triton edge kernels "
+                             "(model.kernel; fused needs a CUDA device, or TRITON_INTERPRET=1 for counts on a CPU); "
+                             "a compiled run's first iterations compile (use --warmup 2 or more)")
     parser.add_argument("--chunk-cost-pairs", default="auto",
                         help="size chunks (trainer/model/packing.py): 'auto' (CPU: on, GPU: off), 'none', or a cost")
     args = parser.parse_args(argv)
@@ -342,6 +351,9 @@ def format_report(report, results):
                  ", ".join(f"{name} {n:,}" for name, n in report["operator_calls"].items()))
     if report["kernel"] == "compiled":
         lines.append("  (the counts below are the eager path's: torch.compile cannot trace under the counting mode)")
+    if report["kernel"] == "fused":
+        lines.append("  (each Triton launch counts as one kernel, with the edge-shaped bytes it writes and its "
+                     "FLOPs; timings under TRITON_INTERPRET=1 mean nothing)")
     for name, c in report["counts"].items():
         lines.append(f"  {name:12s} {c['kernels']:8,.0f} kernels {c['syncs']:5.1f} host syncs "
                      f"{c['edge_MB']:9.1f} MB edge-shaped writes {c['GFLOP']:8.2f} GFLOP")

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """2 x 4 pairs and 16 features per tile: several row blocks, column blocks and feature chunks."""
-    monkeypatch.setattr(fused_edges, "tile_sizes", lambda n, hp, device: (2, 4, 16))
+    monkeypatch.setattr(fused_edges, "tile_sizes", lambda n, hp, device: (2, 4, 16, 1))
 
 
 def block_and_inputs(hidden, num_atoms, n_max=None, dtype=torch.float64, seed=0):
@@ -192,3 +192,16 @@ def test_the_fused_kernel_is_a_config_choice():
     with pytest.raises(ValueError, match="model.kernel = 'fused' needs model.layout = 'dense'"):
         ModelConfig(kernel="fused", layout="edge-list", atom_vocab=[1, 6]).validate()
     assert "fused" in egnn.KERNELS
+
+
+def test_gpu_tiles_come_from_the_environment(monkeypatch):
+    fused_edges._gpu_tiles_from_env.cache_clear()
+    monkeypatch.setenv("MOLSCALE_FUSED_TILES", "16,8,32,8")
+    assert fused_edges.tile_sizes(29, 256, torch.device("cuda")) == (16, 8, 32, 8)
+    assert fused_edges.tile_sizes(29, 16, torch.device("cuda")) == (16, 8, 16, 8)  # never wider than H
+    for bad in ("8,8,64", "8,8,60,4", "2,4,64,4", "a,b,c,d"):
+        fused_edges._gpu_tiles_from_env.cache_clear()
+        monkeypatch.setenv("MOLSCALE_FUSED_TILES", bad)
+        with pytest.raises(ValueError, match="MOLSCALE_FUSED_TILES="):
+            fused_edges.tile_sizes(29, 256, torch.device("cuda"))
+    fused_edges._gpu_tiles_from_env.cache_clear()

@@ -85,3 +85,22 @@ def test_bench_engine_needs_a_dataset():
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--engine", *SMALL])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's sigmoid in Triton's interpreter
+def test_the_fused_kernel_writes_no_hidden_wide_edge_tensors_when_sampling(small_histogram, capsys):
+    """The counts of model.kernel = 'fused' (under Triton's interpreter): a sampling step writes only per-pair
+    scalars and 3-vectors in edge shape (no [B, N, N, H]); a training step writes its backward's two H-wide
+    tensors per edge MLP instead of the eager block's dozen, and does more arithmetic (the recomputation)."""
+    def report(kernel):
+        bench.main(["--json", "--device", "cpu", *SMALL, "--hidden", "32", "--chunk-cost-pairs", "none",
+                    "--kernel", kernel])
+        return json.loads(capsys.readouterr().out)
+    eager, fused = report("eager")["counts"], report("fused")
+    # one network evaluation writes less in edge shape than a single [B, N, N, H] float32 tensor per block would
+    one_wide_tensor_per_block_mb = 6 * fused["num_atoms_max"] ** 2 * 32 * 4 * 2 / 1e6
+    fused = fused["counts"]
+    assert fused["sample_step"]["edge_MB"] < one_wide_tensor_per_block_mb < eager["sample_step"]["edge_MB"]
+    assert fused["sample_step"]["kernels"] < eager["sample_step"]["kernels"]
+    assert fused["train_step"]["edge_MB"] < eager["train_step"]["edge_MB"] / 2
+    assert eager["train_step"]["GFLOP"] < fused["train_step"]["GFLOP"] < 2 * eager["train_step"]["GFLOP"]

@@ -22,9 +22,11 @@ W_2's dtype (bf16 under autocast, as the eager Linear would). Correctness is tes
 interpreter (TRITON_INTERPRET=1) against the eager block (tests/trainer/test_fused_edges.py).
 """
 
+import contextlib
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +39,34 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 MESSAGE, COORDINATE = 0, 1  # the two kinds of edge MLP (the kernels' MODE)
+
+
+@dataclass
+class LaunchCounts:
+    """What the fused kernels cost, for trainer.bench, whose operator counters cannot see inside a Triton kernel:
+    launches, bytes they write in edge-shaped tensors [B, N, N, ...] and the FLOPs of their H x H products.
+    While `inside` is positive the torch operators around a launch (its buffers, the interpreter's copies) are
+    accounted for here and not by the benchmark's counters."""
+
+    kernels: int = 0
+    edge_bytes: int = 0
+    flops: int = 0
+    inside: int = 0
+
+
+COUNTS = LaunchCounts()
+
+
+@contextlib.contextmanager
+def _launch(edge_bytes: int, flops: int):
+    COUNTS.kernels += 1
+    COUNTS.edge_bytes += edge_bytes
+    COUNTS.flops += flops
+    COUNTS.inside += 1
+    try:
+        yield
+    finally:
+        COUNTS.inside -= 1
 
 
 # Triton decides when a kernel is defined (this module's import) whether it runs compiled or in its CPU
@@ -66,13 +96,33 @@ def runs_on(device: torch.device) -> bool:
     return reason is None
 
 
+@functools.cache
+def _gpu_tiles_from_env() -> tuple[int, int, int, int]:
+    text = os.environ.get("MOLSCALE_FUSED_TILES", "8,8,64,4")
+    try:
+        tiles = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        tiles = ()
+    if len(tiles) != 4 or any(t < 1 or t & (t - 1) for t in tiles) or tiles[0] * tiles[1] < 16 or tiles[2] < 16:
+        raise ValueError(f"MOLSCALE_FUSED_TILES={text!r}: give rows,columns,features,warps as powers of two, "
+                         f"rows x columns and features at least 16 (default 8,8,64,4)")
+    return tiles
+
+
+# (rows i, columns j, feature chunk, warps) per program on a GPU; None: MOLSCALE_FUSED_TILES or its default of
+# 8 x 8 pairs, 64 features, 4 warps (a first guess that keeps the [64, H] accumulator in registers; not tuned on
+# a GPU yet: `make gpu-check` sweeps it)
+GPU_TILES: tuple[int, int, int, int] | None = None
+
+
 def tile_sizes(n: int, hidden_padded: int, device: torch.device):
-    """(rows i, columns j, feature chunk) per program. On a GPU 8 x 8 pairs and 64 features (registers bound
-    it; not tuned yet). The interpreter's cost is per operation, not per element: one tile per molecule."""
+    """(rows i, columns j, feature chunk, warps) per program. The interpreter's cost is per operation rather than
+    per element: there one tile covers a molecule."""
     if device.type == "cuda":
-        return 8, 8, min(64, hidden_padded)
+        bi, bj, bk, warps = GPU_TILES or _gpu_tiles_from_env()
+        return bi, bj, min(bk, hidden_padded), warps
     side = max(4, min(32, triton.next_power_of_2(n)))
-    return side, side, hidden_padded
+    return side, side, hidden_padded, 1
 
 
 if triton is not None:
@@ -81,10 +131,12 @@ if triton is not None:
     _UPCAST_DOT = tl.constexpr(INTERPRETED)
 
     @triton.jit
-    def _dot(x, w, ACC: tl.constexpr):
+    def _dot(x, w, ACC: tl.constexpr, TF32: tl.constexpr):
         x = x.to(w.dtype)  # the product's dtype: W_2's (bf16 under autocast)
         if _UPCAST_DOT:
             return tl.dot(x.to(ACC), w.to(ACC), out_dtype=ACC)
+        if w.dtype == tl.float32 and not TF32:  # float32 products as the eager ones: TF32 only where torch allows it
+            return tl.dot(x, w, out_dtype=ACC, input_precision="ieee")
         return tl.dot(x, w, out_dtype=ACC)
 
     @triton.jit
@@ -116,7 +168,7 @@ if triton is not None:
 
     @triton.jit
     def _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H: tl.constexpr, HP: tl.constexpr,
-                      BK: tl.constexpr, ACC: tl.constexpr, S_OUT, STORE_S: tl.constexpr):
+                      BK: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr, S_OUT, STORE_S: tl.constexpr):
         # z = W_2 silu(pre) + b_2 for the tile's pairs: [BI * BJ, HP]; optionally writes s (the backward's)
         cols = tl.arange(0, HP)
         z = tl.zeros((ii.shape[0], HP), dtype=ACC)
@@ -131,14 +183,14 @@ if triton is not None:
             # W_2 is [H_out, H_in]: this chunk of its transpose is [BK (in), HP (out)]
             w2t = tl.load(W2 + cols[None, :] * H + kk[:, None], mask=(kk < H)[:, None] & (cols < H)[None, :],
                           other=0.0)
-            z += _dot(s, w2t, ACC)
+            z += _dot(s, w2t, ACC, TF32)
         b2 = tl.load(B2 + cols, mask=cols < H, other=0.0).to(ACC)
         return z + b2[None, :]
 
     @triton.jit
     def _edge_mlp_forward(A, C, E, WE, W2, B2, WV, BV, MASK, OUT, N, H: tl.constexpr, HP: tl.constexpr,
                           BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
-                          ACC: tl.constexpr):
+                          ACC: tl.constexpr, TF32: tl.constexpr):
         b = tl.program_id(0)
         pid_i = tl.program_id(1)
         cols = tl.arange(0, HP)
@@ -146,7 +198,7 @@ if triton is not None:
         agg = tl.zeros((BI, HP), dtype=ACC)
         for j0 in range(0, N, BJ):
             ii, jj, valid = _pair_index(pid_i, j0, N, BI, BJ)
-            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, OUT, False)
+            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, TF32, OUT, False)
             u = z * tl.sigmoid(z)
             logit = tl.sum(u * wv[None, :], axis=1)
             pair = (b * N + ii) * N + jj
@@ -164,7 +216,7 @@ if triton is not None:
     def _edge_mlp_backward(A, C, E, WE, W2, B2, WV, BV, MASK, DOUT,
                            S_OUT, DZ_OUT, DA, DC_PART, DE, DWE_PART, DWV_PART, DBV_PART,
                            N, NBI, H: tl.constexpr, HP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                           BK: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
+                           BK: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
         b = tl.program_id(0)
         pid_i = tl.program_id(1)
         program = b * NBI + pid_i
@@ -176,7 +228,7 @@ if triton is not None:
         for j0 in range(0, N, BJ):
             ii, jj, valid = _pair_index(pid_i, j0, N, BI, BJ)
             pair = (b * N + ii) * N + jj
-            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, S_OUT, True)
+            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, TF32, S_OUT, True)
             sig_z = tl.sigmoid(z)
             u = z * sig_z
             if MODE == 0:
@@ -202,7 +254,7 @@ if triton is not None:
                 kmask = kk < H
                 # ds = dz W_2 on features kk: W_2[:, kk] is [HP (out), BK (in)]
                 w2 = tl.load(W2 + cols[:, None] * H + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-                ds = _dot(dz, w2, ACC)
+                ds = _dot(dz, w2, ACC, TF32)
                 pre = _edge_preact(A, C, E, WE, b, ii, jj, valid, kk, N, H, ACC)
                 dpre = ds * _silu_grad(pre)
                 dpre = tl.where(valid[:, None], dpre, 0.0)
@@ -241,6 +293,11 @@ def _acc_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _tf32() -> bool:
+    """float32 products in TF32 where torch's own would be (trainer/train/engine.py sets allow_tf32)."""
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 def _triton_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -250,22 +307,26 @@ class FusedEdgeMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask):
-        a, c, edge_attr = a.contiguous(), c.contiguous(), edge_attr.contiguous()
-        w_e, w_2, b_2, w_v = w_e.contiguous(), w_2.contiguous(), b_2.contiguous(), w_v.contiguous()
         batch, n, hidden = a.shape
         acc = _acc_dtype(a, edge_attr, w_2)
         hp = max(16, triton.next_power_of_2(hidden))
-        bi, bj, bk = tile_sizes(n, hp, a.device)
-        if mode == MESSAGE:
-            out = torch.empty(batch, n, hidden, dtype=acc, device=a.device)
-        else:
-            out = torch.empty(batch, n, n, dtype=acc, device=a.device)
-            b_v = mask = w_v  # not read in this mode
-        b_v, mask = b_v.contiguous(), mask.contiguous()
-        _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
-            a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
-            _triton_dtype(acc))
-        ctx.mode, ctx.tiles, ctx.hp, ctx.acc = mode, (bi, bj, bk), hp, acc
+        bi, bj, bk, warps = tile_sizes(n, hp, a.device)
+        pairs = batch * n * n
+        item = torch.empty((), dtype=acc).element_size()
+        out_bytes = pairs * item if mode == COORDINATE else 0  # phi is edge-shaped; agg is node-sized
+        with _launch(out_bytes, 2 * pairs * hidden * hidden):
+            a, c, edge_attr = a.contiguous(), c.contiguous(), edge_attr.contiguous()
+            w_e, w_2, b_2, w_v = w_e.contiguous(), w_2.contiguous(), b_2.contiguous(), w_v.contiguous()
+            if mode == MESSAGE:
+                out = torch.empty(batch, n, hidden, dtype=acc, device=a.device)
+            else:
+                out = torch.empty(batch, n, n, dtype=acc, device=a.device)
+                b_v = mask = w_v  # not read in this mode
+            b_v, mask = b_v.contiguous(), mask.contiguous()
+            _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
+                a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
+                _triton_dtype(acc), _tf32(), num_warps=warps)
+        ctx.mode, ctx.tiles, ctx.hp, ctx.acc = mode, (bi, bj, bk, warps), hp, acc
         ctx.save_for_backward(a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask)
         return out
 
@@ -273,24 +334,30 @@ class FusedEdgeMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask = ctx.saved_tensors
         batch, n, hidden = a.shape
-        bi, bj, bk = ctx.tiles
+        bi, bj, bk, warps = ctx.tiles
         acc, dev = ctx.acc, a.device
         nbi = triton.cdiv(n, bi)
         programs = batch * nbi
-        s = torch.zeros(batch * n * n, hidden, dtype=w_2.dtype, device=dev)
-        dz = torch.zeros(batch * n * n, hidden, dtype=w_2.dtype, device=dev)
-        da = torch.zeros(batch, n, hidden, dtype=acc, device=dev)
-        dc_part = torch.zeros(programs, n, hidden, dtype=acc, device=dev)
-        de = torch.zeros(batch, n, n, 2, dtype=acc, device=dev)
-        dwe_part = torch.zeros(programs, hidden, 2, dtype=acc, device=dev)
-        dwv_part = torch.zeros(programs, hidden, dtype=acc, device=dev)
-        dbv_part = torch.zeros(programs, dtype=acc, device=dev)
-        _edge_mlp_backward[(batch, nbi)](
-            a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, grad_out.contiguous(),
-            s, dz, da, dc_part, de, dwe_part, dwv_part, dbv_part,
-            n, nbi, hidden, ctx.hp, bi, bj, bk, ctx.mode, _triton_dtype(acc))
+        pairs = batch * n * n
+        # written by the kernel: s and dz [pairs, H] in W_2's dtype, de [B, N, N, 2]
+        edge_bytes = 2 * pairs * hidden * w_2.element_size() + 2 * pairs * torch.empty((), dtype=acc).element_size()
+        with _launch(edge_bytes, 2 * 2 * pairs * hidden * hidden):  # the recomputed product and dz W_2
+            # every row of s, dz, de and dc_part is written by the kernel; da and the W_e partials accumulate
+            s = torch.empty(batch, n, n, hidden, dtype=w_2.dtype, device=dev)
+            dz = torch.empty(batch, n, n, hidden, dtype=w_2.dtype, device=dev)
+            da = torch.zeros(batch, n, hidden, dtype=acc, device=dev)
+            dc_part = torch.empty(programs, n, hidden, dtype=acc, device=dev)
+            de = torch.empty(batch, n, n, 2, dtype=acc, device=dev)
+            dwe_part = torch.zeros(programs, hidden, 2, dtype=acc, device=dev)
+            dwv_part = torch.empty(programs, hidden, dtype=acc, device=dev)
+            dbv_part = torch.empty(programs, dtype=acc, device=dev)
+            _edge_mlp_backward[(batch, nbi)](
+                a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, grad_out.contiguous(),
+                s, dz, da, dc_part, de, dwe_part, dwv_part, dbv_part,
+                n, nbi, hidden, ctx.hp, bi, bj, bk, ctx.mode, _triton_dtype(acc), _tf32(), num_warps=warps)
         # fixed-order reductions of the per-program partial sums: deterministic
         dc = dc_part.view(batch, nbi, n, hidden).sum(1)
+        dz, s = dz.view(pairs, hidden), s.view(pairs, hidden)
         dw_2 = (dz.t() @ s).to(w_2.dtype)
         db_2 = dz.sum(0, dtype=acc).to(b_2.dtype)
         grads = [None, da.to(a.dtype), dc.to(c.dtype), de.to(edge_attr.dtype), dwe_part.sum(0).to(w_e.dtype),

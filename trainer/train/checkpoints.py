@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from molscale.datasets.errors import InputError
+from molscale.trainer.model.egnn import use_kernel
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.model.schedule import DiffusionConfig
 
@@ -351,13 +352,23 @@ def model_configs(state: dict) -> tuple[ModelConfig, DiffusionConfig]:
 
 
 def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True,
-                  trust_pickle: bool | None = None) -> LoadedModel:
+                  trust_pickle: bool | None = None, kernel: str | None = None) -> LoadedModel:
     """The model of a run directory, a checkpoint folder or an exported .safetensors file (trainer/export.py).
-    ``trust_pickle``: unpickle the states file in full (default: MOLSCALE_TRUST_PICKLE; see load_states_file)."""
+    ``trust_pickle``: unpickle the states file in full (default: MOLSCALE_TRUST_PICKLE; see load_states_file).
+    ``kernel``: run the EGNN blocks this way (model.kernel) instead of the way the model was trained."""
     if path.endswith(".safetensors") and not os.path.isdir(path):
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        return load_exported(path, device)
+        loaded = load_exported(path, device)
+    else:
+        loaded = _load_run_checkpoint(path, device, use_ema, trust_pickle)
+    if kernel is not None:
+        loaded.model.cfg.kernel = kernel
+        use_kernel(loaded.model, kernel)
+    return loaded
+
+
+def _load_run_checkpoint(path, device, use_ema, trust_pickle) -> LoadedModel:
     folder, states, state = read_model_states(path, trust_pickle)
     for key in ("model_config", "module"):
         if key not in state:
