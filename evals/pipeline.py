@@ -305,11 +305,12 @@ def run(args) -> int:
         budget = args.pair_budget or default_pair_budget(histogram, args.batch)
         for steps in sweep:
             began = time.perf_counter()
-            sampled, chunks, plan = generate(ray, args.checkpoint, args.n_samples, budget, steps, args.seed,
+            sampled, chunks, plan, kernels = generate(ray, args.checkpoint, args.n_samples, budget, steps, args.seed,
                                              workers, histogram, args.cuda_graphs, args.precision, args.sampler,
                                              guide, condition, args.kernel)
             if steps == sweep[0]:
                 molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
+                kernels_run = kernels
             else:
                 swept.append((steps, sampled, time.perf_counter() - began))
         steps = sweep[0]
@@ -317,7 +318,7 @@ def run(args) -> int:
         source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
                       network_evaluations=steps + 1, workers=workers,
                       precision=args.precision, cuda_graphs=args.cuda_graphs,
-                      kernel=args.kernel or loaded.model.cfg.kernel,
+                      kernel=",".join(kernels_run),  # as the samplers ran it (fused falls back to eager off GPUs)
                       chunks_per_node=chunks_per_node, sampling_chunks=plan_summary(plan, budget, args.batch),
                       sampling_seconds=round(sample_seconds, 2),
                       molecules_per_s=round(args.n_samples / sample_seconds, 2))

@@ -66,6 +66,7 @@ def sampler_actor_class(ray):
                 torch.set_num_threads(1)  # one actor per core
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.loaded = load_for_eval(checkpoint, self.device, kernel=kernel)
+            self.kernel = effective_kernel(self.loaded.model, self.device)
             if cuda_graphs and self.device == "cuda":
                 self.loaded.model.use_cuda_graphs()
             self.precision = precision
@@ -85,9 +86,20 @@ def sampler_actor_class(ray):
                              device=self.device, sampler=sampler, guidance=guidance, condition=condition)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
-                    "node": ray.get_runtime_context().get_node_id()}
+                    "node": ray.get_runtime_context().get_node_id(), "kernel": self.kernel}
 
     return Sampler
+
+
+def effective_kernel(model, device) -> str:
+    """How the model's EGNN blocks really run on ``device``: model.kernel, except 'fused' where Triton cannot
+    run (they then run eagerly, fused_edges logs why)."""
+    import torch
+
+    from molscale.trainer.model import fused_edges
+    if model.cfg.kernel == "fused" and not fused_edges.runs_on(torch.device(device)):
+        return "eager"
+    return model.cfg.kernel
 
 
 def draw_atom_counts(n_samples: int, histogram: dict[int, int], seed: int) -> np.ndarray:
@@ -150,9 +162,10 @@ def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int 
              precision: str = "fp32", sampler: str = "ancestral",
              guide: tuple | None = None,
              condition: tuple | None = None,
-             kernel: str | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list]:
+             kernel: str | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list, list]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
-    per Ray node id, the chunk plan). ``pair_budget``: chunk_plan's; ``workers``: at most ``sampler_capacity``
+    per Ray node id, the chunk plan, the kernels the samplers ran: effective_kernel's). ``pair_budget``:
+    chunk_plan's; ``workers``: at most ``sampler_capacity``
     (more would wait for resources forever);
     ``guide``: (property, value, scale, start) for guidance_for, or None; ``condition``: a conditional model's
     (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller;
@@ -164,10 +177,12 @@ def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int 
         sampler_actor_class(ray).options(num_cpus=1)
     counts, targets = condition if condition is not None else (None, None)
     plan = chunk_plan(n_samples, histogram, seed, pair_budget, counts)
-    actors = [Sampler.remote(checkpoint, cuda_graphs, precision, kernel) for _ in range(max(1, min(workers, len(plan))))]
+    n_actors = max(1, min(workers, len(plan)))
+    actors = [Sampler.remote(checkpoint, cuda_graphs, precision, kernel) for _ in range(n_actors)]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}
+    kernels: set[str] = set()
     def submit(actor, job):
         chunk_targets = None if targets is None else np.asarray(targets)[job[1]].tolist()
         return actor.sample.remote(job[2].tolist(), job[0], steps, sampler, guide, chunk_targets)
@@ -178,6 +193,7 @@ def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int 
             n = int(out["num_atoms"][row])
             molecules[i] = (out["z"][row, :n], out["pos"][row, :n])
         chunks_per_node[out["node"]] = chunks_per_node.get(out["node"], 0) + 1
+        kernels.add(out["kernel"])
     for actor in actors:
         ray.kill(actor)
-    return molecules, chunks_per_node, plan
+    return molecules, chunks_per_node, plan, sorted(kernels)

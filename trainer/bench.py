@@ -21,8 +21,8 @@ reads of the device, built from the run-config defaults (the paper's recipe) and
 
 import argparse
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import itertools
 import json
 import os
@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
-from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model import fused_edges
+from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.egnn import KERNELS
 from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid

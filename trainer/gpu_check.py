@@ -6,21 +6,24 @@
 Each part runs as its own process with a time limit, so one failure does not lose the others; results go to
 OUT/gpu_check.json as each part ends, and a table is printed at the end:
 
-1. bench: `python -m trainer.bench` in bf16 and fp32 (TF32 matrix products), per kernel path (eager, compiled):
+1. bench: `python -m trainer.bench` in bf16 and fp32 (TF32 matrix products), per kernel path (eager, compiled, fused):
    training and sampling molecules/s, kernels, host syncs, edge-shaped bytes and FLOPs per step, and (eager) the
    real trainer's step beside the model's;
-2. equality: the compiled EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs difference
-   of the network output and of the parameter gradients, relative to their largest value);
+2. equality: the compiled and the fused EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs
+   difference of the loss and of the parameter gradients, relative to their largest value);
+   tune: the fused kernels' tiles (pairs per program, feature chunk, warps) timed on one block's forward and
+   backward at the recipe's size, the fastest first (set it with MOLSCALE_FUSED_TILES);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
-   (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16), stopped by SIGTERM (which saves a
+   (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16, fused kernels with CUDA graphs in bf16),
+   stopped by SIGTERM (which saves a
    checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
    and compilation happen there);
 4. sampling: `evals/generate.py` on the first path's checkpoint, --samples molecules with 20 denoising steps
-   (21 network evaluations), and the time scaled to the paper's 1,000 steps (x 1001 / 21).
+   (21 network evaluations), and the time scaled to the paper's 1,000 steps (x 1001 / 21); eager and fused.
 
-Planned to take under 8 minutes on one H100 from a built checkout with data/qm9 built (budget: bench 3 min,
-equality 1 min, training 3 x 45 s plus start-up, sampling 1 min); not yet run on a GPU: the first GPU session
-should record the real times in BENCHMARKS.md.
+Planned to take about 10 minutes on one H100 from a built checkout with data/qm9 built (budget: bench 4 min,
+equality and tune 1.5 min, training 4 x 45 s plus start-up, sampling 2 min); not yet run on a GPU: the first GPU
+session should record the real times in BENCHMARKS.md (`--parts` runs a subset).
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("eager", "compiled")
+KERNELS = ("eager", "compiled", "fused")
 # (name, run-config overrides) of the training paths, the first of which is sampled from
 TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
                ("compiled-bf16", ["model.kernel=\"compiled\"", "train.cuda_graphs=false", "deepspeed.bf16=true"]),
-               ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"])]
+               ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"]),
+               ("fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=true", "deepspeed.bf16=true"])]
+# the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps)
+TILE_CANDIDATES = [(8, 8, 64, 4), (8, 8, 32, 4), (4, 8, 64, 4), (8, 16, 64, 8), (16, 8, 32, 8), (16, 16, 32, 8)]
 SAMPLE_STEPS = 20
 PAPER_STEPS = 1000
 
@@ -105,7 +111,8 @@ def bench(args) -> dict:
 
 
 def equality(args) -> dict:
-    """Compiled against eager on this device (fp32, TF32 off): relative max differences of outputs and grads."""
+    """Compiled and fused against eager on this device (fp32, TF32 off): relative max differences of the loss
+    and the gradients."""
     import torch
 
     from molscale.datasets.shards.manifest import load_manifest
@@ -118,7 +125,6 @@ def equality(args) -> dict:
     num_atoms = sample_num_atoms(manifest.atom_count_histogram("train"), 16 if args.quick else 64, generator)
     batch = make_batch(num_atoms, 1, len(manifest.atom_vocab), torch.device(args.device), generator)
     hidden, layers = (16, 2) if args.quick else (256, 9)
-    results = {}
     models = {}
     for kernel in KERNELS:
         torch.manual_seed(0)
@@ -130,11 +136,54 @@ def equality(args) -> dict:
         loss = model(dict(batch), generator=torch.Generator().manual_seed(1))["loss"]
         loss.backward()
         outputs[kernel] = (loss.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None])
-    (loss_e, grads_e), (loss_c, grads_c) = outputs["eager"], outputs["compiled"]
-    results["loss_rel_diff"] = float((loss_c - loss_e).abs() / loss_e.abs().clamp_min(1e-12))
-    results["grad_rel_diff"] = max(float((c - e).abs().max() / e.abs().max().clamp_min(1e-12))
-                                   for c, e in zip(grads_c, grads_e))
+    loss_e, grads_e = outputs["eager"]
+    results = {}
+    for kernel in KERNELS[1:]:
+        loss_k, grads_k = outputs[kernel]
+        results[kernel] = {
+            "loss_rel_diff": float((loss_k - loss_e).abs() / loss_e.abs().clamp_min(1e-12)),
+            "grad_rel_diff": max(float((k - e).abs().max() / e.abs().max().clamp_min(1e-12))
+                                 for k, e in zip(grads_k, grads_e))}
     return results
+
+
+def tune(args) -> dict:
+    """Milliseconds of one EGNN block's forward + backward on the fused path per GPU tile choice (bf16 autocast,
+    the recipe's batch 64 of QM9's largest padded size, 27 atoms, H = 256), fastest first."""
+    import torch
+
+    from molscale.trainer.model import fused_edges
+    from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
+    if args.device != "cuda":
+        return {"skipped": "tiles are a GPU setting"}
+    block = EGNNBlock(256).to(args.device)
+    block.kernel = "fused"
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    pos = torch.randn(64, 27, 3, device=args.device, generator=generator)
+    h = torch.randn(64, 27, 256, device=args.device, generator=generator, requires_grad=True)
+    graph = DenseGraph.build(pos, torch.ones(64, 27, dtype=torch.bool, device=args.device))
+    timings = {}
+    for tiles in TILE_CANDIDATES:
+        fused_edges.GPU_TILES = tiles
+        try:
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    h_out, pos_out = block(h, pos, graph)
+                (h_out.float().square().mean() + pos_out.square().mean()).backward()
+            for _ in range(2):  # compiles the kernels for these tiles
+                step()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            timings[",".join(map(str, tiles))] = round(start.elapsed_time(end) / 10, 3)
+        except Exception as err:  # a tile that does not fit (registers, shared memory) is a result, not a failure
+            timings[",".join(map(str, tiles))] = f"{type(err).__name__}: {str(err)[:200]}"
+    fused_edges.GPU_TILES = None
+    numbers = sorted((ms, t) for t, ms in timings.items() if isinstance(ms, float))
+    return {"ms_per_block_fwd_bwd": timings, "fastest": numbers[0][1] if numbers else None}
 
 
 def train(args) -> dict:
@@ -163,17 +212,22 @@ def train(args) -> dict:
 
 def sampling(args) -> dict:
     run_dir = os.path.join(args.out, f"train-{TRAIN_PATHS[0][0]}")
-    eval_dir = os.path.join(args.out, "eval")
-    cmd = [sys.executable, "evals/generate.py", "--checkpoint", run_dir, "--n-samples", str(args.samples),
-           "--steps", str(SAMPLE_STEPS), "--no-wandb", "--out", eval_dir]
-    code = run(cmd, args, 900, "sampling")
-    if code != 0:
-        return {"exit_code": code}
-    source = json.load(open(os.path.join(eval_dir, "metrics.json")))["source"]
-    seconds = source["sampling_seconds"]
-    return {"molecules": args.samples, "evaluations": SAMPLE_STEPS + 1, "sampling_seconds": seconds,
-            "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
-            "workers": source.get("workers")}
+    out = {}
+    for kernel in ("eager", "fused"):
+        eval_dir = os.path.join(args.out, f"eval-{kernel}")
+        cmd = [sys.executable, "evals/generate.py", "--checkpoint", run_dir, "--n-samples", str(args.samples),
+               "--steps", str(SAMPLE_STEPS), "--no-wandb", "--out", eval_dir, "--kernel", kernel]
+        code = run(cmd, args, 900, f"sampling-{kernel}")
+        if code != 0:
+            out[kernel] = {"exit_code": code}
+            continue
+        metrics = json.load(open(os.path.join(eval_dir, "metrics.json")))
+        seconds = metrics["source"]["sampling_seconds"]
+        out[kernel] = {"molecules": args.samples, "evaluations": SAMPLE_STEPS + 1, "sampling_seconds": seconds,
+                       "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
+                       "workers": metrics["source"].get("workers"),
+                       "validity": metrics.get("validity"), "atom_stability": metrics.get("atom_stability")}
+    return out
 
 
 def _rows(path: str) -> list[dict]:
@@ -189,7 +243,7 @@ def _last_json_line(path: str) -> dict:
     return {"error": f"no JSON report in {path}"}
 
 
-PARTS = {"bench": bench, "equality": equality, "train": train, "sampling": sampling}
+PARTS = {"bench": bench, "equality": equality, "tune": tune, "train": train, "sampling": sampling}
 
 
 def main(argv=None) -> int:

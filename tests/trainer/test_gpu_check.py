@@ -14,18 +14,23 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     out = tmp_path / "gc"
     r = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--device", "cpu", "--quick", "--data", qm9_small,
                         "--out", str(out), "--train-seconds", "4", "--samples", "12",
-                        "--parts", "equality,train,sampling"],
+                        "--parts", "equality,tune,train,sampling"],
                        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert "bench" not in report  # --parts
-    assert report["equality"]["grad_rel_diff"] < 1e-5 and report["equality"]["loss_rel_diff"] < 1e-5
+    for kernel in ("compiled", "fused"):  # fused: Triton's interpreter (tests/conftest.py)
+        equal = report["equality"][kernel]
+        assert equal["grad_rel_diff"] < 1e-5 and equal["loss_rel_diff"] < 1e-5, kernel
+    assert report["tune"] == {"skipped": "tiles are a GPU setting"}
     eager = report["train"]["graphs-bf16"]
     assert eager["exit_code"] == 0 and eager["steps"] > 0 and eager["median_molecules_per_s"] > 0
-    assert set(report["train"]) == {"graphs-bf16", "compiled-bf16", "graphs-tf32"}
-    sampled = report["sampling"]
-    assert sampled["molecules"] == 12 and sampled["evaluations"] == 21
-    assert sampled["seconds_at_1000_steps"] == pytest.approx(sampled["sampling_seconds"] * 1001 / 21, rel=0.01)
+    assert set(report["train"]) == {"graphs-bf16", "compiled-bf16", "graphs-tf32", "fused-bf16"}
+    assert report["train"]["fused-bf16"]["exit_code"] == 0 and report["train"]["fused-bf16"]["steps"] > 0
+    for kernel in ("eager", "fused"):
+        sampled = report["sampling"][kernel]
+        assert sampled["molecules"] == 12 and sampled["evaluations"] == 21 and 0 <= sampled["validity"] <= 1
+        assert sampled["seconds_at_1000_steps"] == pytest.approx(sampled["sampling_seconds"] * 1001 / 21, rel=0.01)
 
 
 def test_gpu_check_refuses_a_missing_dataset_and_unknown_parts(tmp_path):

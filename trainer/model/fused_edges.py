@@ -88,11 +88,19 @@ def _warn_fallback(reason: str) -> None:
     log.warning("model.kernel=fused: %s; EGNN blocks run eagerly", reason)
 
 
+@functools.cache
+def _announce(device_type: str) -> None:
+    how = "Triton's CPU interpreter (slow; for tests)" if device_type != "cuda" else "CUDA"
+    log.info("model.kernel=fused: the EGNN edge MLPs run as Triton kernels on %s", how)
+
+
 def runs_on(device: torch.device) -> bool:
-    """Whether blocks on `device` take the fused kernels; if not, one log line says why (once per reason)."""
+    """Whether blocks on `device` take the fused kernels; one log line says so, or why not (once per reason)."""
     reason = unavailable_reason(device)
     if reason is not None:
         _warn_fallback(reason)
+    else:
+        _announce(device.type)
     return reason is None
 
 
