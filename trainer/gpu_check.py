@@ -45,7 +45,7 @@ TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]
                ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"]),
                ("fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=true", "deepspeed.bf16=true"])]
 # the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps)
-TILE_CANDIDATES = [(8, 8, 64, 4), (8, 8, 32, 4), (4, 8, 64, 4), (8, 16, 64, 8), (16, 8, 32, 8), (16, 16, 32, 8)]
+TILE_CANDIDATES = [(8, 8, 64, 8), (8, 8, 64, 4), (4, 8, 64, 4), (4, 4, 64, 4), (8, 16, 32, 8), (16, 16, 32, 8)]
 SAMPLE_STEPS = 20
 PAPER_STEPS = 1000
 

@@ -106,19 +106,19 @@ def runs_on(device: torch.device) -> bool:
 
 @functools.cache
 def _gpu_tiles_from_env() -> tuple[int, int, int, int]:
-    text = os.environ.get("MOLSCALE_FUSED_TILES", "8,8,64,4")
+    text = os.environ.get("MOLSCALE_FUSED_TILES", "8,8,64,8")
     try:
         tiles = tuple(int(part) for part in text.split(","))
     except ValueError:
         tiles = ()
     if len(tiles) != 4 or any(t < 1 or t & (t - 1) for t in tiles) or tiles[0] * tiles[1] < 16 or tiles[2] < 16:
         raise ValueError(f"MOLSCALE_FUSED_TILES={text!r}: give rows,columns,features,warps as powers of two, "
-                         f"rows x columns and features at least 16 (default 8,8,64,4)")
+                         f"rows x columns and features at least 16 (default 8,8,64,8)")
     return tiles
 
 
 # (rows i, columns j, feature chunk, warps) per program on a GPU; None: MOLSCALE_FUSED_TILES or its default of
-# 8 x 8 pairs, 64 features, 4 warps (a first guess that keeps the [64, H] accumulator in registers; not tuned on
+# 8 x 8 pairs, 64 features, 8 warps (a first guess that keeps the [64, H] accumulator in registers; not tuned on
 # a GPU yet: `make gpu-check` sweeps it)
 GPU_TILES: tuple[int, int, int, int] | None = None
 
