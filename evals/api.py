@@ -29,7 +29,7 @@ def load_model(path: str, device: str = "cpu", kernel: str | None = None):
     """The EMA model of an exported .safetensors file, a run directory (its newest intact checkpoint) or a
     checkpoint folder, in evaluation mode on ``device``; ``kernel`` overrides model.kernel (eager, compiled,
     fused). States files are read without unpickling code (MOLSCALE_TRUST_PICKLE=1 for trusted old ones)."""
-    from molscale.trainer.train.checkpoints import load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
     return load_for_eval(path, device, kernel=kernel).model
 
 
@@ -60,7 +60,7 @@ def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0) 
     """One dict per input, in order: ``input``, ``status`` ('ok' or 'rejected'), ``reason``, and ``values``
     {property: (mean, std)} in the dataset's units over the conformers (a Molecule is its own one conformer;
     a SMILES gets ``conformers`` RDKit ETKDGv3 + MMFF conformers, as evals/predict.py makes them)."""
-    from molscale.evals.prediction import predict_chunk, predict_conformers
+    from molscale.evals.property_prediction import predict_chunk, predict_conformers
     names = list(model.cfg.properties)
     if not getattr(model, "predicts_properties", False) or not names:
         raise ValueError("predict_properties: this model predicts no properties")

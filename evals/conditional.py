@@ -98,8 +98,8 @@ def predict_molecules(ray, checkpoint: str, names: list[str], molecules) -> np.n
     def predictions(positions):
         import torch
 
-        from molscale.evals.prediction import predict_conformers
-        from molscale.trainer.train.checkpoints import load_for_eval
+        from molscale.evals.property_prediction import predict_conformers
+        from molscale.trainer.artifacts import load_for_eval
         torch.set_num_threads(1)
         model = load_for_eval(checkpoint).model
         values = predict_conformers(model, positions, PREDICT_BATCH)
@@ -122,8 +122,8 @@ def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: s
         import torch
 
         from molscale.datasets.stream.loader import collate, vocab_lookup
+        from molscale.trainer.artifacts import load_for_eval
         from molscale.trainer.model.sampling import predict_properties
-        from molscale.trainer.train.checkpoints import load_for_eval
         torch.set_num_threads(1)
         model = load_for_eval(checkpoint).model
         columns = [list(model.cfg.properties).index(n) for n in names]
@@ -145,7 +145,7 @@ def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: s
 
 def check_scorer(scorer, names: list[str]) -> None:
     """A clear error, before any sampling, for a --scorer that cannot predict the conditioned properties."""
-    from molscale.trainer.train.checkpoints import load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
     model = load_for_eval(scorer).model
     predicted = list(model.cfg.properties) if getattr(model, "predicts_properties", False) else []
     missing = [n for n in names if n not in predicted]

@@ -146,7 +146,7 @@ def _guide(args, model) -> tuple | None:
     except ValueError as err:
         raise InputError(f"--guide {args.guide}: {err}") from None
     if args.scorer is not None:
-        from molscale.trainer.train.checkpoints import load_for_eval
+        from molscale.trainer.artifacts import load_for_eval
         scorer = load_for_eval(args.scorer).model
         if name.strip() not in getattr(scorer.cfg, "properties", ()):
             raise InputError(f"--scorer {args.scorer} does not predict {name.strip()!r}")
@@ -211,8 +211,14 @@ def run(args) -> int:
         reference_histograms,
         reference_smiles,
     )
-    from molscale.evals.ray_sampling import connect_ray, default_pair_budget, generate, plan_summary, sampler_capacity
-    from molscale.trainer.train.checkpoints import load_for_eval
+    from molscale.evals.ray_sampling import (
+        connect_ray,
+        default_pair_budget,
+        plan_summary,
+        sample_over_ray,
+        sampler_capacity,
+    )
+    from molscale.trainer.artifacts import load_for_eval
     _check_args(args)
 
     # Everything that can be wrong with the inputs fails here, before Ray starts.
@@ -305,9 +311,9 @@ def run(args) -> int:
         budget = args.pair_budget or default_pair_budget(histogram, args.batch)
         for steps in sweep:
             began = time.perf_counter()
-            sampled, chunks, plan, kernels = generate(ray, args.checkpoint, args.n_samples, budget, steps, args.seed,
-                                             workers, histogram, args.cuda_graphs, args.precision, args.sampler,
-                                             guide, condition, args.kernel)
+            sampled, chunks, plan, kernels = sample_over_ray(
+                ray, args.checkpoint, args.n_samples, budget, steps, args.seed, workers, histogram, args.cuda_graphs,
+                args.precision, args.sampler, guide, condition, args.kernel)
             if steps == sweep[0]:
                 molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
                 kernels_run = kernels

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     if args.trust_pickle:  # through the environment, so that the Ray tasks that load the checkpoint trust it too
         os.environ["MOLSCALE_TRUST_PICKLE"] = "1"
     from molscale.datasets.errors import MolscaleError, report
-    from molscale.evals.prediction import run
+    from molscale.evals.property_prediction import run
     try:
         return run(args)
     except MolscaleError as err:  # 2: bad arguments, input file or checkpoint; 1: failed while running

@@ -61,7 +61,7 @@ def sampler_actor_class(ray):
                      kernel: str | None = None):
             import torch
 
-            from molscale.trainer.train.checkpoints import load_for_eval
+            from molscale.trainer.artifacts import load_for_eval
             if not torch.cuda.is_available():
                 torch.set_num_threads(1)  # one actor per core
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,12 +157,11 @@ def sampler_capacity(ray) -> tuple[int, str]:
     return (gpus, "GPU") if gpus else (max(1, int(resources.get("CPU", 1))), "CPU")
 
 
-def generate(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int | None, seed: int, workers: int,
-             histogram: dict[int, int], cuda_graphs: bool = False,
-             precision: str = "fp32", sampler: str = "ancestral",
-             guide: tuple | None = None,
-             condition: tuple | None = None,
-             kernel: str | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list, list]:
+def sample_over_ray(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int | None, seed: int,
+                    workers: int, histogram: dict[int, int], cuda_graphs: bool = False, precision: str = "fp32",
+                    sampler: str = "ancestral", guide: tuple | None = None, condition: tuple | None = None,
+                    kernel: str | None = None
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list, list]:
     """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
     per Ray node id, the chunk plan, the kernels the samplers ran: effective_kernel's). ``pair_budget``:
     chunk_plan's; ``workers``: at most ``sampler_capacity``

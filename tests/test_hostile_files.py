@@ -278,8 +278,8 @@ def entry_points(checkpoint, capsys, monkeypatch):
     once (it is not what is fuzzed)."""
     from molscale.datasets.cli import main as datasets_main
     from molscale.evals import predict
-    from molscale.trainer.train import checkpoints
-    monkeypatch.setattr(checkpoints, "load_for_eval", functools.lru_cache(maxsize=2)(checkpoints.load_for_eval))
+    from molscale.trainer import artifacts
+    monkeypatch.setattr(artifacts, "load_for_eval", functools.lru_cache(maxsize=2)(artifacts.load_for_eval))
 
     def predict_file(path, out, what):
         code, stdout, _ = run_main(predict.main, ["--checkpoint", checkpoint, "--input", path, "--out", out,

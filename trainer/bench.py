@@ -15,7 +15,7 @@ counts the aten operator calls of one training step, one EMA update and one samp
 is at least one kernel launch on a GPU).
 
 `--engine` (with `--manifest`) also times the trainer's own step on the same batch, interleaved with the
-model-only step: a real Trainer (trainer/train/engine.py) with its DeepSpeed engine, clipping, EMA and the loop's
+model-only step: a real Trainer (trainer/train/loop.py) with its DeepSpeed engine, clipping, EMA and the loop's
 reads of the device, built from the run-config defaults (the paper's recipe) and that dataset's manifest.
 """
 
@@ -161,7 +161,7 @@ def step_functions(model, batch, layout, args):
     """(train_step, sample_run) closures for one layout."""
     autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
-    # fused: the trainer's optimizer (trainer/train/engine.py)
+    # fused: the trainer's optimizer (trainer/train/loop.py)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, fused=True)
 
     def train_step():
@@ -309,7 +309,7 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from molscale.trainer.train.config import load_config
     from molscale.trainer.train.distributed import init_distributed
-    from molscale.trainer.train.engine import Trainer
+    from molscale.trainer.train.loop import Trainer
     overrides = [f"data.url={args.manifest}", "data.num_workers=0", f"data.batch_size={args.batch}",
                  f"model.kind={args.model}", f"model.layers={args.layers}", f"model.hidden={args.hidden}",
                  f"model.properties={json.dumps(properties)}",

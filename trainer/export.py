@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     if args.trust_pickle:
         os.environ["MOLSCALE_TRUST_PICKLE"] = "1"
     from molscale.datasets.errors import InputError, MolscaleError, report
-    from molscale.trainer.train.exported import export_checkpoint
+    from molscale.trainer.artifacts import export_checkpoint
     try:
         if not args.out.endswith(".safetensors"):
             raise InputError(f"--out {args.out}: name the file *.safetensors")

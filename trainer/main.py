@@ -83,7 +83,7 @@ def run(args) -> int:
     init_distributed(cfg.train.collective_timeout_minutes)
     import torch.distributed as dist
 
-    from molscale.trainer.train.engine import Trainer, write_config
+    from molscale.trainer.train.loop import Trainer, write_config
     if dist.get_rank() == 0:
         write_config(cfg, cfg.train.run_dir)
     try:

@@ -24,7 +24,7 @@ def test_sample_and_predict_as_the_readme_shows(tiny_checkpoint):
     assert set(rows[0]["values"]) == {"lumo"} and rows[0]["values"]["lumo"][1] >= 0
     assert "unknown to the model" in rows[3]["reason"]
     # a Molecule is predicted as evals/predict.py predicts a conformer: same number, translation ignored
-    from molscale.evals.prediction import predict_conformers
+    from molscale.evals.property_prediction import predict_conformers
     pos = molecules[1].positions
     (expected,) = predict_conformers(model, [pos - pos.mean(0)], 1)
     shifted = Molecule(molecules[1].atomic_numbers, pos + 3.0)

@@ -24,7 +24,7 @@ def test_export_card_and_loading_without_the_run_directory(tiny_checkpoint, qm9_
     r = run("-m", "trainer.export", tiny_checkpoint, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((tmp_path / "export" / "model.safetensors.json").read_text())
-    from molscale.trainer.train.checkpoints import load_for_eval, read_model_states
+    from molscale.trainer.artifacts import load_for_eval, read_model_states
     _, _, state = read_model_states(tiny_checkpoint)
     assert card["atom_vocab"] == [1, 6, 7, 8, 9] and card["properties"] == ["lumo"]
     assert card["property_units"] == {"lumo": "meV"} and card["weights"] == "ema"
@@ -84,7 +84,7 @@ def test_corrupt_and_mismatched_files_are_refused(tiny_checkpoint, tmp_path):
     tensors = load_file(str(good))
     dropped = sorted(tensors)[0]
     del tensors[dropped]
-    from molscale.trainer.train.checkpoints import CARD_KEY, weights_digest
+    from molscale.trainer.artifacts import CARD_KEY, weights_digest
     card = json.loads(metadata[CARD_KEY])
     card["weights_sha256"] = weights_digest(tensors)  # a consistent file whose weights miss one tensor
     mismatched = tmp_path / "mismatched.safetensors"

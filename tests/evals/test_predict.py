@@ -42,8 +42,8 @@ def qm9_test_molecules(qm9_small):
 
 def model_predictions(checkpoint, molecules):
     """The model's LUMO for each molecule, computed here in one padded batch (the reference the CLI must match)."""
+    from molscale.trainer.artifacts import load_for_eval
     from molscale.trainer.model.sampling import predict_properties
-    from molscale.trainer.train.checkpoints import load_for_eval
     model = load_for_eval(checkpoint).model
     n_max = max(len(z) for _, z, _, _ in molecules)
     pos = torch.zeros(len(molecules), n_max, 3)

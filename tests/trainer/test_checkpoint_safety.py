@@ -89,13 +89,14 @@ def planted(run, tmp_path):
 
 
 def test_a_planted_payload_is_refused_by_every_library_reader(planted, tmp_path):
+    from molscale.trainer import artifacts
+    from molscale.trainer.artifacts import export_checkpoint, load_for_eval
     from molscale.trainer.model.networks import build_model
-    from molscale.trainer.train import checkpoints, init_from
-    from molscale.trainer.train.checkpoints import CheckpointError, load_for_eval
-    from molscale.trainer.train.exported import export_checkpoint
+    from molscale.trainer.train import init_from
+    from molscale.trainer.train.checkpoints import CheckpointError
     run_dir, pwned = planted
-    _, _, clean = checkpoints.read_model_states(str(run_dir / "step00000002"))  # an intact one still loads
-    model = build_model(*checkpoints.model_configs(clean))
+    _, _, clean = artifacts.read_model_states(str(run_dir / "step00000002"))  # an intact one still loads
+    model = build_model(*artifacts.model_configs(clean))
     readers = {"evaluation": lambda path: load_for_eval(path),
                "init_from": lambda path: init_from.initialise(model, path),
                "export": lambda path: export_checkpoint(path, str(tmp_path / "out.safetensors"))}
@@ -137,7 +138,8 @@ def test_a_planted_payload_is_refused_by_every_command(planted, qm9_small, tmp_p
 
 def test_a_trusted_file_opts_in(run, tmp_path, monkeypatch):
     """Objects beyond the allow-list (a date, here: harmless) load when the caller trusts the file."""
-    from molscale.trainer.train.checkpoints import CheckpointError, load_for_eval, read_model_states
+    from molscale.trainer.artifacts import load_for_eval, read_model_states
+    from molscale.trainer.train.checkpoints import CheckpointError
     run_dir = copy_run(run, tmp_path)
     plant(run_dir, datetime.date(2024, 1, 1))
     with pytest.raises(CheckpointError, match="datetime.date"):
@@ -175,7 +177,8 @@ def test_completed_checkpoints_record_the_digests_of_their_files(run):
 @pytest.mark.parametrize("damage", [truncate, alter], ids=["truncated", "altered"])
 def test_resume_auto_skips_a_damaged_newest_checkpoint_and_evaluation_refuses_it(run, qm9_small, tmp_path, caplog,
                                                                                 damage):
-    from molscale.trainer.train.checkpoints import CheckpointError, find_resume, load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.train.checkpoints import CheckpointError, find_resume
     run_dir = copy_run(run, tmp_path)
     damage(run_dir / "step00000004" / STATES)
 
@@ -212,7 +215,8 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(run, tmp_path):
 
 
 def test_checkpoints_without_digests_are_accepted_with_a_log_line(run, tmp_path, caplog):
-    from molscale.trainer.train.checkpoints import find_resume, load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.train.checkpoints import find_resume
     run_dir = copy_run(run, tmp_path)
     for tag in ("step00000002", "step00000004"):
         (run_dir / tag / "complete").write_text("ok\n")

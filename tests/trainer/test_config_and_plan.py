@@ -119,7 +119,7 @@ def test_dry_run_counts_steps_per_epoch(qm9_small):
 
 
 def test_deepspeed_extra_is_deep_merged():
-    from molscale.trainer.train.engine import deepspeed_config
+    from molscale.trainer.train.loop import deepspeed_config
     cfg = load_config("cluster/cpu_smoke.json", ["deepspeed.zero_stage=2",
                                                  'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}'])
     assert deepspeed_config(cfg, 4)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -159,7 +159,7 @@ def test_bf16_refuses_a_deepspeed_without_torch_autocast(monkeypatch):
 
 
 def test_dry_run_prints_the_deepspeed_config_it_would_use():
-    from molscale.trainer.train.engine import deepspeed_config
+    from molscale.trainer.train.loop import deepspeed_config
     extra = ["--set", 'deepspeed.extra={"zero_optimization": {"overlap_comm": true}}', "--set", "deepspeed.bf16=true"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     r = main_py("--config", "cluster/geom_64gpu.json", *extra, "--dry-run", env=env)

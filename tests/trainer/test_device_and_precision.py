@@ -87,7 +87,7 @@ def test_validation_sums_stay_on_the_run_device(monkeypatch):
     CPU tensors). On the old code the loop's float() of each loss raised before the all-reduce, and the sums it
     reduced were made on the CPU whatever the run's device.
     """
-    from molscale.trainer.train.engine import Trainer
+    from molscale.trainer.train.loop import Trainer
 
     class Loader(list):
         def load_state_dict(self, state):
@@ -124,7 +124,7 @@ from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.train.config import load_config
 from molscale.trainer.train.distributed import init_distributed
-from molscale.trainer.train.engine import deepspeed_config
+from molscale.trainer.train.loop import deepspeed_config
 
 init_distributed()
 cfg = load_config("cluster/cpu_smoke.json", ["deepspeed.zero_stage=2", "deepspeed.bf16=true"])

@@ -48,7 +48,7 @@ def world_of_one():
 def trainer(world_of_one, qm9_small, tmp_path):
     from molscale.datasets.shards.manifest import load_manifest
     from molscale.trainer.train.config import load_config
-    from molscale.trainer.train.engine import Trainer
+    from molscale.trainer.train.loop import Trainer
     cfg = load_config(None, [f"data.url={qm9_small}", "data.num_workers=0", "data.batch_size=8",
                              "data.shuffle_buffer=1", "model.layers=2", "model.hidden=16",
                              'model.properties=["lumo"]', "model.chunk_cost_pairs=null", f"optimizer.lr={LR}",
@@ -122,7 +122,7 @@ def test_device_decisions_match_the_host_loop(trainer):
 
 
 def test_the_limit_of_skips_in_a_row_freezes_the_weights_and_stops_at_the_next_read(trainer):
-    from molscale.trainer.train.engine import NonFiniteLossError
+    from molscale.trainer.train.loop import NonFiniteLossError
     _, good, bad = planted_batches(trainer, 3)
     trainer.train_step(iter([good]))
     trainer.read_record()

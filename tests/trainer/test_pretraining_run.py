@@ -34,7 +34,8 @@ def test_pretraining_loss_falls(pretrained):
 
 
 def test_a_pretraining_checkpoint_is_not_a_generator(pretrained):
-    from molscale.trainer.train.checkpoints import CheckpointError, load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.train.checkpoints import CheckpointError
     with pytest.raises(CheckpointError, match="moleculejae pretraining checkpoint"):
         load_for_eval(str(pretrained))
 

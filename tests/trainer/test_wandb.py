@@ -173,7 +173,7 @@ def test_killed_and_resumed_run_keeps_every_step_in_one_wandb_run(qm9_small, tmp
     info = run_info(second)
     assert info["id"] == state["id"] and info["project"] == "env-project" and info["entity"] == "env-entity"
     assert info["group"] == state["id"] and info["job_type"] == "train"
-    from molscale.trainer.train.checkpoints import load_for_eval
+    from molscale.trainer.artifacts import load_for_eval
     assert load_for_eval(str(run_dir)).wandb == {"entity": "env-entity", "project": "env-project", "id": state["id"],
                                                  "group": state["id"], "name": None, "mode": "offline"}
 

@@ -302,7 +302,7 @@ def _acc_dtype(*tensors):
 
 
 def _tf32() -> bool:
-    """float32 products in TF32 where torch's own would be (trainer/train/engine.py sets allow_tf32)."""
+    """float32 products in TF32 where torch's own would be (trainer/train/loop.py sets allow_tf32)."""
     return torch.backends.cuda.matmul.allow_tf32
 
 

@@ -10,8 +10,8 @@ import os
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import Manifest
 from molscale.trainer.train.config import RunConfig
-from molscale.trainer.train.engine import deepspeed_config
-from molscale.trainer.train.objective import build_run_model, make_loader
+from molscale.trainer.train.factory import build_run_model, make_loader
+from molscale.trainer.train.loop import deepspeed_config
 
 EDGE_TENSORS_PER_BLOCK = 8  # rough count of [pairs, hidden] tensors one EGNN block keeps for backward
 

@@ -15,11 +15,8 @@ import os
 
 import torch
 
-from molscale.trainer.train.checkpoints import (
-    CheckpointError,
-    model_weights,
-    read_model_states,
-)
+from molscale.trainer.artifacts import model_weights, read_model_states
+from molscale.trainer.train.checkpoints import CheckpointError
 
 BRANCH_COPIES = (("growth.", "nucleation."),)  # (destination prefix, source prefix)
 

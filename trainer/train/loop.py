@@ -28,7 +28,7 @@ from molscale.trainer.train.clipping import AdaptiveClipper
 from molscale.trainer.train.config import RunConfig
 from molscale.trainer.train.distributed import accelerator, raise_if_any_rank_failed, run_device
 from molscale.trainer.train.ema import EMA
-from molscale.trainer.train.objective import build_run_model, make_loader, property_normalisation, resolved_model_config
+from molscale.trainer.train.factory import build_run_model, make_loader, property_normalisation, resolved_model_config
 from molscale.trainer.train.run_log import NullLogger, RunLogger
 from molscale.trainer.train.step_ledger import StepLedger
 

@@ -57,7 +57,7 @@ def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conf
     if model is None:
         import torch
 
-        from molscale.trainer.train.checkpoints import load_for_eval
+        from molscale.trainer.artifacts import load_for_eval
         torch.set_num_threads(1)  # one task per core
         model = load_for_eval(checkpoint).model
     vocab = tuple(model.cfg.atom_vocab)
@@ -119,8 +119,7 @@ def _rows_over_ray(args, raw, names) -> list[dict]:
 
 def run(args) -> int:
     from molscale.datasets.shards import storage
-    from molscale.trainer.train.checkpoints import load_for_eval
-    from molscale.trainer.train.exported import property_units
+    from molscale.trainer.artifacts import load_for_eval, property_units
     _check_args(args)
     # Everything that can be wrong with the inputs fails here, before any molecule is embedded.
     loaded = load_for_eval(args.checkpoint)
