@@ -106,20 +106,21 @@ def runs_on(device: torch.device) -> bool:
 
 @functools.cache
 def _gpu_tiles_from_env() -> tuple[int, int, int, int]:
-    text = os.environ.get("MOLSCALE_FUSED_TILES", "8,8,64,8")
+    text = os.environ.get("MOLSCALE_FUSED_TILES", "4,8,32,8")
     try:
         tiles = tuple(int(part) for part in text.split(","))
     except ValueError:
         tiles = ()
     if len(tiles) != 4 or any(t < 1 or t & (t - 1) for t in tiles) or tiles[0] * tiles[1] < 16 or tiles[2] < 16:
         raise ValueError(f"MOLSCALE_FUSED_TILES={text!r}: give rows,columns,features,warps as powers of two, "
-                         f"rows x columns and features at least 16 (default 8,8,64,8)")
+                         f"rows x columns and features at least 16 (default 4,8,32,8)")
     return tiles
 
 
 # (rows i, columns j, feature chunk, warps) per program on a GPU; None: MOLSCALE_FUSED_TILES or its default of
-# 8 x 8 pairs, 64 features, 8 warps (a first guess that keeps the [64, H] accumulator in registers; not tuned on
-# a GPU yet: `make gpu-check` sweeps it)
+# 4 x 8 pairs, 32 features, 8 warps. Compiled for an H100 on a CPU (python -m trainer.kernel_check), that uses
+# 33 KiB of shared memory per program and spills no register in the forward kernels (316 bytes in the message
+# backward); 8 x 8 pairs spill in both. Not timed on a GPU yet: `make gpu-check` sweeps a few choices.
 GPU_TILES: tuple[int, int, int, int] | None = None
 
 
@@ -180,7 +181,7 @@ if triton is not None:
         # z = W_2 silu(pre) + b_2 for the tile's pairs: [BI * BJ, HP]; optionally writes s (the backward's)
         cols = tl.arange(0, HP)
         z = tl.zeros((ii.shape[0], HP), dtype=ACC)
-        for k0 in tl.static_range(0, HP, BK):
+        for k0 in range(0, HP, BK):  # a loop, not unrolled: one shared-memory buffer for W_2
             kk = k0 + tl.arange(0, BK)
             pre = _edge_preact(A, C, E, WE, b, ii, jj, valid, kk, N, H, ACC)
             s = pre * tl.sigmoid(pre)
@@ -257,7 +258,7 @@ if triton is not None:
                      mask=valid[:, None] & cmask[None, :])
             de0 = tl.zeros((BI * BJ,), dtype=ACC)
             de1 = tl.zeros((BI * BJ,), dtype=ACC)
-            for k0 in tl.static_range(0, HP, BK):
+            for k0 in range(0, HP, BK):  # a loop, not unrolled: one shared-memory buffer for W_2
                 kk = k0 + tl.arange(0, BK)
                 kmask = kk < H
                 # ds = dz W_2 on features kk: W_2[:, kk] is [HP (out), BK (in)]
