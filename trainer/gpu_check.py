@@ -11,8 +11,9 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    real trainer's step beside the model's;
 2. equality: the compiled and the fused EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs
    difference of the loss and of the parameter gradients, relative to their largest value);
-   tune: the fused kernels' tiles (pairs per program, feature chunk, warps) timed on one block's forward and
-   backward at the recipe's size, the fastest first (set it with MOLSCALE_FUSED_TILES);
+   tune: the fused kernels' tiles (pairs per program, feature chunk, warps) and the two ways of reducing W_2's
+   gradient timed on one block's forward and backward at the recipe's size (set them with MOLSCALE_FUSED_TILES
+   and MOLSCALE_FUSED_WGRAD);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
    (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16, fused kernels with CUDA graphs in bf16),
    stopped by SIGTERM (which saves a
@@ -47,6 +48,8 @@ TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]
 # the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps); all fit an H100's shared
 # memory (python -m trainer.kernel_check), the 8 x 8 ones spill registers in the backward
 TILE_CANDIDATES = [(4, 8, 32, 8), (4, 4, 32, 8), (4, 4, 32, 4), (4, 8, 64, 8), (8, 8, 32, 8), (8, 8, 64, 8)]
+# ...each with W_2's gradient by a matrix product; these also with the on-chip reduction (MOLSCALE_FUSED_WGRAD)
+ONCHIP_CANDIDATES = [(4, 4, 32, 8), (4, 8, 32, 8)]
 SAMPLE_STEPS = 20
 PAPER_STEPS = 1000
 
@@ -164,8 +167,11 @@ def tune(args) -> dict:
     h = torch.randn(64, 27, 256, device=args.device, generator=generator, requires_grad=True)
     graph = DenseGraph.build(pos, torch.ones(64, 27, dtype=torch.bool, device=args.device))
     timings = {}
-    for tiles in TILE_CANDIDATES:
+    candidates = [(t, "matmul") for t in TILE_CANDIDATES] + [(t, "onchip") for t in ONCHIP_CANDIDATES]
+    for tiles, weight_grad in candidates:
         fused_edges.GPU_TILES = tiles
+        os.environ["MOLSCALE_FUSED_WGRAD"] = weight_grad
+        name = ",".join(map(str, tiles)) + ("" if weight_grad == "matmul" else " onchip")
         try:
             def step():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -179,10 +185,11 @@ def tune(args) -> dict:
                 step()
             end.record()
             torch.cuda.synchronize()
-            timings[",".join(map(str, tiles))] = round(start.elapsed_time(end) / 10, 3)
+            timings[name] = round(start.elapsed_time(end) / 10, 3)
         except Exception as err:  # a tile that does not fit (registers, shared memory) is a result, not a failure
-            timings[",".join(map(str, tiles))] = f"{type(err).__name__}: {str(err)[:200]}"
+            timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
     fused_edges.GPU_TILES = None
+    os.environ.pop("MOLSCALE_FUSED_WGRAD", None)
     numbers = sorted((ms, t) for t, ms in timings.items() if isinstance(ms, float))
     return {"ms_per_block_fwd_bwd": timings, "fastest": numbers[0][1] if numbers else None}
 

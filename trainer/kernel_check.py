@@ -30,7 +30,7 @@ def _signature(kernel, weight_dtype: str, constants: dict) -> dict:
     for name in kernel.arg_names:
         if name in constants:
             sig[name] = "constexpr"
-        elif name in ("N", "NBI"):
+        elif name in ("N", "NBI", "B", "MOLECULES"):
             sig[name] = "i32"
         elif name in ("W2", "S_OUT", "DZ_OUT"):
             sig[name] = f"*{weight_dtype}"
@@ -51,8 +51,9 @@ def _ptxas(arch: int) -> str:
 
 
 def compile_kernel(kind: str, mode: int, tiles: tuple[int, int, int, int], hidden: int, weight_dtype: str,
-                   arch: int) -> dict:
-    """{shared_bytes, registers, spill_bytes} of one kernel ('forward' or 'backward') compiled for sm_<arch>."""
+                   arch: int, onchip: bool = False) -> dict:
+    """{shared_bytes, registers, spill_bytes} of one kernel ('forward', 'backward' or 'weight-grad', the
+    on-chip reduction of W_2's gradient) compiled for sm_<arch>."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -61,11 +62,13 @@ def compile_kernel(kind: str, mode: int, tiles: tuple[int, int, int, int], hidde
     from molscale.trainer.model import fused_edges
     if fused_edges.INTERPRETED:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled for a GPU")
-    kernel = fused_edges._edge_mlp_forward if kind == "forward" else fused_edges._edge_mlp_backward
+    kernel = {"forward": fused_edges._edge_mlp_forward, "backward": fused_edges._edge_mlp_backward,
+              "weight-grad": fused_edges._edge_mlp_weight_grad}[kind]
     bi, bj, bk, warps = tiles
     hp = max(16, triton.next_power_of_2(hidden))
-    constants = {"H": hidden, "HP": hp, "BI": bi, "BJ": bj, "BK": min(bk, hp), "MODE": mode, "ACC": tl.float32,
-                 "TF32": True}
+    constants = {"H": hidden, "HP": hp, "BI": bi, "BJ": bj, "MODE": mode, "ACC": tl.float32, "TF32": True,
+                 **({"BN": min(bk, hp)} if kind == "weight-grad" else {"BK": min(bk, hp)}),
+                 **({"ONCHIP": onchip} if kind == "backward" else {})}
     source = ASTSource(fn=kernel, signature=_signature(kernel, weight_dtype, constants), constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as folder:
@@ -81,14 +84,18 @@ def compile_kernel(kind: str, mode: int, tiles: tuple[int, int, int, int], hidde
             "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
-def check(tiles, hidden: int, weight_dtype: str, arch: int) -> dict:
-    """Every kernel for one tile choice, and whether all fit the architecture's shared memory."""
+def check(tiles, hidden: int, weight_dtype: str, arch: int, weight_grad: str = "matmul") -> dict:
+    """Every kernel for one tile choice (with MOLSCALE_FUSED_WGRAD's `weight_grad`), and whether all fit the
+    architecture's shared memory."""
     from molscale.trainer.model.fused_edges import COORDINATE, MESSAGE
-    kernels = {f"{kind}-{name}": compile_kernel(kind, mode, tiles, hidden, weight_dtype, arch)
-               for kind in ("forward", "backward") for name, mode in (("message", MESSAGE), ("coordinate", COORDINATE))}
+    onchip = weight_grad == "onchip"
+    kinds = ("forward", "backward", "weight-grad") if onchip else ("forward", "backward")
+    kernels = {f"{kind}-{name}": compile_kernel(kind, mode, tiles, hidden, weight_dtype, arch, onchip)
+               for kind in kinds for name, mode in (("message", MESSAGE), ("coordinate", COORDINATE))}
     limit = SHARED_LIMIT.get(arch)
     fits = None if limit is None else all(k["shared_bytes"] <= limit for k in kernels.values())
-    return {"tiles": list(tiles), "arch": arch, "hidden": hidden, "dtype": weight_dtype, "kernels": kernels,
+    return {"tiles": list(tiles), "arch": arch, "hidden": hidden, "dtype": weight_dtype, "weight_grad": weight_grad,
+            "kernels": kernels,
             "shared_limit": limit, "fits": fits, "spill_bytes": sum(k["spill_bytes"] for k in kernels.values())}
 
 
@@ -108,6 +115,8 @@ def main(argv=None) -> int:
                    help="the H x H products' dtype: bf16 (autocast) or fp32 (TF32)")
     p.add_argument("--tiles", type=_tiles, nargs="*", default=None,
                    help="rows,columns,features,warps per program (default: the kernels' GPU default)")
+    p.add_argument("--weight-grad", choices=["matmul", "onchip"], default="matmul",
+                   help="how the backward reduces W_2's gradient (MOLSCALE_FUSED_WGRAD); onchip adds its kernel")
     p.add_argument("--json", action="store_true", help="one JSON line per tile choice")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -120,12 +129,13 @@ def main(argv=None) -> int:
         return 2
     from molscale.trainer.model.fused_edges import _gpu_tiles_from_env
     for tiles in args.tiles or [_gpu_tiles_from_env()]:
-        result = check(tiles, args.hidden, {"bf16": "bf16", "fp32": "fp32"}[args.dtype], args.arch)
+        result = check(tiles, args.hidden, args.dtype, args.arch, args.weight_grad)
         if args.json:
             print(json.dumps(result))
             continue
         verdict = {True: "fits", False: "DOES NOT FIT", None: "limit unknown"}[result["fits"]]
-        print(f"tiles {','.join(map(str, tiles))} on sm_{args.arch}, H {args.hidden}, {args.dtype}: {verdict}")
+        print(f"tiles {','.join(map(str, tiles))} on sm_{args.arch}, H {args.hidden}, {args.dtype}, "
+              f"{args.weight_grad} weight gradient: {verdict}")
         for name, k in result["kernels"].items():
             print(f"  {name:20s} shared {k['shared_bytes'] / 1024:7.1f} KiB  registers {k['registers']}  "
                   f"spills {k['spill_bytes']} B")

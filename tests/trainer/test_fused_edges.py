@@ -22,6 +22,13 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:overflow encountered in exp")]  # numpy's sigmoid, interpreter
 
 
+@pytest.fixture(params=["matmul", "onchip"])
+def weight_grad(request, monkeypatch):
+    """Both ways of reducing W_2's gradient (MOLSCALE_FUSED_WGRAD)."""
+    monkeypatch.setenv("MOLSCALE_FUSED_WGRAD", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """2 x 4 pairs and 16 features per tile: several row blocks, column blocks and feature chunks."""
@@ -65,7 +72,7 @@ def assert_relative_close(got: dict, expected: dict, rtol: float):
 
 @pytest.mark.parametrize("hidden", [16, 12])  # 12: features padded to the next power of two inside the kernel
 @pytest.mark.parametrize("tiles", ["one tile per molecule", "gpu tiles"])
-def test_fused_block_matches_eager_in_float64(hidden, tiles, request):
+def test_fused_block_matches_eager_in_float64(hidden, tiles, weight_grad, request):
     if tiles == "gpu tiles":
         request.getfixturevalue("gpu_tiles")
     # padded molecules, a 1-atom molecule, a molecule padded beyond its size
@@ -79,7 +86,7 @@ def test_fused_block_matches_eager_in_float64(hidden, tiles, request):
     assert float(out_f["h"][1, 1:].abs().max()) == 0 and float(out_f["pos"][0, 5:].abs().max()) == 0
 
 
-def test_fused_edge_mlp_gradcheck():
+def test_fused_edge_mlp_gradcheck(weight_grad):
     """torch.autograd.gradcheck of both kernels (message and coordinate MLP) in float64, against finite
     differences of the kernels themselves."""
     torch.manual_seed(3)
@@ -101,7 +108,7 @@ def test_fused_edge_mlp_gradcheck():
                                         eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-def test_fused_and_eager_agree_in_float32_on_every_qm9_size():
+def test_fused_and_eager_agree_in_float32_on_every_qm9_size(weight_grad):
     """Every padded size of a QM9 batch (1 to 29 atoms), forward and backward, default initialisation."""
     for n in range(1, 30):
         torch.manual_seed(n)
@@ -133,7 +140,7 @@ def test_the_fused_block_is_equivariant(gpu_tiles):
     torch.testing.assert_close(pos2, (pos1 @ rotation.T + shift) * node_mask, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_weight_gradients_are_deterministic(gpu_tiles):
+def test_fused_weight_gradients_are_deterministic(gpu_tiles, weight_grad):
     block, h, pos, graph = block_and_inputs(16, [7, 5, 6], dtype=torch.float32, seed=2)
     _, first = run_block(block, "fused", h, pos, graph)
     _, second = run_block(block, "fused", h, pos, graph)
@@ -205,3 +212,21 @@ def test_gpu_tiles_come_from_the_environment(monkeypatch):
         with pytest.raises(ValueError, match="MOLSCALE_FUSED_TILES="):
             fused_edges.tile_sizes(29, 256, torch.device("cuda"))
     fused_edges._gpu_tiles_from_env.cache_clear()
+
+
+def test_a_bad_weight_gradient_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("MOLSCALE_FUSED_WGRAD", "atomics")
+    with pytest.raises(ValueError, match="MOLSCALE_FUSED_WGRAD='atomics': choose matmul or onchip"):
+        fused_edges.weight_grad_mode()
+
+
+def test_onchip_weight_gradients_over_row_blocks_and_molecule_groups(gpu_tiles, monkeypatch):
+    """The on-chip reduction as a GPU runs it: several blocks of W_2's rows (16 each, H = 40) and molecule groups
+    of two, the last one short (5 molecules in 3 groups)."""
+    monkeypatch.setenv("MOLSCALE_FUSED_WGRAD", "onchip")
+    monkeypatch.setattr(fused_edges, "WEIGHT_GRAD_GROUPS", 3)
+    block, h, pos, graph = block_and_inputs(40, [5, 1, 3, 6, 2])
+    out_e, grads_e = run_block(block, "eager", h, pos, graph)
+    out_f, grads_f = run_block(block, "fused", h, pos, graph)
+    assert_relative_close(out_f, out_e, 1e-12)
+    assert_relative_close(grads_f, grads_e, 1e-12)

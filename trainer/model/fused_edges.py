@@ -223,9 +223,12 @@ if triton is not None:
 
     @triton.jit
     def _edge_mlp_backward(A, C, E, WE, W2, B2, WV, BV, MASK, DOUT,
-                           S_OUT, DZ_OUT, DA, DC_PART, DE, DWE_PART, DWV_PART, DBV_PART,
+                           S_OUT, DZ_OUT, DA, DC_PART, DE, DWE_PART, DWV_PART, DBV_PART, PAIR_OUT,
                            N, NBI, H: tl.constexpr, HP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                           BK: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
+                           BK: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
+                           ONCHIP: tl.constexpr):
+        # ONCHIP: W_2's gradient is left to _edge_mlp_weight_grad, which needs only the per-pair gate and logit
+        # gradient (PAIR_OUT [pairs, 2]); otherwise s and dz are written for one matrix product
         b = tl.program_id(0)
         pid_i = tl.program_id(1)
         program = b * NBI + pid_i
@@ -237,7 +240,7 @@ if triton is not None:
         for j0 in range(0, N, BJ):
             ii, jj, valid = _pair_index(pid_i, j0, N, BI, BJ)
             pair = (b * N + ii) * N + jj
-            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, TF32, S_OUT, True)
+            z = _second_layer(A, C, E, WE, W2, B2, b, ii, jj, valid, N, H, HP, BK, ACC, TF32, S_OUT, not ONCHIP)
             sig_z = tl.sigmoid(z)
             u = z * sig_z
             if MODE == 0:
@@ -249,13 +252,17 @@ if triton is not None:
                 dlogit = tl.sum(dagg * u, axis=1) * mask * sig * (1.0 - sig)
                 du = dagg * (sig * mask)[:, None] + dlogit[:, None] * wv[None, :]
                 dbv += tl.sum(dlogit, axis=0)
+                if ONCHIP:
+                    tl.store(PAIR_OUT + pair * 2, sig * mask, mask=valid)
+                    tl.store(PAIR_OUT + pair * 2 + 1, dlogit, mask=valid)
             else:
                 dlogit = tl.load(DOUT + pair, mask=valid, other=0.0).to(ACC)
                 du = dlogit[:, None] * wv[None, :]
             dwv += tl.sum(dlogit[:, None] * u, axis=0)
             dz = du * sig_z * (1.0 + z * (1.0 - sig_z))
-            tl.store(DZ_OUT + pair[:, None] * H + cols[None, :], dz.to(DZ_OUT.dtype.element_ty),
-                     mask=valid[:, None] & cmask[None, :])
+            if not ONCHIP:
+                tl.store(DZ_OUT + pair[:, None] * H + cols[None, :], dz.to(DZ_OUT.dtype.element_ty),
+                         mask=valid[:, None] & cmask[None, :])
             de0 = tl.zeros((BI * BJ,), dtype=ACC)
             de1 = tl.zeros((BI * BJ,), dtype=ACC)
             for k0 in range(0, HP, BK):  # a loop, not unrolled: one shared-memory buffer for W_2
@@ -296,6 +303,53 @@ if triton is not None:
             tl.store(DE + pair * 2 + 1, de1.to(DE.dtype.element_ty), mask=valid)
         tl.store(DWV_PART + program * H + cols, dwv, mask=cmask)
         tl.store(DBV_PART + program + tl.arange(0, 1), dbv)
+
+    @triton.jit
+    def _edge_mlp_weight_grad(A, C, E, WE, W2, B2, WV, PAIR, DOUT, DW2_PART, DB2_PART, B, N, MOLECULES,
+                              H: tl.constexpr, HP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                              BN: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
+        """W_2's and b_2's gradients kept on chip: a program owns BN rows of W_2 (outputs n) and a group of
+        MOLECULES molecules; it recomputes s (all H inputs) and z for its rows, rebuilds dz from the per-pair
+        gate and logit gradient the backward kernel wrote, and accumulates dz^T s in registers ([BN, H])."""
+        pid_n = tl.program_id(0)
+        group = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < H
+        cols = tl.arange(0, HP)
+        cmask = cols < H
+        # this program's rows of W_2, transposed: [HP (in), BN (out)]
+        w2t = tl.load(W2 + rows[None, :] * H + cols[:, None], mask=cmask[:, None] & rmask[None, :], other=0.0)
+        b2 = tl.load(B2 + rows, mask=rmask, other=0.0).to(ACC)
+        wv = tl.load(WV + rows, mask=rmask, other=0.0).to(ACC)
+        dw2 = tl.zeros((BN, HP), dtype=ACC)
+        db2 = tl.zeros((BN,), dtype=ACC)
+        for m in range(0, MOLECULES):
+            b = group * MOLECULES + m
+            n_here = N * (b < B)  # the last group may hold fewer molecules: no pair is valid past the batch
+            for i0 in range(0, N, BI):
+                for j0 in range(0, N, BJ):
+                    ii, jj, valid = _pair_index(i0 // BI, j0, n_here, BI, BJ)
+                    pair = (b * N + ii) * N + jj
+                    pre = _edge_preact(A, C, E, WE, b, ii, jj, valid, cols, N, H, ACC)
+                    s = pre * tl.sigmoid(pre)
+                    z = _dot(s, w2t, ACC, TF32) + b2[None, :]
+                    sig_z = tl.sigmoid(z)
+                    if MODE == 0:
+                        gate = tl.load(PAIR + pair * 2, mask=valid, other=0.0)
+                        dlogit = tl.load(PAIR + pair * 2 + 1, mask=valid, other=0.0)
+                        dagg = tl.load(DOUT + (b * N + ii)[:, None] * H + rows[None, :],
+                                       mask=valid[:, None] & rmask[None, :], other=0.0).to(ACC)
+                        du = dagg * gate[:, None] + dlogit[:, None] * wv[None, :]
+                    else:
+                        dlogit = tl.load(DOUT + pair, mask=valid, other=0.0).to(ACC)
+                        du = dlogit[:, None] * wv[None, :]
+                    dz = du * sig_z * (1.0 + z * (1.0 - sig_z))
+                    dz = tl.where(valid[:, None], dz, 0.0)
+                    dw2 += _dot(tl.trans(dz), s, ACC, TF32)
+                    db2 += tl.sum(dz, axis=0)
+        tl.store(DW2_PART + (group * H + rows)[:, None] * H + cols[None, :], dw2,
+                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(DB2_PART + group * H + rows, db2, mask=rmask)
 
 
 def _acc_dtype(*tensors):
@@ -348,12 +402,17 @@ class FusedEdgeMLP(torch.autograd.Function):
         nbi = triton.cdiv(n, bi)
         programs = batch * nbi
         pairs = batch * n * n
-        # written by the kernel: s and dz [pairs, H] in W_2's dtype, de [B, N, N, 2]
-        edge_bytes = 2 * pairs * hidden * w_2.element_size() + 2 * pairs * torch.empty((), dtype=acc).element_size()
-        with _launch(edge_bytes, 2 * 2 * pairs * hidden * hidden):  # the recomputed product and dz W_2
+        onchip = weight_grad_mode() == "onchip"
+        item = torch.empty((), dtype=acc).element_size()
+        # written by the kernel: de [B, N, N, 2], and either s and dz [pairs, H] in W_2's dtype (matmul) or the
+        # per-pair gate and logit gradient [pairs, 2] (onchip)
+        wide = 2 * pairs * 2 * item if onchip else 2 * pairs * hidden * w_2.element_size()
+        with _launch(wide + 2 * pairs * item, 2 * 2 * pairs * hidden * hidden):  # recomputed product, dz W_2
             # every row of s, dz, de and dc_part is written by the kernel; da and the W_e partials accumulate
-            s = torch.empty(batch, n, n, hidden, dtype=w_2.dtype, device=dev)
-            dz = torch.empty(batch, n, n, hidden, dtype=w_2.dtype, device=dev)
+            wide_shape = (1, 1, 1, hidden) if onchip else (batch, n, n, hidden)
+            s = torch.empty(wide_shape, dtype=w_2.dtype, device=dev)
+            dz = torch.empty(wide_shape, dtype=w_2.dtype, device=dev)
+            pair_out = torch.empty(batch, n, n, 2 if onchip else 1, dtype=acc, device=dev)
             da = torch.zeros(batch, n, hidden, dtype=acc, device=dev)
             dc_part = torch.empty(programs, n, hidden, dtype=acc, device=dev)
             de = torch.empty(batch, n, n, 2, dtype=acc, device=dev)
@@ -362,17 +421,53 @@ class FusedEdgeMLP(torch.autograd.Function):
             dbv_part = torch.empty(programs, dtype=acc, device=dev)
             _edge_mlp_backward[(batch, nbi)](
                 a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, grad_out.contiguous(),
-                s, dz, da, dc_part, de, dwe_part, dwv_part, dbv_part,
-                n, nbi, hidden, ctx.hp, bi, bj, bk, ctx.mode, _triton_dtype(acc), _tf32(), num_warps=warps)
+                s, dz, da, dc_part, de, dwe_part, dwv_part, dbv_part, pair_out,
+                n, nbi, hidden, ctx.hp, bi, bj, bk, ctx.mode, _triton_dtype(acc), _tf32(), onchip,
+                num_warps=warps)
+        if onchip:
+            dw_2, db_2 = _weight_grad_onchip(ctx, a, c, edge_attr, w_e, w_2, b_2, w_v, pair_out, grad_out)
+        else:
+            dz, s = dz.view(pairs, hidden), s.view(pairs, hidden)
+            dw_2 = dz.t() @ s
+            db_2 = dz.sum(0, dtype=acc)
         # fixed-order reductions of the per-program partial sums: deterministic
         dc = dc_part.view(batch, nbi, n, hidden).sum(1)
-        dz, s = dz.view(pairs, hidden), s.view(pairs, hidden)
-        dw_2 = (dz.t() @ s).to(w_2.dtype)
-        db_2 = dz.sum(0, dtype=acc).to(b_2.dtype)
+        dw_2, db_2 = dw_2.to(w_2.dtype), db_2.to(b_2.dtype)
         grads = [None, da.to(a.dtype), dc.to(c.dtype), de.to(edge_attr.dtype), dwe_part.sum(0).to(w_e.dtype),
                  dw_2, db_2, dwv_part.sum(0).to(w_v.dtype)]
         grads.append(dbv_part.sum().reshape(b_v.shape).to(b_v.dtype) if ctx.mode == MESSAGE else None)
         return (*grads, None)
+
+
+def _weight_grad_onchip(ctx, a, c, edge_attr, w_e, w_2, b_2, w_v, pair_out, grad_out):
+    """W_2's and b_2's gradients by _edge_mlp_weight_grad: per-group partial sums, added in a fixed order."""
+    batch, n, hidden = a.shape
+    bi, bj, rows_per_program, warps = ctx.tiles  # the feature chunk is also the number of W_2 rows per program
+    groups = min(batch, WEIGHT_GRAD_GROUPS)
+    molecules = triton.cdiv(batch, groups)
+    groups = triton.cdiv(batch, molecules)
+    pairs = batch * n * n
+    with _launch(0, 2 * 2 * pairs * hidden * hidden):  # the recomputed product (for these rows) and dz^T s
+        dw_part = torch.empty(groups, hidden, hidden, dtype=ctx.acc, device=a.device)
+        db_part = torch.empty(groups, hidden, dtype=ctx.acc, device=a.device)
+        _edge_mlp_weight_grad[(triton.cdiv(ctx.hp, rows_per_program), groups)](
+            a, c, edge_attr, w_e, w_2, b_2, w_v, pair_out, grad_out.contiguous(), dw_part, db_part, batch, n,
+            molecules, hidden, ctx.hp, bi, bj, rows_per_program, ctx.mode, _triton_dtype(ctx.acc), _tf32(),
+            num_warps=warps)
+    return dw_part.sum(0), db_part.sum(0)
+
+
+WEIGHT_GRAD_GROUPS = 64  # molecule groups of _edge_mlp_weight_grad: partial sums of [H, H] each, added afterwards
+
+
+def weight_grad_mode() -> str:
+    """How the backward reduces W_2's gradient (MOLSCALE_FUSED_WGRAD): 'matmul' (default) writes two H-wide
+    edge tensors and multiplies them; 'onchip' recomputes the product in a second kernel and writes no H-wide
+    edge tensor (more arithmetic, less memory traffic: which is faster is for a GPU to say)."""
+    mode = os.environ.get("MOLSCALE_FUSED_WGRAD", "matmul")
+    if mode not in ("matmul", "onchip"):
+        raise ValueError(f"MOLSCALE_FUSED_WGRAD={mode!r}: choose matmul or onchip")
+    return mode
 
 
 def fused_edge_mlp(mode, a, c, edge_attr, lin_e, lin_2, lin_v, mask=None):
