@@ -11,11 +11,13 @@ The forward kernel tiles over (molecule, block of rows i) and loops over blocks 
 registers and only the node-sized result (agg) or the per-pair scalar (phi) is written. The coordinate update
 (tanh, unit vectors, the sum over j) stays in PyTorch on per-pair scalars and 3-vectors, 1/H of an edge tensor.
 
-The backward recomputes s and u (nothing H-wide is saved by the forward) and writes two edge tensors, s and the
-gradient dz of W_2's output, so that W_2's weight gradient dz^T s is one deterministic matrix product (a
-full-H x H accumulator per program does not fit in a GPU's registers); everything else (the gradients of A, C,
-e_ij, W_e, b_2, w, b) is reduced in the kernel, into per-program partial sums that are added up afterwards in a
-fixed order, so two runs give bit-identical gradients (no atomics).
+The backward recomputes s and u (nothing H-wide is saved by the forward). The gradients of A, C, e_ij, W_e, w
+and b are reduced in the kernel into per-program partial sums that are added up afterwards in a fixed order, so
+two runs give bit-identical gradients (no atomics). W_2's gradient dz^T s sums over all pairs, and a full H x H
+accumulator per program does not fit in a GPU's registers, so it is reduced one of two ways
+(MOLSCALE_FUSED_WGRAD): 'matmul' (default) writes s and dz, two edge tensors, for one matrix product; 'onchip'
+writes two scalars per pair and a third kernel (_edge_mlp_weight_grad) recomputes the product for a block of
+W_2's rows per program and keeps that block's sum in registers.
 
 The arithmetic is float32 (float64 when the inputs are float64, as in the tests); the matrix products take
 W_2's dtype (bf16 under autocast, as the eager Linear would). Correctness is tested on the CPU under Triton's
