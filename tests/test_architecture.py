@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 SOURCE_DIRS = ("datasets", "trainer", "evals")  # installed as molscale.<dir>
 PREFIX = "molscale"
 # lower layers must not import higher ones: layer -> layers it must never import

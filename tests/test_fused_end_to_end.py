@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def run(script, *args):
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600,
-                          env=dict(ENV, TRITON_INTERPRET="1"), cwd=ROOT)
+                          env=cpu_env(TRITON_INTERPRET="1"), cwd=ROOT)
 
 
 def train(run_dir, data, kernel):
@@ -65,6 +65,6 @@ def test_without_the_interpreter_a_cpu_sampler_reports_the_eager_path(qm9_small,
     r = subprocess.run([sys.executable, "evals/generate.py", "--checkpoint", str(tmp_path / "run"), "--n-samples", "4",
                         "--steps", "2", "--num-cpus", "1", "--no-wandb", "--kernel", "fused", "--out", str(out)],
                        capture_output=True, text=True, timeout=600,
-                       env={k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}, cwd=ROOT)
+                       env={k: v for k, v in cpu_env().items() if k != "TRITON_INTERPRET"}, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["source"]["kernel"] == "eager"

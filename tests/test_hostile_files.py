@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 # HOSTILE_SEED / HOSTILE_CASES explore further by hand; `make test` runs the seeded default
 SEED = int(os.environ.get("HOSTILE_SEED", "24"))
@@ -267,7 +267,7 @@ def checkpoint(qm9_small, tmp_path_factory):
                         "--run-dir", str(run_dir), "--max-steps", "4", "--set", f"data.url={qm9_small}",
                         "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
                         "--set", "logging.wandb.enabled=false"],
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return str(run_dir)
 
@@ -430,7 +430,7 @@ def test_an_absurd_atom_count_costs_its_frame_and_no_memory(molecules, entry_poi
               "    print(path, sum(r.ok for r in records), len(records))\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     r = subprocess.run([sys.executable, "-c", script, str(xyz), str(sdf), str(gz)], capture_output=True, text=True,
-                       timeout=60, env=dict(ENV, OPENBLAS_NUM_THREADS="1"), cwd=ROOT)
+                       timeout=60, env=cpu_env(OPENBLAS_NUM_THREADS="1"), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     imported_kib, *reads, peak_kib = r.stdout.split("\n")[:-1]
     assert reads[0].endswith(f" {N_MOLECULES - 1} {N_MOLECULES}")
@@ -455,7 +455,7 @@ def test_damaged_files_through_the_real_commands(molecules, checkpoint, qm9_smal
     lines = seeds["xyz"].split(b"\n")
     lines[0] = b"1000000000"
     xyz.write_bytes(b"\n".join(lines))
-    env = dict(ENV)
+    env = cpu_env()
 
     def run(*argv, timeout=300):
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,

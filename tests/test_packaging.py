@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 SOURCE_DIRS = ("datasets", "trainer", "evals")
 STANDIN_INIT = '"""Stand-in for a third-party distribution named datasets."""\nSTANDIN = True\n'
 TIMEOUT = 300

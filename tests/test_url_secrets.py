@@ -21,9 +21,7 @@ from molscale.datasets.shards.storage import (
     redact_urls,
     url_credentials,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.support import ROOT, cpu_env
 
 # --- the redaction itself ------------------------------------------------------------------------------------
 
@@ -156,11 +154,9 @@ def test_build_train_evaluate_export_write_no_url_secret(s3, tmp_path, ray_tmp):
     prefix = "test-bucket/qm9-url-secrets"
     s3_url = f"s3://{KEY}:{SECRET.replace('/', '%2F')}@{prefix}"           # read and written with these
     http_url = f"http://reader:{TOKEN}@127.0.0.1:{s3.port}/{prefix}"       # the same files over https-style basic auth
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-               RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp,
-               AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
-               AWS_EC2_METADATA_DISABLED="true")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS"):  # only the URL's credentials
+    env = cpu_env(RAY_TMPDIR=ray_tmp, AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+                  AWS_EC2_METADATA_DISABLED="true")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # only the URL's credentials
         env.pop(name, None)
     outputs = []
 

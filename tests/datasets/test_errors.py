@@ -20,8 +20,7 @@ from molscale.datasets.shards.samples import decode_sample
 from molscale.datasets.shards.tario import read_shard_samples
 from molscale.datasets.stream.loader import TooManyBadShardsError as LoaderTooManyBadShardsError
 from molscale.datasets.stream.split_reader import TooManyBadShardsError, iter_split_samples, read_shard
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def run_cli(*args, cwd=ROOT):

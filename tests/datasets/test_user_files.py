@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 N_MOLECULES = 60
 
 
 def datasets_cli(*args):
     return subprocess.run([sys.executable, "-m", "datasets", *args, "--no-progress"], capture_output=True, text=True,
-                          timeout=600, env=ENV, cwd=ROOT)
+                          timeout=600, env=cpu_env(), cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +159,13 @@ def test_train_on_your_own_property_and_predict_it(qm9_samples, tmp_path):
                         "--max-steps", "3", "--set", f"data.url={data}", "--set", 'model.properties=["gap"]',
                         "--set", "data.batch_size=8", "--set", "evaluation.every_steps=0",
                         "--set", "logging.progress_bar=false", "--set", "logging.wandb.enabled=false"],
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert "prop_gap" in rows[-1]
     out = tmp_path / "preds.csv"
     r = subprocess.run([sys.executable, "evals/predict.py", "--checkpoint", str(run), "--input", str(sdf),
-                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out, newline="") as f:
         preds = list(csv.DictReader(f))

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-           RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-ENV.pop("RAY_ADDRESS", None)
+from tests.support import ROOT, cpu_env
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +18,6 @@ def tiny_checkpoint(qm9_small, tmp_path_factory):
                         "--run-dir", str(run_dir), "--max-steps", "6", "--set", f"data.url={qm9_small}",
                         "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
                         "--set", "logging.wandb.enabled=false"],
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return str(run_dir)

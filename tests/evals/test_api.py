@@ -46,10 +46,10 @@ def test_the_readme_example_runs_on_an_exported_model(tiny_checkpoint, tmp_path,
     import subprocess
     import sys
 
-    from tests.evals.conftest import ENV, ROOT
+    from tests.support import ROOT, cpu_env
     exported = tmp_path / "model.safetensors"
     r = subprocess.run([sys.executable, "-m", "trainer.export", tiny_checkpoint, "--out", str(exported)],
-                       capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     readme = open(f"{ROOT}/README.md").read()
     example = re.search(r"```python\n(from molscale\.evals\.api .*?)```", readme, re.S).group(1)

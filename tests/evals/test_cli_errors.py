@@ -13,10 +13,9 @@ import tarfile
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
-           RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-ENV.pop("RAY_ADDRESS", None)
+from tests.support import ROOT, cpu_env
+
+ENV = cpu_env(WANDB_MODE="disabled")  # W&B off entirely: these runs end in errors
 
 
 def generate(*args):

@@ -12,12 +12,12 @@ import pytest
 
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.evals.conditional import atom_count_predictions
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 
 def run(script, *args, timeout=600):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=ENV,
-                          cwd=ROOT)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+                          env=cpu_env(), cwd=ROOT)
 
 
 def train(run_dir, data, *sets):

@@ -12,11 +12,11 @@ import sys
 
 import torch
 
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
 
 
 def test_export_card_and_loading_without_the_run_directory(tiny_checkpoint, qm9_small, tmp_path):

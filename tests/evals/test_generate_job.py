@@ -12,10 +12,10 @@ import pytest
 from rdkit import Chem
 
 from tests.conftest import free_port
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 
-def generate(*args, env=ENV, timeout=600):
+def generate(*args, env=cpu_env(), timeout=600):
     return subprocess.run([sys.executable, "evals/generate.py", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
@@ -155,7 +155,7 @@ def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
     ray = os.path.join(bin_dir, "ray")
     dash = free_port()
     # a throwaway loopback cluster: no token auth between our own ray CLI calls
-    env = dict(ENV, PATH=bin_dir + os.pathsep + ENV.get("PATH", ""), RAY_AUTH_MODE="disabled")
+    env = cpu_env(PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE="disabled")
     start = subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                             # Ray's fixed default ports would collide with any other Ray on this machine

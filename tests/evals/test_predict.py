@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.evals.conftest import ENV, ROOT
+from tests.support import ROOT, cpu_env
 
 N_MOLECULES = 12
 
 
 def predict(*args):
     return subprocess.run([sys.executable, "evals/predict.py", *args], capture_output=True, text=True, timeout=600,
-                          env=ENV, cwd=ROOT)
+                          env=cpu_env(), cwd=ROOT)
 
 
 def read_rows(path):

@@ -16,11 +16,11 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.evals.conftest import ENV, ROOT
 from tests.evals.test_generate_job import read_sdf_coords
+from tests.support import ROOT, cpu_env
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-CLUSTER_ENV = dict(ENV, PATH=os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""),
+CLUSTER_ENV = cpu_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                    RAY_AUTH_MODE="disabled")
 PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
@@ -114,7 +114,7 @@ def test_chunked_smiles_build_on_the_cluster_matches_a_local_build(two_nodes, tm
     common = ["-m", "datasets", "build", "smiles", "--input", str(smiles), "--conformers", "2", "--shard-size", "1",
               "--no-progress"]
     local = subprocess.run([sys.executable, *common, "--backend", "process", "--workers", "1",
-                            "--out", str(tmp_path / "local")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            "--out", str(tmp_path / "local")], capture_output=True, text=True, env=cpu_env(), cwd=ROOT,
                            timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
     remote = subprocess.run([sys.executable, *common, "--backend", "ray", "--out", str(tmp_path / "cluster")],

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from tests.evals.conftest import ENV, ROOT
 from tests.evals.test_generate_job import generate
+from tests.support import ROOT, cpu_env
 from tests.wandb_records import history, run_info
 
 
@@ -52,7 +52,7 @@ def test_eval_run_target(clean_wandb, monkeypatch):
 
 def test_evaluation_joins_the_training_runs_group(qm9_small, tmp_path):
     run_dir = tmp_path / "run"
-    train_env = dict(ENV, WANDB_PROJECT="trained-here")
+    train_env = cpu_env(WANDB_PROJECT="trained-here")
     r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json",
                         "--run-dir", str(run_dir), "--max-steps", "6", "--set", f"data.url={qm9_small}",
                         "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
@@ -64,7 +64,7 @@ def test_evaluation_joins_the_training_runs_group(qm9_small, tmp_path):
     assert (training["project"], training["entity"], training["group"]) == ("trained-here", "team-x", train_id)
 
     out = tmp_path / "eval"
-    env = {k: v for k, v in ENV.items() if k not in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP")}
+    env = {k: v for k, v in cpu_env().items() if k not in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP")}
     r = generate("--checkpoint", str(run_dir), "--n-samples", "6", "--batch", "6", "--steps", "5",
                  "--num-cpus", "2", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,9 @@ import sys
 import pytest
 import torch
 
-from tests.trainer.test_distributed_training import env, finish, launch, log_tail, metrics
+from tests.support import ROOT, cpu_env
+from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATES = "mp_rank_00_model_states.pt"
 RUN = ["--config", "cluster/cpu_smoke.json", "--set", "logging.progress_bar=false", "--set",
        "evaluation.every_steps=0", "--set", "logging.wandb.enabled=false", "--set", "checkpoint.every_steps=2",
@@ -34,7 +33,7 @@ def train(run_dir, data_url, *extra, max_steps=4):
     """trainer/main.py in one process (rc, stdout + stderr)."""
     r = subprocess.run([sys.executable, "trainer/main.py", *RUN, "--run-dir", str(run_dir), "--max-steps",
                         str(max_steps), "--set", f"data.url={data_url}", *extra],
-                       capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -125,7 +124,7 @@ def test_a_planted_payload_is_refused_by_every_command(planted, qm9_small, tmp_p
                       "--set", f"data.url={qm9_small}", "--set", f"init_from={run_dir}"],
     }
     for what, args in commands.items():
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env(),
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=cpu_env(),
                            cwd=ROOT)
         output = r.stdout + r.stderr
         assert r.returncode == 2, (what, output[-3000:])

@@ -16,17 +16,8 @@ import pytest
 import torch
 
 from molscale.trainer.train.config import RunConfig
+from tests.support import ROOT, cpu_env
 from tests.trainer.model_helpers import make_batch, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def cpu_env(**extra):
-    e = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-             **extra)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        e.pop(name, None)
-    return e
 
 
 @pytest.fixture
@@ -162,7 +153,7 @@ def test_cpu_ranks_compile_nothing_and_ignore_a_stale_extension_lock(tmp_path):
             "t = torch.ones(3)\n"
             "dist.all_reduce(t)\n"
             "print('reduced', t.tolist(), dist.get_backend())\n")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="1")
+    env = cpu_env(TORCH_EXTENSIONS_DIR=str(extensions))
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     # the op's 67 MB /dev/shm buffers per rank outlived killed ranks and filled the machine's memory

@@ -18,17 +18,13 @@ import pytest
 import webdataset as wds
 
 from tests.conftest import free_port
+from tests.support import cpu_env
 
 STEPS = 30
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=10", "logging.progress_bar=false",
           "evaluation.every_steps=15", "data.batch_size=16", "data.shuffle_buffer=64"]
 
 
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true",
-             OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("WANDB_API_KEY", None)
-    return e
 
 
 def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed",
@@ -48,7 +44,7 @@ def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed
     if resume:
         cmd += ["--resume", "auto"]
     log = open(os.path.join(os.path.dirname(str(run_dir)), os.path.basename(str(run_dir)) + ".log"), "ab")
-    return subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(proc, timeout=600):

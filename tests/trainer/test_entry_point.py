@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from tests.conftest import free_port
+from tests.support import ROOT, cpu_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUIET = ["--set", "logging.progress_bar=false", "--set", "logging.wandb.enabled=false"]
 
 # Runs trainer/main.py in this process under an audit hook that records every open() of a manifest.json,
@@ -36,16 +36,12 @@ with open(out, "w") as f:
 """
 
 
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    e.pop("RANK", None)
-    return e
 
 
 def counted_start(tmp_path, *args):
     out = tmp_path / "opened.json"
     r = subprocess.run([sys.executable, "-c", COUNTING_RUNNER, str(out), *args], capture_output=True, text=True,
-                       timeout=600, env=env(), cwd=ROOT)
+                       timeout=600, env=cpu_env(), cwd=ROOT)
     assert out.exists(), r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["code"] in (0, None), r.stderr[-3000:]
@@ -77,7 +73,7 @@ def error_lines(text: str) -> list[str]:
 def deepspeed_start(*args, ranks=2):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(ranks),
            "--master_port", str(free_port()), "trainer/main.py", "--config", "cluster/cpu_smoke.json", *QUIET, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
 
 
 def test_a_bad_resume_under_two_ranks_is_one_line_from_rank_0(qm9_small, tmp_path):
@@ -108,7 +104,7 @@ def test_a_bad_config_under_two_ranks_is_one_line(qm9_small, tmp_path):
 def test_bad_input_found_while_building_the_trainer_exits_2(qm9_small, tmp_path, override, message):
     r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json", *QUIET,
                         "--run-dir", str(tmp_path / "run"), "--set", f"data.url={qm9_small}", "--set", override],
-                       capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 2, r.stderr[-3000:]
     lines = error_lines(r.stderr)
     assert len(lines) == 1 and message in lines[0], r.stderr[-3000:]

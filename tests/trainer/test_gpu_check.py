@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.trainer.test_entry_point import ROOT, env
+from tests.support import ROOT, cpu_env
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     r = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--device", "cpu", "--quick", "--data", qm9_small,
                         "--out", str(out), "--train-seconds", "4", "--samples", "12",
                         "--parts", "equality,tune,train,sampling"],
-                       capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert "bench" not in report  # --parts

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.trainer.test_entry_point import ROOT
+from tests.support import ROOT
 
 pytest.importorskip("triton")
 

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from tests.conftest import free_port
-from tests.trainer.test_distributed_training import env, metrics
+from tests.support import ROOT, cpu_env
+from tests.trainer.test_distributed_training import metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 STEPS = 12
 SETTINGS = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "logging.progress_bar=false",
@@ -33,7 +33,7 @@ def start_node(node_rank, port, hostfile, run_dir, data_url, *extra, resume=Fals
         cmd += ["--set", setting]
     cmd += ["--resume", "auto"] if resume else []
     log = open(f"{run_dir}.node{node_rank}.log", "ab")
-    return subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(cmd, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
 def two_nodes(tmp_path, run_dir, data_url, *extra, resume=False):
@@ -101,7 +101,7 @@ def test_torchrun_two_nodes_with_c10d_rendezvous(qm9_small, tmp_path):
         for setting in SETTINGS:
             cmd += ["--set", setting]
         log = open(f"{run_dir}.node{node_rank}.log", "ab")
-        nodes.append(subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        nodes.append(subprocess.Popen(cmd, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     assert [node.wait(600) for node in nodes] == [0, 0], node_log(run_dir, 0)[-3000:] + node_log(run_dir, 1)[-3000:]
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
     assert (run_dir / "step00000004" / "rank1.pt").exists()

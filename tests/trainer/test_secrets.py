@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support import ROOT, cpu_env
+
 SECRETS = {"key": "AKIAFAKEKEY7Q2W9", "secret": "fake-secret-9f8e7d6c5b4a",
            "session_token": "fake-session-token-4c3b2a19"}
 
@@ -24,7 +25,7 @@ def test_a_run_with_credentials_in_its_config_writes_them_nowhere(qm9_small, s3,
     config_path = tmp_path / "with-secrets.json"
     config_path.write_text(json.dumps(config))
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = cpu_env()
     r = subprocess.run([sys.executable, "trainer/main.py", "--config", str(config_path), "--run-dir", str(run_dir),
                         "--max-steps", "4", "--set", "checkpoint.every_steps=2", "--set", "evaluation.every_steps=2",
                         "--set", "logging.progress_bar=false"], capture_output=True, text=True, timeout=600,

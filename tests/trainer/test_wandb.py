@@ -17,8 +17,6 @@ import pytest
 from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
 from tests.wandb_records import artifacts, history, run_info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture
 def clean_wandb(tmp_path, monkeypatch):
