@@ -1,11 +1,16 @@
-"""Shared fixtures: real QM9 shards built once per session, and a real S3 server on loopback."""
+"""Shared fixtures: real QM9 shards built once per session, a tiny checkpoint trained on them, and a real S3
+server on loopback."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
+
+from tests.support import ROOT, cpu_env
 
 # model.kernel = 'fused' on the CPU: Triton's interpreter, chosen when the kernels are defined (at import)
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -64,3 +69,16 @@ def qm9_small(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("qm9") / "qm9-600")
     build_qm9(out, limit=600, shard_size=40, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(qm9_small, tmp_path_factory):
+    """A real UniGEM checkpoint (LUMO head): cpu_smoke trained for 6 steps on the small QM9 shards."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json",
+                        "--run-dir", str(run_dir), "--max-steps", "6", "--set", f"data.url={qm9_small}",
+                        "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
+                        "--set", "logging.wandb.enabled=false"],
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(run_dir)

@@ -1,4 +1,4 @@
-"""What many tests share: the repository root and the environment of a CPU subprocess."""
+"""What many tests share: the repository root, the environment of a CPU subprocess, molecules from samples."""
 
 from __future__ import annotations
 
@@ -18,3 +18,22 @@ def cpu_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+def sample_mol(sample):
+    """An RDKit molecule (3D conformer, bonds, the sample's key as its name) from a shard sample read with bonds."""
+    from rdkit import Chem
+    kinds = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE, 4: Chem.BondType.AROMATIC}
+    mol = Chem.RWMol()
+    for z in sample["z"]:
+        mol.AddAtom(Chem.Atom(int(z)))
+    for i, j, order in sample["bonds"]:
+        mol.AddBond(int(i), int(j), kinds[int(order)])
+    conf = Chem.Conformer(len(sample["z"]))
+    for i, p in enumerate(sample["pos"]):
+        conf.SetAtomPosition(i, [float(v) for v in p])
+    conf.Set3D(True)
+    mol.AddConformer(conf)
+    mol = mol.GetMol()
+    mol.SetProp("_Name", sample["key"])
+    return mol

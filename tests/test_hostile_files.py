@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, sample_mol
 
 # HOSTILE_SEED / HOSTILE_CASES explore further by hand; `make test` runs the seeded default
 SEED = int(os.environ.get("HOSTILE_SEED", "24"))
@@ -52,24 +52,8 @@ def molecules(qm9_small):
 
 def sdf_bytes(samples) -> bytes:
     from rdkit import Chem
-    kinds = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE, 4: Chem.BondType.AROMATIC}
-    blocks = []
-    for s in samples:
-        mol = Chem.RWMol()
-        for z in s["z"]:
-            mol.AddAtom(Chem.Atom(int(z)))
-        for i, j, order in s["bonds"]:
-            mol.AddBond(int(i), int(j), kinds[int(order)])
-        conf = Chem.Conformer(len(s["z"]))
-        for i, p in enumerate(s["pos"]):
-            conf.SetAtomPosition(i, [float(v) for v in p])
-        conf.Set3D(True)
-        mol.AddConformer(conf)
-        mol = mol.GetMol()
-        mol.SetProp("_Name", s["key"])
-        mol.SetProp("gap", f"{s['props']['gap']:.4f}")
-        blocks.append(Chem.MolToMolBlock(mol, kekulize=False) + f">  <gap>\n{s['props']['gap']:.4f}\n\n$$$$\n")
-    return "".join(blocks).encode()
+    return "".join(Chem.MolToMolBlock(sample_mol(s), kekulize=False) + f">  <gap>\n{s['props']['gap']:.4f}\n\n$$$$\n"
+                   for s in samples).encode()
 
 
 def xyz_bytes(samples) -> bytes:
@@ -259,21 +243,8 @@ def run_main(main, argv, capsys, what: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def checkpoint(qm9_small, tmp_path_factory):
-    """A real UniGEM checkpoint with a LUMO head (cpu_smoke, 4 steps): the model evals/predict.py loads."""
-    run_dir = tmp_path_factory.mktemp("hostile-ckpt") / "run"
-    r = subprocess.run([sys.executable, "trainer/main.py", "--config", "cluster/cpu_smoke.json",
-                        "--run-dir", str(run_dir), "--max-steps", "4", "--set", f"data.url={qm9_small}",
-                        "--set", "logging.progress_bar=false", "--set", "evaluation.every_steps=0",
-                        "--set", "logging.wandb.enabled=false"],
-                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(run_dir)
-
-
 @pytest.fixture
-def entry_points(checkpoint, capsys, monkeypatch):
+def entry_points(tiny_checkpoint, capsys, monkeypatch):
     """Callables (path, out) -> exit code for predict and build, run in this process; the checkpoint is loaded
     once (it is not what is fuzzed)."""
     from molscale.datasets.cli import main as datasets_main
@@ -282,7 +253,7 @@ def entry_points(checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(artifacts, "load_for_eval", functools.lru_cache(maxsize=2)(artifacts.load_for_eval))
 
     def predict_file(path, out, what):
-        code, stdout, _ = run_main(predict.main, ["--checkpoint", checkpoint, "--input", path, "--out", out,
+        code, stdout, _ = run_main(predict.main, ["--checkpoint", tiny_checkpoint, "--input", path, "--out", out,
                                                   "--conformers", "1", "--local"], capsys, f"predict {what}")
         return code, stdout
 
@@ -442,7 +413,7 @@ def test_an_absurd_atom_count_costs_its_frame_and_no_memory(molecules, entry_poi
     assert growth_mib < 200, f"reading grew the process by {growth_mib} MiB"
 
 
-def test_damaged_files_through_the_real_commands(molecules, checkpoint, qm9_small, tmp_path):
+def test_damaged_files_through_the_real_commands(molecules, tiny_checkpoint, qm9_small, tmp_path):
     """A few damaged files through real subprocesses: no traceback, per-record reasons or one error line."""
     seeds = seed_files(molecules)
     sdf = tmp_path / "damaged.sdf"
@@ -461,7 +432,7 @@ def test_damaged_files_through_the_real_commands(molecules, checkpoint, qm9_smal
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=ROOT)
 
-    r = run("evals/predict.py", "--checkpoint", checkpoint, "--input", str(sdf), "--out", str(tmp_path / "p.csv"),
+    r = run("evals/predict.py", "--checkpoint", tiny_checkpoint, "--input", str(sdf), "--out", str(tmp_path / "p.csv"),
             "--local")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     rows = read_rows(tmp_path / "p.csv")

@@ -39,7 +39,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("eager", "compiled", "fused")
 # (name, run-config overrides) of the training paths, the first of which is sampled from
 TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
                ("compiled-bf16", ["model.kernel=\"compiled\"", "train.cuda_graphs=false", "deepspeed.bf16=true"]),
@@ -99,6 +98,7 @@ def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float |
 
 
 def bench(args) -> dict:
+    from molscale.trainer.model.egnn import KERNELS
     size = ["--layers", "2", "--hidden", "16", "--batch", "8", "--iters", "1", "--warmup", "1",
             "--sample-iters", "1"] if args.quick else ["--iters", "10", "--warmup", "3"]
     out = {}
@@ -121,6 +121,7 @@ def equality(args) -> dict:
 
     from molscale.datasets.shards.manifest import load_manifest
     from molscale.trainer.bench import make_batch
+    from molscale.trainer.model.egnn import KERNELS
     from molscale.trainer.model.networks import ModelConfig, build_model
     from molscale.trainer.model.sampling import sample_num_atoms
     torch.backends.cuda.matmul.allow_tf32 = False

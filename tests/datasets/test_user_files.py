@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, sample_mol
 
 N_MOLECULES = 60
 
@@ -29,35 +29,20 @@ def qm9_samples(qm9_small):
     return list(iter_split_samples(load_manifest(qm9_small), "train", with_bonds=True, limit=N_MOLECULES))
 
 
-def to_mol(sample) -> Chem.Mol:
-    mol = Chem.RWMol()
-    for z in sample["z"]:
-        mol.AddAtom(Chem.Atom(int(z)))
-    kinds = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE, 4: Chem.BondType.AROMATIC}
-    for i, j, order in sample["bonds"]:
-        mol.AddBond(int(i), int(j), kinds[int(order)])
-    conf = Chem.Conformer(len(sample["z"]))
-    for i, p in enumerate(sample["pos"]):
-        conf.SetAtomPosition(i, [float(v) for v in p])
-    conf.Set3D(True)
-    mol.AddConformer(conf)
-    mol = mol.GetMol()
-    mol.SetProp("_Name", sample["key"])
-    return mol
 
 
 def write_sdf(path, samples, extra_bad=True):
     with Chem.SDWriter(str(path)) as writer:
         writer.SetKekulize(False)
         for s in samples:
-            mol = to_mol(s)
+            mol = sample_mol(s)
             mol.SetProp("gap", f"{s['props']['gap']:.4f}")
             writer.write(mol)
         if extra_bad:
-            missing = to_mol(samples[0])  # no gap tag
+            missing = sample_mol(samples[0])  # no gap tag
             missing.SetProp("_Name", "no-gap")
             writer.write(missing)
-            text = to_mol(samples[1])
+            text = sample_mol(samples[1])
             text.SetProp("_Name", "text-gap")
             text.SetProp("gap", "n/a")
             writer.write(text)
