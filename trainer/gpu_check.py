@@ -12,19 +12,28 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
 2. equality: the compiled and the fused EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs
    difference of the loss and of the parameter gradients, relative to their largest value);
    tune: the fused kernels' tiles (pairs per program, feature chunk, warps) and the two ways of reducing W_2's
-   gradient timed on one block's forward and backward at the recipe's size (set them with MOLSCALE_FUSED_TILES
-   and MOLSCALE_FUSED_WGRAD);
+   gradient, by GPU kernel time of one block's forward and backward at the recipe's size and of a forward alone
+   at a sampling chunk's (set them with MOLSCALE_FUSED_TILES, MOLSCALE_FUSED_FORWARD_TILES, MOLSCALE_FUSED_WGRAD);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
    (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16, fused kernels with CUDA graphs in bf16),
    stopped by SIGTERM (which saves a
    checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
    and compilation happen there);
-4. sampling: `evals/generate.py` on the first path's checkpoint, --samples molecules with 20 denoising steps
-   (21 network evaluations), and the time scaled to the paper's 1,000 steps (x 1001 / 21); eager and fused.
+4. sampling: the network's sampling speed in this process (no Ray, no RDKit): --samples molecules drawn from the
+   dataset's histogram, sampled with 20 denoising steps (21 network evaluations) by the first training path's
+   checkpoint (a fresh recipe model if there is none), eager and fused, bf16 autocast as `generate --precision
+   bf16`; the time scaled to the paper's 1,000 steps (x 1001 / 21); and how far the fused samples drawn in fp32
+   (TF32 off) land from the eager ones with the same seed (per molecule, the largest coordinate difference:
+   median, 99th percentile, largest), beside the same for eager TF32 against eager fp32 as the yardstick: a
+   trajectory amplifies any rounding difference, so only the comparison of the two says something;
+5. generate: `evals/generate.py` end to end on that checkpoint (Ray, the EDM metrics), eager and fused.
 
-Planned to take about 10 minutes on one H100 from a built checkout with data/qm9 built (budget: bench 4 min,
-equality and tune 1.5 min, training 4 x 45 s plus start-up, sampling 2 min); not yet run on a GPU: the first GPU
-session should record the real times in BENCHMARKS.md (`--parts` runs a subset).
+`--parts` picks and orders the parts; `--bench-runs` and `--train-paths` pick the runs inside bench and train
+(a short device lease runs the most important first).
+
+On an H200 (BENCHMARKS.md, "One GPU: H200") `--train-seconds 30 --train-paths graphs-bf16,fused-bf16,graphs-tf32
+--bench-runs bf16-eager,bf16-fused,fp32-eager,fp32-fused,bf16-compiled --parts equality,train,sampling,tune,bench`
+took 324 s: equality 38 s, training 98 s, sampling 39 s, tune 28 s, bench 121 s.
 """
 
 from __future__ import annotations
@@ -44,13 +53,17 @@ TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]
                ("compiled-bf16", ["model.kernel=\"compiled\"", "train.cuda_graphs=false", "deepspeed.bf16=true"]),
                ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"]),
                ("fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=true", "deepspeed.bf16=true"])]
-# the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps); all fit an H100's shared
-# memory (python -m trainer.kernel_check), the 8 x 8 ones spill registers in the backward
-TILE_CANDIDATES = [(4, 8, 32, 8), (4, 4, 32, 8), (4, 4, 32, 4), (4, 8, 64, 8), (8, 8, 32, 8), (8, 8, 64, 8)]
-# ...each with W_2's gradient by a matrix product; these also with the on-chip reduction (MOLSCALE_FUSED_WGRAD)
-ONCHIP_CANDIDATES = [(4, 4, 32, 8), (4, 8, 32, 8)]
+# the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps), the defaults first
+# (model/fused_edges.py); each choice compiles its kernels (a few seconds each). Training tiles run a block's
+# forward and backward at the recipe's batch; forward tiles a forward alone at a sampling chunk's size
+TRAINING_TILE_CANDIDATES = [(4, 4, 32, 4), (4, 8, 32, 8), (8, 8, 32, 8), (2, 8, 32, 4)]
+FORWARD_TILE_CANDIDATES = [(8, 16, 32, 8), (4, 8, 32, 8), (16, 8, 64, 8), (8, 16, 32, 16)]
+# ...training tiles also with the on-chip reduction of W_2's gradient (MOLSCALE_FUSED_WGRAD)
+ONCHIP_CANDIDATES = [(4, 4, 32, 4)]
+SAMPLING_CHUNK = 10000  # molecules in tune's forward-alone measurement
 SAMPLE_STEPS = 20
 PAPER_STEPS = 1000
+BENCH_RUNS = [f"{dtype}-{kernel}" for dtype in ("bf16", "fp32") for kernel in ("eager", "compiled", "fused")]
 
 
 def parse_args(argv=None):
@@ -62,8 +75,13 @@ def parse_args(argv=None):
     p.add_argument("--train-seconds", type=float, default=45.0, help="training time per path before SIGTERM")
     p.add_argument("--samples", type=int, default=10000, help="molecules to sample")
     p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated parts to run, in this order: {','.join(PARTS)} (sampling reads the first "
-                        f"training path's checkpoint)")
+                   help=f"comma-separated parts to run, in the order given: {','.join(PARTS)} (sampling and "
+                        f"generate read the first training path's checkpoint)")
+    p.add_argument("--bench-runs", default=",".join(BENCH_RUNS),
+                   help=f"the bench's runs, DTYPE-KERNEL, in the order given (default: {','.join(BENCH_RUNS)})")
+    p.add_argument("--train-paths", default=",".join(name for name, _ in TRAIN_PATHS),
+                   help="the training paths to run, in the order given (default: all; the first one trained "
+                        "is the one sampled from)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and few iterations (the CPU rehearsal; the numbers mean nothing)")
     return p.parse_args(argv)
@@ -98,19 +116,18 @@ def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float |
 
 
 def bench(args) -> dict:
-    from molscale.trainer.model.egnn import KERNELS
     size = ["--layers", "2", "--hidden", "16", "--batch", "8", "--iters", "1", "--warmup", "1",
             "--sample-iters", "1"] if args.quick else ["--iters", "10", "--warmup", "3"]
     out = {}
-    for dtype in ("bf16", "fp32"):
-        for kernel in KERNELS:
-            name = f"bench-{dtype}-{kernel}"
-            cmd = [sys.executable, "-m", "trainer.bench", "--json", "--device", args.device, "--dtype", dtype,
-                   "--kernel", kernel, "--manifest", args.data, *size]
-            if kernel == "eager":
-                cmd.append("--engine")  # the real trainer's step beside the model's (once per dtype: time is short)
-            code = run(cmd, args, 600, name)
-            out[name] = _last_json_line(os.path.join(args.out, f"{name}.log")) if code == 0 else {"exit_code": code}
+    for run_name in args.bench_runs.split(","):
+        dtype, kernel = run_name.split("-", 1)
+        name = f"bench-{run_name}"
+        cmd = [sys.executable, "-m", "trainer.bench", "--json", "--device", args.device, "--dtype", dtype,
+               "--kernel", kernel, "--manifest", args.data, *size]
+        if kernel == "eager":
+            cmd.append("--engine")  # the real trainer's step beside the model's (once per dtype: time is short)
+        code = run(cmd, args, 300, name)
+        out[name] = _last_json_line(os.path.join(args.out, f"{name}.log")) if code == 0 else {"exit_code": code}
     return out
 
 
@@ -153,8 +170,10 @@ def equality(args) -> dict:
 
 
 def tune(args) -> dict:
-    """Milliseconds of one EGNN block's forward + backward on the fused path per GPU tile choice (bf16 autocast,
-    the recipe's batch 64 of QM9's largest padded size, 27 atoms, H = 256), fastest first."""
+    """GPU milliseconds (kernel time from torch's profiler: what a CUDA-graphed step costs, without the host's
+    launches) of one EGNN block (H = 256, bf16 autocast) per fused tile choice, beside the eager block: forward
+    and backward at the recipe's batch (64 molecules of 27 atoms), and a forward alone at a sampling chunk
+    (10,000 molecules of 26 atoms). The fastest set MOLSCALE_FUSED_TILES and MOLSCALE_FUSED_FORWARD_TILES."""
     import torch
 
     from molscale.trainer.model import fused_edges
@@ -162,43 +181,58 @@ def tune(args) -> dict:
     if args.device != "cuda":
         return {"skipped": "tiles are a GPU setting"}
     block = EGNNBlock(256).to(args.device)
-    block.kernel = "fused"
-    generator = torch.Generator(device=args.device).manual_seed(0)
-    pos = torch.randn(64, 27, 3, device=args.device, generator=generator)
-    h = torch.randn(64, 27, 256, device=args.device, generator=generator, requires_grad=True)
-    graph = DenseGraph.build(pos, torch.ones(64, 27, dtype=torch.bool, device=args.device))
-    timings = {}
-    candidates = [(t, "matmul") for t in TILE_CANDIDATES] + [(t, "onchip") for t in ONCHIP_CANDIDATES]
-    for tiles, weight_grad in candidates:
-        fused_edges.GPU_TILES = tiles
-        os.environ["MOLSCALE_FUSED_WGRAD"] = weight_grad
-        name = ",".join(map(str, tiles)) + ("" if weight_grad == "matmul" else " onchip")
-        try:
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    h_out, pos_out = block(h, pos, graph)
-                (h_out.float().square().mean() + pos_out.square().mean()).backward()
-            for _ in range(2):  # compiles the kernels for these tiles
-                step()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            timings[name] = round(start.elapsed_time(end) / 10, 3)
-        except Exception as err:  # a tile that does not fit (registers, shared memory) is a result, not a failure
-            timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
-    fused_edges.GPU_TILES = None
-    os.environ.pop("MOLSCALE_FUSED_WGRAD", None)
-    numbers = sorted((ms, t) for t, ms in timings.items() if isinstance(ms, float))
-    return {"ms_per_block_fwd_bwd": timings, "fastest": numbers[0][1] if numbers else None}
+    out = {}
+    for use, batch, n, backward, candidates in (
+            ("training", 64, 27, True, [(t, "matmul") for t in TRAINING_TILE_CANDIDATES]
+             + [(t, "onchip") for t in ONCHIP_CANDIDATES]),
+            ("forward", SAMPLING_CHUNK, 26, False, [(t, "matmul") for t in FORWARD_TILE_CANDIDATES])):
+        generator = torch.Generator(device=args.device).manual_seed(0)
+        pos = torch.randn(batch, n, 3, device=args.device, generator=generator)
+        h = torch.randn(batch, n, 256, device=args.device, generator=generator, requires_grad=backward)
+        graph = DenseGraph.build(pos, torch.ones(batch, n, dtype=torch.bool, device=args.device))
+
+        def step():
+            with torch.set_grad_enabled(backward), torch.autocast("cuda", dtype=torch.bfloat16):
+                h_out, pos_out = block(h, pos, graph)
+                if backward:
+                    (h_out.float().square().mean() + pos_out.square().mean()).backward()
+        timings = {}
+        block.kernel = "eager"
+        timings["eager"] = _gpu_ms(step)
+        block.kernel = "fused"
+        for tiles, weight_grad in candidates:
+            fused_edges.GPU_TILES = tiles
+            os.environ["MOLSCALE_FUSED_WGRAD"] = weight_grad
+            name = ",".join(map(str, tiles)) + ("" if weight_grad == "matmul" else " onchip")
+            try:
+                timings[name] = _gpu_ms(step)
+            except Exception as err:  # a tile that does not fit (registers, shared memory) is a result
+                timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
+        fused_edges.GPU_TILES = None
+        os.environ.pop("MOLSCALE_FUSED_WGRAD", None)
+        fused = sorted((ms, name) for name, ms in timings.items() if name != "eager" and isinstance(ms, float))
+        out[use] = {"gpu_ms_per_block": timings, "fastest": fused[0][1] if fused else None}
+    return out
+
+
+def _gpu_ms(step, repeats: int = 5) -> float:
+    """Mean GPU kernel milliseconds of ``step()`` after two warm-up calls (which compile), by torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    return round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats, 3)
 
 
 def train(args) -> dict:
     out = {}
     quick = ["model.layers=2", "model.hidden=16", "data.batch_size=8", "data.num_workers=0"] if args.quick else []
-    for name, overrides in TRAIN_PATHS:
+    for name, overrides in _train_paths(args):
         run_dir = os.path.join(args.out, f"train-{name}")
         sets = [f"data.url={args.data}", "logging.every_steps=" + ("2" if args.quick else "20"),
                 "logging.progress_bar=false", "logging.wandb.enabled=false", "checkpoint.every_steps=1000000",
@@ -219,8 +253,81 @@ def train(args) -> dict:
     return out
 
 
+def _train_paths(args) -> list[tuple[str, list[str]]]:
+    chosen = dict(TRAIN_PATHS)
+    return [(name, chosen[name]) for name in args.train_paths.split(",")]
+
+
+def _sampled_run(args) -> str:
+    return os.path.join(args.out, f"train-{_train_paths(args)[0][0]}")
+
+
 def sampling(args) -> dict:
-    run_dir = os.path.join(args.out, f"train-{TRAIN_PATHS[0][0]}")
+    """Sampling seconds of --samples molecules in this process (see the module's docstring, part 4)."""
+    import torch
+
+    from molscale.datasets.shards.manifest import load_manifest
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.model.egnn import use_kernel
+    from molscale.trainer.model.networks import ModelConfig, build_model
+    from molscale.trainer.model.sampling import sample, sample_num_atoms
+    manifest = load_manifest(args.data)
+    counts = sample_num_atoms(manifest.atom_count_histogram("train"), args.samples, torch.Generator().manual_seed(0))
+    try:
+        model, source = load_for_eval(_sampled_run(args), args.device).model, _sampled_run(args)
+    except Exception as err:  # no checkpoint (training did not run or failed): speed does not depend on weights
+        hidden, layers = (16, 2) if args.quick else (256, 9)
+        model = build_model(ModelConfig(hidden=hidden, layers=layers, properties=["lumo"],
+                                        atom_vocab=list(manifest.atom_vocab))).to(args.device)
+        source = f"a fresh {layers} x {hidden} model ({type(err).__name__}: {str(err)[:120]})"
+    model.eval()
+    out = {"model": source, "molecules": args.samples, "evaluations": SAMPLE_STEPS + 1}
+    samples = {}
+    for kernel, precision in (("eager", "bf16"), ("fused", "bf16"), ("eager", "fp32"), ("fused", "fp32"),
+                              ("eager", "tf32")):
+        use_kernel(model, kernel)
+        model.cfg.kernel = kernel
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        name = f"{kernel}-{precision}"
+        try:
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                sample(model, counts[:64], steps=2, generator=torch.Generator(args.device).manual_seed(1))  # warm
+                _synchronize(args.device)
+                began = time.perf_counter()
+                result = sample(model, counts, steps=SAMPLE_STEPS,
+                                generator=torch.Generator(args.device).manual_seed(2))
+                _synchronize(args.device)
+            seconds = time.perf_counter() - began
+            samples[name] = result["pos"].float()
+            out[name] = {"sampling_seconds": round(seconds, 3),
+                         "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
+                         "finite": bool(torch.isfinite(result["pos"]).all())}
+        except Exception as err:  # one path failing is a result; the others still run
+            out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for label, a, b in (("fused_fp32_vs_eager_fp32", "fused-fp32", "eager-fp32"),
+                        ("eager_tf32_vs_eager_fp32 (yardstick)", "eager-tf32", "eager-fp32")):
+        if a in samples and b in samples:
+            out[label] = _per_molecule_difference(samples[a], samples[b])
+    return out
+
+
+def _per_molecule_difference(a, b) -> dict:
+    """Quantiles over molecules of each molecule's largest coordinate difference (Angstrom)."""
+    import torch
+    largest = (a - b).abs().flatten(1).max(1).values
+    q = torch.quantile(largest, torch.tensor([0.5, 0.99], device=largest.device))
+    return {"median": float(q[0]), "p99": float(q[1]), "max": float(largest.max())}
+
+
+def _synchronize(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(args) -> dict:
+    run_dir = _sampled_run(args)
     out = {}
     for kernel in ("eager", "fused"):
         eval_dir = os.path.join(args.out, f"eval-{kernel}")
@@ -252,15 +359,18 @@ def _last_json_line(path: str) -> dict:
     return {"error": f"no JSON report in {path}"}
 
 
-PARTS = {"bench": bench, "equality": equality, "tune": tune, "train": train, "sampling": sampling}
+PARTS = {"bench": bench, "equality": equality, "tune": tune, "train": train, "sampling": sampling,
+         "generate": generate}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = sorted(set(args.parts.split(",")) - set(PARTS))
-    if unknown:
-        print(f"error: --parts: unknown {unknown}; choose from {','.join(PARTS)}", file=sys.stderr)
-        return 2
+    for option, given, known in (("--parts", args.parts, list(PARTS)), ("--bench-runs", args.bench_runs, BENCH_RUNS),
+                                 ("--train-paths", args.train_paths, [name for name, _ in TRAIN_PATHS])):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            print(f"error: {option}: unknown {unknown}; choose from {','.join(known)}", file=sys.stderr)
+            return 2
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "manifest.json")):
         print(f"error: no dataset at {args.data}: build it with `python -m datasets build qm9 --out {args.data}`",
@@ -269,9 +379,8 @@ def main(argv=None) -> int:
     results_path = os.path.join(args.out, "gpu_check.json")
     results: dict = {"device": args.device, "quick": args.quick}
     failed = False
-    for name, part in PARTS.items():
-        if name not in args.parts.split(","):
-            continue
+    for name in args.parts.split(","):
+        part = PARTS[name]
         began = time.perf_counter()
         print(f"gpu-check: {name} ...", flush=True)
         try:

@@ -6,7 +6,8 @@ Triton compiles a kernel to a GPU binary on any machine (its wheel carries NVIDI
 interpreter cannot show, this does: whether a tile choice fits the architecture's shared memory (a kernel over
 the limit fails to launch) and how many registers it uses and spills (spills go to slow local memory). Speed
 still needs a GPU (`make gpu-check`'s `tune`). Each of the four kernels (forward and backward, message and
-coordinate MLP) is compiled for the given hidden size; the default tiles are model/fused_edges.py's.
+coordinate MLP) is compiled for the given hidden size; the default tiles are model/fused_edges.py's (its
+training tiles for all four, its forward-only tiles for the two forward kernels).
 """
 
 from __future__ import annotations
@@ -84,17 +85,21 @@ def compile_kernel(kind: str, mode: int, tiles: tuple[int, int, int, int], hidde
             "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
-def check(tiles, hidden: int, weight_dtype: str, arch: int, weight_grad: str = "matmul") -> dict:
-    """Every kernel for one tile choice (with MOLSCALE_FUSED_WGRAD's `weight_grad`), and whether all fit the
-    architecture's shared memory."""
+def check(tiles, hidden: int, weight_dtype: str, arch: int, weight_grad: str = "matmul",
+          forward_only: bool = False) -> dict:
+    """Every kernel for one tile choice (with MOLSCALE_FUSED_WGRAD's `weight_grad`; ``forward_only``: the forward
+    kernels alone, as a forward that is not differentiated runs them), and whether all fit the architecture's
+    shared memory."""
     from molscale.trainer.model.fused_edges import COORDINATE, MESSAGE
     onchip = weight_grad == "onchip"
     kinds = ("forward", "backward", "weight-grad") if onchip else ("forward", "backward")
+    kinds = ("forward",) if forward_only else kinds
     kernels = {f"{kind}-{name}": compile_kernel(kind, mode, tiles, hidden, weight_dtype, arch, onchip)
                for kind in kinds for name, mode in (("message", MESSAGE), ("coordinate", COORDINATE))}
     limit = SHARED_LIMIT.get(arch)
     fits = None if limit is None else all(k["shared_bytes"] <= limit for k in kernels.values())
-    return {"tiles": list(tiles), "arch": arch, "hidden": hidden, "dtype": weight_dtype, "weight_grad": weight_grad,
+    return {"tiles": list(tiles), "use": "forward only" if forward_only else "training", "arch": arch,
+            "hidden": hidden, "dtype": weight_dtype, "weight_grad": weight_grad,
             "kernels": kernels,
             "shared_limit": limit, "fits": fits, "spill_bytes": sum(k["spill_bytes"] for k in kernels.values())}
 
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="the H x H products' dtype: bf16 (autocast) or fp32 (TF32)")
     p.add_argument("--tiles", type=_tiles, nargs="*", default=None,
-                   help="rows,columns,features,warps per program (default: the kernels' GPU default)")
+                   help="rows,columns,features,warps per program, every kernel (default: the GPU defaults, the "
+                        "training tiles for every kernel and the forward-only tiles for the forward kernels)")
     p.add_argument("--weight-grad", choices=["matmul", "onchip"], default="matmul",
                    help="how the backward reduces W_2's gradient (MOLSCALE_FUSED_WGRAD); onchip adds its kernel")
     p.add_argument("--json", action="store_true", help="one JSON line per tile choice")
@@ -128,14 +134,16 @@ def main(argv=None) -> int:
         print("error: triton is not installed (pip install 'molscale[gpu]')", file=sys.stderr)
         return 2
     from molscale.trainer.model.fused_edges import _gpu_tiles_from_env
-    for tiles in args.tiles or [_gpu_tiles_from_env()]:
-        result = check(tiles, args.hidden, args.dtype, args.arch, args.weight_grad)
+    choices = [(tiles, False) for tiles in args.tiles] if args.tiles else \
+        [(_gpu_tiles_from_env(True), False), (_gpu_tiles_from_env(False), True)]
+    for tiles, forward_only in choices:
+        result = check(tiles, args.hidden, args.dtype, args.arch, args.weight_grad, forward_only)
         if args.json:
             print(json.dumps(result))
             continue
         verdict = {True: "fits", False: "DOES NOT FIT", None: "limit unknown"}[result["fits"]]
-        print(f"tiles {','.join(map(str, tiles))} on sm_{args.arch}, H {args.hidden}, {args.dtype}, "
-              f"{args.weight_grad} weight gradient: {verdict}")
+        print(f"tiles {','.join(map(str, tiles))} ({result['use']}) on sm_{args.arch}, H {args.hidden}, "
+              f"{args.dtype}, {args.weight_grad} weight gradient: {verdict}")
         for name, k in result["kernels"].items():
             print(f"  {name:20s} shared {k['shared_bytes'] / 1024:7.1f} KiB  registers {k['registers']}  "
                   f"spills {k['spill_bytes']} B")

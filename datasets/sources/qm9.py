@@ -19,7 +19,6 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from molscale.datasets.chemistry.bonds import perceive_bonds
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB, symbols_to_z
 from molscale.datasets.chemistry.properties import QM9_PROPERTIES
 from molscale.datasets.errors import InputError
@@ -151,6 +150,8 @@ def train_atom_count_histogram() -> dict[int, int]:
 
 def _perceive(args):
     """(bonds or None, method or None, error or None) of one molecule."""
+    # imported here: QM9's facts (atom-count histogram, split) are read by the trainer, which needs no RDKit
+    from molscale.datasets.chemistry.bonds import perceive_bonds
     z, pos = args
     try:
         return (*perceive_bonds(z, pos), None)

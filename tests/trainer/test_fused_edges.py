@@ -32,7 +32,7 @@ def weight_grad(request, monkeypatch):
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """2 x 4 pairs and 16 features per tile: several row blocks, column blocks and feature chunks."""
-    monkeypatch.setattr(fused_edges, "tile_sizes", lambda n, hp, device: (2, 4, 16, 1))
+    monkeypatch.setattr(fused_edges, "tile_sizes", lambda n, hp, device, differentiated=True: (2, 4, 16, 1))
 
 
 def block_and_inputs(hidden, num_atoms, n_max=None, dtype=torch.float64, seed=0):
@@ -104,7 +104,7 @@ def test_fused_edge_mlp_gradcheck(weight_grad):
             args += [torch.randn(1, dtype=torch.float64, requires_grad=True), mask]
         else:
             args += [None, None]
-        assert torch.autograd.gradcheck(lambda *x: fused_edges.FusedEdgeMLP.apply(mode, *x), args,
+        assert torch.autograd.gradcheck(lambda *x: fused_edges.FusedEdgeMLP.apply(mode, True, *x), args,
                                         eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
@@ -202,16 +202,44 @@ def test_the_fused_kernel_is_a_config_choice():
 
 
 def test_gpu_tiles_come_from_the_environment(monkeypatch):
+    cuda = torch.device("cuda")
     fused_edges._gpu_tiles_from_env.cache_clear()
+    # the defaults: small tiles where a recomputing backward follows, large ones for a forward alone
+    assert fused_edges.tile_sizes(29, 256, cuda) == fused_edges.TRAINING_TILES
+    assert fused_edges.tile_sizes(29, 256, cuda, differentiated=False) == fused_edges.FORWARD_TILES
+    assert fused_edges.TRAINING_TILES != fused_edges.FORWARD_TILES
     monkeypatch.setenv("MOLSCALE_FUSED_TILES", "16,8,32,8")
-    assert fused_edges.tile_sizes(29, 256, torch.device("cuda")) == (16, 8, 32, 8)
-    assert fused_edges.tile_sizes(29, 16, torch.device("cuda")) == (16, 8, 16, 8)  # never wider than H
-    for bad in ("8,8,64", "8,8,60,4", "2,4,64,4", "a,b,c,d"):
-        fused_edges._gpu_tiles_from_env.cache_clear()
-        monkeypatch.setenv("MOLSCALE_FUSED_TILES", bad)
-        with pytest.raises(ValueError, match="MOLSCALE_FUSED_TILES="):
-            fused_edges.tile_sizes(29, 256, torch.device("cuda"))
+    monkeypatch.setenv("MOLSCALE_FUSED_FORWARD_TILES", "8,8,64,4")
     fused_edges._gpu_tiles_from_env.cache_clear()
+    assert fused_edges.tile_sizes(29, 256, cuda) == (16, 8, 32, 8)
+    assert fused_edges.tile_sizes(29, 16, cuda) == (16, 8, 16, 8)  # never wider than H
+    assert fused_edges.tile_sizes(29, 256, cuda, differentiated=False) == (8, 8, 64, 4)
+    for name, differentiated in (("MOLSCALE_FUSED_TILES", True), ("MOLSCALE_FUSED_FORWARD_TILES", False)):
+        for bad in ("8,8,64", "8,8,60,4", "2,4,64,4", "a,b,c,d"):
+            fused_edges._gpu_tiles_from_env.cache_clear()
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name}="):
+                fused_edges.tile_sizes(29, 256, cuda, differentiated)
+        monkeypatch.delenv(name)
+    fused_edges._gpu_tiles_from_env.cache_clear()
+
+
+def test_a_forward_alone_takes_the_forward_tiles_and_a_differentiated_one_the_training_tiles(monkeypatch):
+    asked = []
+
+    def record(n, hp, device, differentiated=True):
+        asked.append(differentiated)
+        return 2, 4, 16, 1
+    monkeypatch.setattr(fused_edges, "tile_sizes", record)
+    block, h, pos, graph = block_and_inputs(16, [5, 3])
+    block.kernel = "fused"
+    with torch.no_grad():  # sampling, validation, prediction
+        block(h, pos, graph)
+    assert asked == [False, False]  # the message and the coordinate MLP
+    asked.clear()
+    h_out, pos_out = block(h.clone().requires_grad_(), pos, graph)
+    (h_out.sum() + pos_out.sum()).backward()
+    assert asked == [True, True]
 
 
 def test_a_bad_weight_gradient_mode_is_refused(monkeypatch):

@@ -14,7 +14,7 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     out = tmp_path / "gc"
     r = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--device", "cpu", "--quick", "--data", qm9_small,
                         "--out", str(out), "--train-seconds", "4", "--samples", "12",
-                        "--parts", "equality,tune,train,sampling"],
+                        "--parts", "equality,tune,train,sampling,generate"],
                        capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
@@ -27,13 +27,24 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     assert eager["exit_code"] == 0 and eager["steps"] > 0 and eager["median_molecules_per_s"] > 0
     assert set(report["train"]) == {"graphs-bf16", "compiled-bf16", "graphs-tf32", "fused-bf16"}
     assert report["train"]["fused-bf16"]["exit_code"] == 0 and report["train"]["fused-bf16"]["steps"] > 0
-    for kernel in ("eager", "fused"):
-        sampled = report["sampling"][kernel]
-        assert sampled["molecules"] == 12 and sampled["evaluations"] == 21 and 0 <= sampled["validity"] <= 1
-        assert sampled["seconds_at_1000_steps"] == pytest.approx(sampled["sampling_seconds"] * 1001 / 21, rel=0.01)
+    sampled = report["sampling"]  # in this process: the first training path's checkpoint
+    assert sampled["model"].endswith("train-graphs-bf16") and sampled["evaluations"] == 21
+    for name in ("eager-bf16", "fused-bf16", "eager-fp32", "fused-fp32", "eager-tf32"):
+        assert sampled[name]["finite"], name
+        assert sampled[name]["seconds_at_1000_steps"] == pytest.approx(sampled[name]["sampling_seconds"] * 1001 / 21,
+                                                                       rel=0.01, abs=0.1)  # both rounded
+    difference = sampled["fused_fp32_vs_eager_fp32"]
+    assert 0 <= difference["median"] <= difference["p99"] <= difference["max"]
+    for kernel in ("eager", "fused"):  # end to end: Ray samplers and the EDM metrics
+        generated = report["generate"][kernel]
+        assert generated["molecules"] == 12 and generated["evaluations"] == 21 and 0 <= generated["validity"] <= 1
 
 
 def test_gpu_check_refuses_a_missing_dataset_and_unknown_parts(tmp_path):
     from molscale.trainer import gpu_check
     assert gpu_check.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert gpu_check.main(["--data", str(tmp_path), "--parts", "bench,warp", "--out", str(tmp_path / "o")]) == 2
+    assert gpu_check.main(["--data", str(tmp_path), "--bench-runs", "bf16-eager,fp16-eager", "--out",
+                           str(tmp_path / "o")]) == 2
+    assert gpu_check.main(["--data", str(tmp_path), "--train-paths", "graphs-bf16,fast", "--out",
+                           str(tmp_path / "o")]) == 2

@@ -23,13 +23,16 @@ def kernel_check(*args):
 
 @pytest.mark.parametrize("arch, dtype", [(90, "bf16"), (80, "fp32")])
 def test_the_default_tiles_fit_the_gpu(arch, dtype):
-    (result,) = kernel_check("--arch", str(arch), "--dtype", dtype)
-    assert result["fits"], result
-    assert set(result["kernels"]) == {"forward-message", "forward-coordinate", "backward-message",
-                                      "backward-coordinate"}
-    forward = [k for name, k in result["kernels"].items() if name.startswith("forward")]
-    assert all(k["spill_bytes"] == 0 for k in forward), result  # sampling's kernels never touch local memory
-    assert result["spill_bytes"] <= 1024, result
+    training, forward = kernel_check("--arch", str(arch), "--dtype", dtype)
+    assert training["use"] == "training" and forward["use"] == "forward only"
+    assert training["fits"] and forward["fits"], (training, forward)
+    assert set(training["kernels"]) == {"forward-message", "forward-coordinate", "backward-message",
+                                        "backward-coordinate"}
+    assert set(forward["kernels"]) == {"forward-message", "forward-coordinate"}
+    # the training tiles are small enough to spill little in the recomputing backward; the forward-only tiles
+    # were chosen by GPU time despite a spill in the message kernel (BENCHMARKS.md, "One GPU: H200")
+    assert training["spill_bytes"] <= 1024, training
+    assert forward["kernels"]["forward-coordinate"]["spill_bytes"] <= 512, forward
 
 
 def test_shared_memory_grows_with_the_tile_and_the_check_says_when_it_does_not_fit():

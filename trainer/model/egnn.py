@@ -19,6 +19,7 @@ The edge-list reference (`trainer/model/reference_edgelist.py`) runs the same pa
 """
 
 import functools
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -193,7 +194,12 @@ def _compiled():
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     log.info("model.kernel=compiled: compiled code is cached in %s (TORCHINDUCTOR_CACHE_DIR)", cache_dir())
-    return torch.compile(_step, fullgraph=True, dynamic=False, recompile_limit=RECOMPILE_LIMIT)
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.12: this function's own
+        return torch.compile(_step, fullgraph=True, dynamic=False, recompile_limit=RECOMPILE_LIMIT)
+    # older torch (a GPU image's own build): the process-wide limit, raised only
+    import torch._dynamo as dynamo
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(_step, fullgraph=True, dynamic=False)
 
 
 def _shape_key(block, h, pos):

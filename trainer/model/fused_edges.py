@@ -106,31 +106,42 @@ def runs_on(device: torch.device) -> bool:
     return reason is None
 
 
+# (rows i, columns j, feature chunk, warps) per program on a GPU, chosen by GPU kernel time on an H200 (torch's
+# profiler; BENCHMARKS.md "One GPU: H200"). A forward that will be differentiated keeps its tiles for the
+# recomputing backward, where small tiles win (1.87 ms per block for 4 x 4 pairs with 4 warps against 2.64 ms for
+# 4 x 8 with 8, batch 64, bf16); a forward alone (sampling, validation, prediction) is fastest with 8 x 16 pairs
+# (31 ms per block at 10,000 molecules against 61 ms for 4 x 8 and 45 ms eager). python -m trainer.kernel_check
+# shows the registers and shared memory of each.
+TRAINING_TILES = (4, 4, 32, 4)
+FORWARD_TILES = (8, 16, 32, 8)
+TILES_ENV = {True: "MOLSCALE_FUSED_TILES", False: "MOLSCALE_FUSED_FORWARD_TILES"}  # by "differentiated"
+
+
 @functools.cache
-def _gpu_tiles_from_env() -> tuple[int, int, int, int]:
-    text = os.environ.get("MOLSCALE_FUSED_TILES", "4,8,32,8")
+def _gpu_tiles_from_env(differentiated: bool = True) -> tuple[int, int, int, int]:
+    name = TILES_ENV[differentiated]
+    default = TRAINING_TILES if differentiated else FORWARD_TILES
+    text = os.environ.get(name, ",".join(map(str, default)))
     try:
         tiles = tuple(int(part) for part in text.split(","))
     except ValueError:
         tiles = ()
     if len(tiles) != 4 or any(t < 1 or t & (t - 1) for t in tiles) or tiles[0] * tiles[1] < 16 or tiles[2] < 16:
-        raise ValueError(f"MOLSCALE_FUSED_TILES={text!r}: give rows,columns,features,warps as powers of two, "
-                         f"rows x columns and features at least 16 (default 4,8,32,8)")
+        raise ValueError(f"{name}={text!r}: give rows,columns,features,warps as powers of two, rows x columns "
+                         f"and features at least 16 (default {','.join(map(str, default))})")
     return tiles
 
 
-# (rows i, columns j, feature chunk, warps) per program on a GPU; None: MOLSCALE_FUSED_TILES or its default of
-# 4 x 8 pairs, 32 features, 8 warps. Compiled for an H100 on a CPU (python -m trainer.kernel_check), that uses
-# 33 KiB of shared memory per program and spills no register in the forward kernels (316 bytes in the message
-# backward); 8 x 8 pairs spill in both. Not timed on a GPU yet: `make gpu-check` sweeps a few choices.
+# set by `make gpu-check`'s sweep: these tiles for every call, ahead of the environment and the defaults
 GPU_TILES: tuple[int, int, int, int] | None = None
 
 
-def tile_sizes(n: int, hidden_padded: int, device: torch.device):
-    """(rows i, columns j, feature chunk, warps) per program. The interpreter's cost is per operation rather than
-    per element: there one tile covers a molecule."""
+def tile_sizes(n: int, hidden_padded: int, device: torch.device, differentiated: bool = True):
+    """(rows i, columns j, feature chunk, warps) per program; ``differentiated``: a backward will follow (training)
+    or not (sampling). The interpreter's cost is per operation rather than per element: there one tile covers a
+    molecule."""
     if device.type == "cuda":
-        bi, bj, bk, warps = GPU_TILES or _gpu_tiles_from_env()
+        bi, bj, bk, warps = GPU_TILES or _gpu_tiles_from_env(differentiated)
         return bi, bj, min(bk, hidden_padded), warps
     side = max(4, min(32, triton.next_power_of_2(n)))
     return side, side, hidden_padded, 1
@@ -371,11 +382,11 @@ class FusedEdgeMLP(torch.autograd.Function):
     """agg [B, N, H] (MESSAGE) or phi [B, N, N] (COORDINATE) of one edge MLP, with a recomputing backward."""
 
     @staticmethod
-    def forward(ctx, mode, a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask):
+    def forward(ctx, mode, differentiated, a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask):
         batch, n, hidden = a.shape
         acc = _acc_dtype(a, edge_attr, w_2)
         hp = max(16, triton.next_power_of_2(hidden))
-        bi, bj, bk, warps = tile_sizes(n, hp, a.device)
+        bi, bj, bk, warps = tile_sizes(n, hp, a.device, differentiated)
         pairs = batch * n * n
         item = torch.empty((), dtype=acc).element_size()
         out_bytes = pairs * item if mode == COORDINATE else 0  # phi is edge-shaped; agg is node-sized
@@ -435,7 +446,7 @@ class FusedEdgeMLP(torch.autograd.Function):
         # fixed-order reductions of the per-program partial sums: deterministic
         dc = dc_part.view(batch, nbi, n, hidden).sum(1)
         dw_2, db_2 = dw_2.to(w_2.dtype), db_2.to(b_2.dtype)
-        grads = [None, da.to(a.dtype), dc.to(c.dtype), de.to(edge_attr.dtype), dwe_part.sum(0).to(w_e.dtype),
+        grads = [None, None, da.to(a.dtype), dc.to(c.dtype), de.to(edge_attr.dtype), dwe_part.sum(0).to(w_e.dtype),
                  dw_2, db_2, dwv_part.sum(0).to(w_v.dtype)]
         grads.append(dbv_part.sum().reshape(b_v.shape).to(b_v.dtype) if ctx.mode == MESSAGE else None)
         return (*grads, None)
@@ -478,5 +489,8 @@ def fused_edge_mlp(mode, a, c, edge_attr, lin_e, lin_2, lin_v, mask=None):
     if torch.is_autocast_enabled(a.device.type):
         w_2 = w_2.to(torch.get_autocast_dtype(a.device.type))  # the product in bf16, as the eager Linear's
     bias_v = lin_v.bias if mode == MESSAGE else None
-    return FusedEdgeMLP.apply(mode, a, c, edge_attr, lin_e.weight, w_2, lin_2.bias, lin_v.weight.reshape(-1),
-                              bias_v, mask)
+    # a backward will follow (training): the forward takes the tiles the recomputing backward is fastest with
+    differentiated = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (a, c, edge_attr, lin_e.weight, w_2, lin_2.bias, lin_v.weight))
+    return FusedEdgeMLP.apply(mode, differentiated, a, c, edge_attr, lin_e.weight, w_2, lin_2.bias,
+                              lin_v.weight.reshape(-1), bias_v, mask)
