@@ -4,22 +4,15 @@ server on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, free_port
 
 # model.kernel = 'fused' on the CPU: Triton's interpreter, chosen when the kernels are defined (at import)
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

@@ -1,8 +1,14 @@
-"""What many tests share: the repository root, the environment of a CPU subprocess, molecules from samples."""
+"""What many tests share: the repository root, the environment of a CPU subprocess, free ports, the trainer's
+launchers (deepspeed, torchrun, python) and reading their runs, molecules from samples."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: commands run from here, as the README runs them
@@ -37,3 +43,72 @@ def sample_mol(sample):
     mol = mol.GetMol()
     mol.SetProp("_Name", sample["key"])
     return mol
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# launch()'s run settings, ahead of a test's own --set values
+LAUNCH_STEPS = 30
+LAUNCH_SETTINGS = [f"train.max_steps={LAUNCH_STEPS}", "checkpoint.every_steps=10", "logging.progress_bar=false",
+          "evaluation.every_steps=15", "data.batch_size=16", "data.shuffle_buffer=64"]
+
+
+
+
+def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed",
+           config="cluster/cpu_smoke.json", script="trainer/main.py"):
+    """Start trainer/main.py (or a stand-in ``script``) the way users do: under deepspeed, torchrun or python."""
+    bin_dir = os.path.dirname(sys.executable)
+    if launcher == "deepspeed":
+        cmd = [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
+    elif launcher == "torchrun":
+        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    else:
+        cmd = [sys.executable]
+    cmd += [script, "--config", config, "--run-dir", str(run_dir),
+            "--set", f"data.url={data_url}"]
+    for s in LAUNCH_SETTINGS + list(extra):
+        cmd += ["--set", s]
+    if resume:
+        cmd += ["--resume", "auto"]
+    log = open(os.path.join(os.path.dirname(str(run_dir)), os.path.basename(str(run_dir)) + ".log"), "ab")
+    return subprocess.Popen(cmd, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc, timeout=600):
+    """The launched run's exit code; its whole process group killed if it outlives ``timeout``."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def metrics(run_dir):
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def log_tail(run_dir):
+    """The last 3,000 characters of the log launch() wrote beside the run directory."""
+    path = str(run_dir) + ".log"
+    return open(path, errors="replace").read()[-3000:] if os.path.exists(path) else ""
+
+
+def generate(*args, env=None, timeout=600):
+    """evals/generate.py as a user runs it from the checkout (on the CPU unless ``env`` says otherwise)."""
+    return subprocess.run([sys.executable, "evals/generate.py", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or cpu_env(), cwd=ROOT)
+
+
+def read_sdf_coords(path):
+    """(name, atomic numbers, coordinates to 1e-4) of each molecule of an SDF file, as written."""
+    from rdkit import Chem
+    return [(m.GetProp("_Name") if m.HasProp("_Name") else "", [a.GetAtomicNum() for a in m.GetAtoms()],
+             m.GetConformer().GetPositions().round(4).tolist())
+            for m in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False)]

@@ -3,6 +3,8 @@
 * Layering: evals -> trainer -> datasets. molscale.datasets imports neither molscale.trainer nor
   molscale.evals; molscale.trainer never imports molscale.evals.
 * The module import graph of molscale has no cycle.
+* Test modules share helpers through helper modules (tests/support.py, the folders' helpers), never by importing
+  another test module: a test file can then be moved, renamed or deleted on its own.
 * No code imports the bare top-level names ``datasets``, ``trainer`` or ``evals``: the source folders
   install as molscale.datasets, molscale.trainer and molscale.evals only, so a bare name is either a
   different distribution (Hugging Face ``datasets``) or nothing at all.
@@ -286,6 +288,19 @@ def test_molscale_imports_resolve():
     modules, edges = project_imports()
     dangling = [e for e in edges if e.target not in modules and e.target != PREFIX]
     assert not dangling, "imports of molscale modules that do not exist:\n" + "\n".join(map(str, dangling))
+
+
+def test_modules_import_tests_only_from_helper_modules():
+    """No tests/**/test_*.py imports from another test module (conftest.py, support and helper modules are fine)."""
+    bad = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            bad += [f"{path.relative_to(ROOT)}: imports {name}" for name in names
+                    if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")]
+    assert not bad, "test modules importing other test modules (move the helper to a helper module):\n" + \
+        "\n".join(bad)
 
 
 def test_no_bare_top_level_imports():

@@ -73,7 +73,7 @@ def resolve_checkpoint(path: str) -> str:
     folder = os.path.abspath(path.rstrip("/"))
     if TAG_RE.match(os.path.basename(folder)):
         if not os.path.exists(os.path.join(folder, MARKER)):
-            raise CheckpointError(f"checkpoint {path}: not a complete checkpoint (no 'complete' marker)")
+            raise CheckpointError(f"checkpoint {path}: not a complete checkpoint (no '{MARKER}' marker)")
     else:
         tags = tags_newest_first(folder)
         if not tags:

@@ -31,4 +31,3 @@ QM9_PROPERTIES = (
     PropertySpec("G", "GibbsFreeEnergy_298K_au", "meV", HARTREE_TO_MEV),
     PropertySpec("Cv", "Heatcapacity_Cv_cal_mol_K", "cal/(mol K)"),
 )
-QM9_PROPERTY_NAMES = tuple(p.name for p in QM9_PROPERTIES)

@@ -33,7 +33,7 @@ from molscale.datasets.shards.samples import encode_sample
 from molscale.datasets.shards.writer import SplitShardWriter
 
 QM9_NUM_MOLECULES = 130_831
-QM9_SPLIT_SIZES = {"train": 100_000, "valid": 17_748, "test": 13_083}
+QM9_SPLIT_SIZES = {"train": 100_000, "valid": 17_748, "test": 13_083}  # EDM's split (qm9/data/prepare)
 _CSV_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 
 
@@ -60,9 +60,11 @@ def standard_split(num_molecules: int = QM9_NUM_MOLECULES) -> np.ndarray:
     """
     perm = np.random.RandomState(0).permutation(num_molecules)
     split_of = np.empty(num_molecules, dtype=np.int8)
-    split_of[perm[:100_000]] = 0
-    split_of[perm[100_000:117_748]] = 1
-    split_of[perm[117_748:]] = 2
+    train_end = QM9_SPLIT_SIZES["train"]
+    valid_end = train_end + QM9_SPLIT_SIZES["valid"]
+    split_of[perm[:train_end]] = 0
+    split_of[perm[train_end:valid_end]] = 1
+    split_of[perm[valid_end:]] = 2
     return split_of
 
 

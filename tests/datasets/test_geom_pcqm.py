@@ -15,12 +15,11 @@ from rdkit.Chem import AllChem
 from molscale.datasets.chemistry.bonds import bonds_from_mol
 from molscale.datasets.chemistry.elements import GEOM_ATOM_VOCAB
 from molscale.datasets.errors import InputError
-from molscale.datasets.shards.manifest import load_manifest
-from molscale.datasets.shards.samples import decode_sample
 from molscale.datasets.shards.tario import read_shard_samples
 from molscale.datasets.sources.geom import assign_split, build_geom
 from molscale.datasets.sources.pcqm4mv2 import build_pcqm4mv2
 from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
+from tests.datasets.helpers import all_samples, loader_count, shard_bytes
 
 SMILES = ["CCO", "CCN", "CC(=O)O", "c1ccccc1O", "CC(C)C", "OCCO", "CCCl", "NCC(=O)O", "CC#N", "C1CCCC1",
           "COC", "CCCCO", "c1ccncc1", "CC(F)(F)F", "CCS", "CNC(=O)C", "C=CC=O", "OC1CCCC1", "CCBr", "CP"]
@@ -38,26 +37,6 @@ def embed(smiles, n=N_CONF, seed=7):
 def energies(m):
     # distinct, deliberately not sorted: lowest three are conformers 3, 0, 4 (in that order)
     return [-100.0 - m + e for e in (-0.3, 0.1, 0.2, -0.5, -0.25)]
-
-
-def all_samples(url):
-    manifest = load_manifest(url)
-    out = {}
-    for split in manifest.splits:
-        for shard in manifest.shards(split):
-            with open(manifest.shard_url(shard), "rb") as f:
-                for s in read_shard_samples(f.read()):
-                    out[s["__key__"]] = (split, decode_sample(s))
-    return manifest, out
-
-
-def loader_count(url, split="train"):
-    loader = StreamingLoader(LoaderConfig(url=url, batch_size=4, split=split), rank=0, world_size=1)
-    n = 0
-    for batch in loader:
-        n += int(np.asarray(batch["num_atoms"]).shape[0])
-        assert np.asarray(batch["pos"]).shape[0] <= 4
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +134,6 @@ def test_geom_msgpack_by_molecule(tmp_path, msgpack_source):
                  "--shard-size", "7", "--no-progress", "--interleave", "1"]) == 0
     with pytest.raises(InputError, match="already holds"):
         build_geom(out, msgpack_source, conformers=2, shard_size=7, progress=False, interleave=1)
-
-
-def shard_bytes(url):
-    manifest = load_manifest(url)
-    return {sh["name"]: open(manifest.shard_url(sh), "rb").read() for sp in manifest.splits
-            for sh in manifest.shards(sp)}
 
 
 def test_geom_parallel_workers_give_the_same_shards(tmp_path, msgpack_source):

@@ -12,7 +12,7 @@ from molscale.datasets.chemistry.bonds import bonds_from_mol
 from molscale.datasets.errors import InputError
 from molscale.datasets.sources.geom import assign_split
 from molscale.datasets.sources.smiles import build_smiles, moses_file, read_smiles
-from tests.datasets.test_geom_pcqm import all_samples, loader_count, shard_bytes
+from tests.datasets.helpers import all_samples, loader_count, shard_bytes
 
 GOOD = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCN(CC)CC", "OC(=O)CCl", "C1CCOC1"]
 LINES = ["CCO ethanol", "c1ccccc1O", "C1CC(=O", "C[Se]C", "CC(=O)Nc1ccc(O)cc1", "", "# a comment",

@@ -9,15 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from rdkit import Chem
 
-from tests.conftest import free_port
-from tests.support import ROOT, cpu_env
-
-
-def generate(*args, env=cpu_env(), timeout=600):
-    return subprocess.run([sys.executable, "evals/generate.py", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+from tests.support import ROOT, cpu_env, free_port, generate, read_sdf_coords
 
 
 def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_path):
@@ -54,12 +47,6 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     r = generate("--dataset", qm9_small, "--split", "tset", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no split 'tset'" in r.stderr
     assert "Started a local Ray" not in r.stderr + r.stdout
-
-
-def read_sdf_coords(path):
-    return [(m.GetProp("_Name") if m.HasProp("_Name") else "", [a.GetAtomicNum() for a in m.GetAtoms()],
-             m.GetConformer().GetPositions().round(4).tolist())
-            for m in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False)]
 
 
 def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_checkpoint, tmp_path):

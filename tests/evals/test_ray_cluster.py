@@ -15,9 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import free_port
-from tests.evals.test_generate_job import read_sdf_coords
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, free_port, read_sdf_coords
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 CLUSTER_ENV = cpu_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from tests.evals.test_generate_job import generate
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, generate
 from tests.wandb_records import history, run_info
 
 

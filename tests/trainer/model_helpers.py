@@ -4,7 +4,7 @@ import torch
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.trainer.model.diffusion import remove_mean
-from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.networks import ModelConfig, UniGEM, build_model
 
 
 def make_batch(num_atoms, n_max=None, dtype=torch.float64, seed=0, num_types=5, num_props=2):
@@ -35,3 +35,28 @@ def random_orthogonal(seed, reflect):
     if (torch.det(q) < 0) != reflect:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def outputs(model, batch, seed):
+    """Network outputs (UniGEM: growth branch with its heads) for a batch at fixed random times."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, model.num_steps + 1, (len(batch["num_atoms"]),), generator=gen)
+    if isinstance(model, UniGEM):
+        return model.denoise(batch["pos"], batch["node_mask"], t, "growth", heads=True)
+    h = model.atom_features(batch["atom_type"], batch["node_mask"], batch["pos"].dtype) + 0.1
+    return model.denoise(batch["pos"], h * batch["node_mask"][..., None], batch["node_mask"], t)
+
+
+def outputs_and_grads(model, batch, seed, pos_grad=False):
+    """Outputs, and the gradients of a random weighting of them with respect to every parameter (and with
+    pos_grad to the input coordinates, as 'pos')."""
+    model.zero_grad(set_to_none=True)
+    batch = {**batch, "pos": batch["pos"].clone().requires_grad_(pos_grad)}
+    out = outputs(model, batch, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = sum((value * torch.randn(value.shape, generator=gen, dtype=value.dtype)).sum() for value in out.values())
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    if pos_grad:
+        grads["pos"] = batch["pos"].grad
+    return {k: v.detach() for k, v in out.items()}, grads

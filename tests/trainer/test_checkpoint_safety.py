@@ -20,8 +20,7 @@ import sys
 import pytest
 import torch
 
-from tests.support import ROOT, cpu_env
-from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
+from tests.support import ROOT, cpu_env, finish, launch, log_tail, metrics
 
 STATES = "mp_rank_00_model_states.pt"
 RUN = ["--config", "cluster/cpu_smoke.json", "--set", "logging.progress_bar=false", "--set",

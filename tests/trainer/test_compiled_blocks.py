@@ -11,8 +11,8 @@ import torch
 
 from molscale.trainer.model import egnn
 from molscale.trainer.model.egnn import use_kernel
-from molscale.trainer.model.networks import ModelConfig, UniGEM
-from tests.trainer.model_helpers import make_batch, tiny_model
+from molscale.trainer.model.networks import ModelConfig
+from tests.trainer.model_helpers import make_batch, outputs, outputs_and_grads, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -23,31 +23,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # has no gradient).
 BUCKETS = [([1, 2], None, False), ([4, 5, 3], None, True), ([6, 9, 7, 9], 10, True)]
 HIDDEN = 16
-
-
-def outputs(model, batch, seed):
-    """Network outputs (UniGEM: growth branch with its heads) for a batch at fixed random times."""
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, model.num_steps + 1, (len(batch["num_atoms"]),), generator=gen)
-    if isinstance(model, UniGEM):
-        return model.denoise(batch["pos"], batch["node_mask"], t, "growth", heads=True)
-    h = model.atom_features(batch["atom_type"], batch["node_mask"], batch["pos"].dtype) + 0.1
-    return model.denoise(batch["pos"], h * batch["node_mask"][..., None], batch["node_mask"], t)
-
-
-def outputs_and_grads(model, batch, seed, pos_grad=False):
-    """Outputs, and the gradients of a random weighting of them with respect to every parameter (and with
-    pos_grad to the input coordinates, as 'pos')."""
-    model.zero_grad(set_to_none=True)
-    batch = {**batch, "pos": batch["pos"].clone().requires_grad_(pos_grad)}
-    out = outputs(model, batch, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    loss = sum((value * torch.randn(value.shape, generator=gen, dtype=value.dtype)).sum() for value in out.values())
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    if pos_grad:
-        grads["pos"] = batch["pos"].grad
-    return {k: v.detach() for k, v in out.items()}, grads
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,52 +15,9 @@ import psutil
 import pytest
 import webdataset as wds
 
-from tests.conftest import free_port
-from tests.support import cpu_env
+from tests.support import LAUNCH_STEPS, finish, launch, log_tail, metrics
 
-STEPS = 30
-COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=10", "logging.progress_bar=false",
-          "evaluation.every_steps=15", "data.batch_size=16", "data.shuffle_buffer=64"]
-
-
-
-
-def launch(run_dir, data_url, *extra, ranks=2, resume=False, launcher="deepspeed",
-           config="cluster/cpu_smoke.json", script="trainer/main.py"):
-    """Start trainer/main.py (or a stand-in ``script``) the way users do: under deepspeed, torchrun or python."""
-    bin_dir = os.path.dirname(sys.executable)
-    if launcher == "deepspeed":
-        cmd = [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
-    elif launcher == "torchrun":
-        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
-    else:
-        cmd = [sys.executable]
-    cmd += [script, "--config", config, "--run-dir", str(run_dir),
-            "--set", f"data.url={data_url}"]
-    for s in COMMON + list(extra):
-        cmd += ["--set", s]
-    if resume:
-        cmd += ["--resume", "auto"]
-    log = open(os.path.join(os.path.dirname(str(run_dir)), os.path.basename(str(run_dir)) + ".log"), "ab")
-    return subprocess.Popen(cmd, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc, timeout=600):
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def log_tail(run_dir):
-    path = str(run_dir) + ".log"
-    return open(path, errors="replace").read()[-3000:] if os.path.exists(path) else ""
+STEPS = LAUNCH_STEPS
 
 
 @pytest.fixture(scope="module")

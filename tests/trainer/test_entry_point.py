@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port
-from tests.support import ROOT, cpu_env
+from tests.support import ROOT, cpu_env, free_port
 
 QUIET = ["--set", "logging.progress_bar=false", "--set", "logging.wandb.enabled=false"]
 

@@ -15,9 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
-from tests.support import ROOT, cpu_env
-from tests.trainer.test_distributed_training import metrics
+from tests.support import ROOT, cpu_env, free_port, metrics
 
 BIN = os.path.dirname(sys.executable)
 STEPS = 12

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
+from tests.support import finish, launch, log_tail, metrics
 
 STEPS = 16
 SETTINGS = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "evaluation.every_steps=0",

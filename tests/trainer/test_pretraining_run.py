@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
+from tests.support import finish, launch, log_tail, metrics
 
 PRETRAIN = "cluster/cpu_pretrain_smoke.json"
 

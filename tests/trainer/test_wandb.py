@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.trainer.test_distributed_training import finish, launch, log_tail, metrics
+from tests.support import finish, launch, log_tail, metrics
 from tests.wandb_records import artifacts, history, run_info
 
 

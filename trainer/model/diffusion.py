@@ -81,6 +81,9 @@ def randperm(size, generator=None, device="cpu"):
     return torch.randperm(size, generator=generator, device=draw_on).to(device)
 
 
+ONE_HOT_SCALE = 0.25  # EDM normalisation factors [1, 4, 10] for (x, one-hot, charge)
+
+
 def one_hot(index, num_classes, dtype):
     """index [...] int64 -> [..., num_classes] in ``dtype``. A comparison, not F.one_hot: on the CPU F.one_hot
     checks its indices' range by reading them on the host (on CUDA it does not), which would make the CPU step
@@ -208,7 +211,7 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
     # per-molecule normalisers: its own atoms, or the batch's padded size (reference)
     atoms_norm = reference_atoms(batch, num_atoms).expand(batch_size) if reference else num_atoms  # [B]
     eps_scale = 0.5 if reference else 1.0  # the reference halves the L2 error (0.5 x SNR weight 1)
-    type_target = one_hot(batch["atom_type"], model.num_atom_types, pos.dtype) * 0.25  # [B, N, K]
+    type_target = one_hot(batch["atom_type"], model.num_atom_types, pos.dtype) * ONE_HOT_SCALE  # [B, N, K]
     if cfg.properties:
         prop_mean, prop_mad = model.prop_normalisation(pos)
         prop_target = (batch["props"][:, : len(cfg.properties)].to(pos.dtype) - prop_mean) / prop_mad  # [B, P]

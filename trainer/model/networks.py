@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from molscale.trainer.model import diffusion
 from molscale.trainer.model.cuda_graphs import DenoiseGraphs
-from molscale.trainer.model.diffusion import LossConfig
+from molscale.trainer.model.diffusion import ONE_HOT_SCALE, LossConfig
 from molscale.trainer.model.egnn import KERNELS, DenseGraph, EGNNBlock, use_kernel
 from molscale.trainer.model.reference_edgelist import EdgeGraph
 from molscale.trainer.model.schedule import DiffusionConfig
@@ -22,7 +22,6 @@ GRAPH_LAYOUTS = {  # name -> builder(pos [B, N, 3], node_mask [B, N]) of the gra
     "edge-list": partial(EdgeGraph.build, all_slots=True),  # reference: the research code's layout
     "edge-list-real": partial(EdgeGraph.build, all_slots=False),  # reference without padded pairs
 }
-ONE_HOT_SCALE = 0.25  # EDM normalisation factors [1, 4, 10] for (x, one-hot, charge)
 CHARGE_SCALE = 0.1
 
 

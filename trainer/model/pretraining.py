@@ -54,9 +54,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from molscale.trainer.model.diffusion import LossConfig, com_free_noise, draw_unigem_phases, one_hot, randn
+from molscale.trainer.model.diffusion import (
+    ONE_HOT_SCALE,
+    LossConfig,
+    com_free_noise,
+    draw_unigem_phases,
+    one_hot,
+    randn,
+)
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, pairwise_dist2, use_kernel
-from molscale.trainer.model.networks import ONE_HOT_SCALE, ModelConfig, UniGEM, mlp, run_trunk
+from molscale.trainer.model.networks import ModelConfig, UniGEM, mlp, run_trunk
 from molscale.trainer.model.schedule import DiffusionConfig
 
 TRUNK_PREFIXES = ("embed.", "shared.", "nucleation.")  # parameters shared by name with networks.UniGEM

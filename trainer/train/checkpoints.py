@@ -199,7 +199,7 @@ def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     path = os.path.abspath(resume.rstrip("/"))
     if TAG_RE.match(os.path.basename(path)):
         if not os.path.exists(os.path.join(path, MARKER)):
-            raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no 'complete' marker)")
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no '{MARKER}' marker)")
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(f"--resume {resume}: corrupt checkpoint: {problem}")
