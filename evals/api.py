@@ -62,7 +62,7 @@ def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0) 
     a SMILES gets ``conformers`` RDKit ETKDGv3 + MMFF conformers, as evals/predict.py makes them)."""
     from molscale.evals.property_prediction import predict_chunk, predict_conformers
     names = list(model.cfg.properties)
-    if not getattr(model, "predicts_properties", False) or not names:
+    if not model.predicts_properties or not names:
         raise ValueError("predict_properties: this model predicts no properties")
     rows = []
     for index, item in enumerate(molecules):

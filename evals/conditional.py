@@ -147,7 +147,7 @@ def check_scorer(scorer, names: list[str]) -> None:
     """A clear error, before any sampling, for a --scorer that cannot predict the conditioned properties."""
     from molscale.trainer.artifacts import load_for_eval
     model = load_for_eval(scorer).model
-    predicted = list(model.cfg.properties) if getattr(model, "predicts_properties", False) else []
+    predicted = list(model.cfg.properties) if model.predicts_properties else []
     missing = [n for n in names if n not in predicted]
     if missing:
         raise InputError(f"--scorer {scorer} predicts {predicted}, not {missing}: train a UniGEM with "

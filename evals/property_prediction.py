@@ -123,7 +123,7 @@ def run(args) -> int:
     _check_args(args)
     # Everything that can be wrong with the inputs fails here, before any molecule is embedded.
     loaded = load_for_eval(args.checkpoint)
-    predicted = list(loaded.model.cfg.properties) if getattr(loaded.model, "predicts_properties", False) else []
+    predicted = list(loaded.model.cfg.properties) if loaded.model.predicts_properties else []
     if not predicted:
         raise InputError(f"--checkpoint {args.checkpoint}: this model predicts no properties (train UniGEM with "
                          f"model.properties set)")

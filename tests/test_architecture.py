@@ -5,6 +5,8 @@
 * The module import graph of molscale has no cycle.
 * Test modules share helpers through helper modules (tests/support.py, the folders' helpers), never by importing
   another test module: a test file can then be moved, renamed or deleted on its own.
+* The objective and branch names ('diffusion', 'moleculejae', 'growth', 'nucleation') are compared only through
+  their registries (trainer/model/objectives.py, trainer/model/branches.py), never as string literals.
 * No code imports the bare top-level names ``datasets``, ``trainer`` or ``evals``: the source folders
   install as molscale.datasets, molscale.trainer and molscale.evals only, so a bare name is either a
   different distribution (Hugging Face ``datasets``) or nothing at all.
@@ -288,6 +290,38 @@ def test_molscale_imports_resolve():
     modules, edges = project_imports()
     dangling = [e for e in edges if e.target not in modules and e.target != PREFIX]
     assert not dangling, "imports of molscale modules that do not exist:\n" + "\n".join(map(str, dangling))
+
+
+REGISTERED_NAMES = {"diffusion", "moleculejae", "growth", "nucleation"}
+
+
+def literal_name_comparisons(files: dict[str, str]) -> list[str]:
+    """`x == "growth"`, `"diffusion" != y`, `x in ("diffusion", ...)`: comparisons with a registered name as a
+    string literal (file:line)."""
+    found = []
+    for label, text in files.items():
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Compare):
+                continue
+            for operand in (node.left, *node.comparators):
+                items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                if any(isinstance(i, ast.Constant) and i.value in REGISTERED_NAMES for i in items):
+                    found.append(f"{label}:{node.lineno}")
+                    break
+    return found
+
+
+def test_objective_and_branch_names_are_compared_through_their_registries():
+    files = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in source_files()}
+    bad = literal_name_comparisons(files)
+    assert not bad, ("objective/branch names compared as strings (use model.objectives.Objective or "
+                     "model.branches.Branch):\n" + "\n".join(bad))
+
+
+def test_checker_reports_literal_name_comparisons():
+    files = {"a.py": 'if cfg.objective == "moleculejae":\n    pass\nok = branch == Branch.GROWTH\n',
+             "b.py": 'x = t in ("diffusion", "other")\ny = {"growth": 1}\n'}
+    assert literal_name_comparisons(files) == ["a.py:1", "b.py:1"]
 
 
 def test_modules_import_tests_only_from_helper_modules():

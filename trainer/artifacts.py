@@ -34,6 +34,7 @@ import torch
 from molscale.datasets.shards.storage import redact_url
 from molscale.trainer.model.egnn import use_kernel
 from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.objectives import Objective
 from molscale.trainer.model.schedule import DiffusionConfig
 from molscale.trainer.train.checkpoints import (
     MARKER,
@@ -167,7 +168,7 @@ def _load_run_checkpoint(path, device, use_ema, trust_pickle) -> LoadedModel:
     for key in ("model_config", "module"):
         if key not in state:
             raise CheckpointError(f"{states} has no {key!r}: not a checkpoint written by trainer/main.py")
-    if state.get("objective", "diffusion") != "diffusion":
+    if state.get("objective", Objective.DIFFUSION) != Objective.DIFFUSION:
         raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint: it does not generate "
                               f"molecules. Fine-tune from it (config init_from: {path}) and evaluate that run.")
     cfg, diffusion = model_configs(state)
@@ -282,7 +283,7 @@ def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
     """Write the weights of ``run`` (a run directory or checkpoint folder) to ``out``; returns the card."""
     from safetensors.torch import save_file
     folder, states, state = read_model_states(run)
-    if state.get("objective", "diffusion") != "diffusion":
+    if state.get("objective", Objective.DIFFUSION) != Objective.DIFFUSION:
         raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint; export the run "
                               f"fine-tuned from it")
     cfg, diffusion = model_configs(state)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from molscale.trainer.model.branches import Branch
 from molscale.trainer.model.packing import default_chunk_cost, plan_chunks, take
 
 REDUCTIONS = ("molecule", "reference")
@@ -197,11 +198,11 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
     if t is None:
         order, t_dev = draw_unigem_phases(batch_size, cfg.t_nucleation, model.num_steps, generator, pos.device,
                                           order_on_host=plan is not None)
-        groups = {"nucleation": order[batch_size // 2:], "growth": order[: batch_size // 2]}
+        groups = {Branch.NUCLEATION: order[batch_size // 2:], Branch.GROWTH: order[: batch_size // 2]}
     else:  # given times (tests): the phases come from t itself
         t_dev = t.to(pos.device)
         growth = (t.cpu() if plan is not None else t_dev) <= cfg.t_nucleation
-        groups = {"nucleation": (~growth).nonzero()[:, 0], "growth": growth.nonzero()[:, 0]}
+        groups = {Branch.NUCLEATION: (~growth).nonzero()[:, 0], Branch.GROWTH: growth.nonzero()[:, 0]}
     if eps is None:
         eps = com_free_noise(pos.shape, node_mask, generator, pos.dtype)
     alpha, sigma = model.schedule.alpha_sigma(t_dev, pos.dtype)
@@ -223,15 +224,15 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
                                     *(() if context is None else (take(context, idx),))))
               for branch, idx, n_pad in size_chunks(groups, plan, n_max, pos.device)]
     # the calls this loss makes, announced so that CUDA graphs (when on) are captured before its forward starts
-    model.prepare_network([(model._denoise, inputs, {"branch": branch, "heads": branch == "growth"})
+    model.prepare_network([(inputs, {"branch": branch, "heads": branch == Branch.GROWTH})
                            for branch, _, _, inputs in chunks])
     for branch, idx, n_pad, inputs in chunks:
         mask, n = inputs[1], take(atoms_norm, idx)  # [b, n], [b]
         chunk_context = inputs[3] if len(inputs) > 3 else None
-        out = model.denoise(*inputs[:3], branch, heads=branch == "growth", context=chunk_context)
+        out = model.denoise(*inputs[:3], branch, heads=branch == Branch.GROWTH, context=chunk_context)
         sq_err = (out["eps"] - take(eps, idx, n_pad)).square().sum((1, 2))  # [b]
         sums[f"eps_{branch}"] = sums[f"eps_{branch}"] + eps_scale * (sq_err / (3 * n)).sum()
-        if branch != "growth":
+        if branch != Branch.GROWTH:
             continue
         abs_err = (out["atom_type"] - take(type_target, idx, n_pad)).abs() * mask.unsqueeze(-1)
         sums["atom_type"] = sums["atom_type"] + (abs_err.sum((1, 2)) / (n * model.num_atom_types)).sum()
@@ -239,7 +240,7 @@ def unigem_loss(model, batch, generator=None, t=None, eps=None):
         for k, name in enumerate(cfg.properties):
             sums[f"prop_{name}"] = sums[f"prop_{name}"] + prop_err[k]
 
-    n_growth, n_nucleation = max(len(groups["growth"]), 1), max(len(groups["nucleation"]), 1)
+    n_growth, n_nucleation = max(len(groups[Branch.GROWTH]), 1), max(len(groups[Branch.NUCLEATION]), 1)
     phase_size = {"eps_nucleation": n_nucleation, "eps_growth": n_growth}
     if reference:  # every term a mean over the whole batch (growth-only terms are zero for the other half)
         divisor = dict.fromkeys(sums, batch_size)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from molscale.trainer.model import diffusion
+from molscale.trainer.model.branches import Branch
 from molscale.trainer.model.cuda_graphs import DenoiseGraphs
 from molscale.trainer.model.diffusion import ONE_HOT_SCALE, LossConfig
 from molscale.trainer.model.egnn import KERNELS, DenseGraph, EGNNBlock, use_kernel
@@ -159,12 +160,21 @@ class DiffusionModel(nn.Module):
         CPU tensors still run eagerly."""
         self.cuda_graphs = DenoiseGraphs(self) if enabled else None
 
-    def prepare_network(self, calls: list[tuple]) -> None:
-        """Announce the network calls [(fn, tensors, static)] a training loss is about to make, so that their
-        CUDA graphs are captured before its forward starts (trainer/model/cuda_graphs.py); nothing to do
+    def prepare_network(self, calls: list[tuple[tuple, dict]]) -> None:
+        """Announce the denoise calls [(tensors, keyword arguments)] a training loss is about to make, so that
+        their CUDA graphs are captured before its forward starts (trainer/model/cuda_graphs.py); nothing to do
         without graphs."""
-        if self.cuda_graphs is not None and calls and calls[0][1][0].is_cuda:
-            self.cuda_graphs.prepare(calls)
+        if self.cuda_graphs is not None and calls and calls[0][0][0].is_cuda:
+            self.cuda_graphs.prepare([(self._denoise, tensors, static) for tensors, static in calls])
+
+    def branch_of(self, t: int) -> Branch | None:
+        """The network that denoises at time t: None for a model of one network (EDM)."""
+        return None
+
+    @property
+    def switch_time(self) -> int | None:
+        """The last time step of the first network, where a two-network model hands over (None: one network)."""
+        return None
 
     def run_network(self, fn, tensors: tuple, **static) -> dict:
         """fn(*tensors, **static), the eager network, or its CUDA graph when graphs are on."""
@@ -281,8 +291,12 @@ class UniGEM(DiffusionModel):
     def forward(self, batch, generator=None, t=None, eps=None):
         return diffusion.unigem_loss(self, batch, generator=generator, t=t, eps=eps)
 
-    def branch_of(self, t: int):
-        return "growth" if t <= self.cfg.t_nucleation else "nucleation"
+    def branch_of(self, t: int) -> Branch:
+        return Branch.GROWTH if t <= self.cfg.t_nucleation else Branch.NUCLEATION
+
+    @property
+    def switch_time(self) -> int:
+        return self.cfg.t_nucleation
 
     def initial_latents(self, node_mask, generator, dtype) -> dict:
         b, n = node_mask.shape
@@ -292,7 +306,7 @@ class UniGEM(DiffusionModel):
         # the whole batch goes through the branch of the current phase; the heads are read at t = 0 only
         t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
         branch = self.branch_of(t)
-        out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == "growth",
+        out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == Branch.GROWTH,
                            context=context)
         return {"pos": out["eps"], **({"atom_type": out["atom_type"]} if "atom_type" in out else {})}
 
@@ -304,24 +318,26 @@ class UniGEM(DiffusionModel):
         conditioned = f", conditioned on {c.condition_on}" if c.condition_on else ""
         return f"unigem: {c.layers} blocks on each path ({c.shared_blocks} shared + 2 x {c.branch_blocks}){conditioned}"
 
-    def denoise(self, pos_t, node_mask, t, branch, heads=False, context=None):
+    def denoise(self, pos_t, node_mask, t, branch, heads=False, context=None, differentiable=False):
         """pos_t [B, N, 3] noised coordinates, node_mask [B, N] bool, t [B] int64, all molecules in `branch`;
         context [B, C]: the normalised conditioning values (conditional models only).
 
         Returns eps [B, N, 3] (CoM-free); with heads also atom_type [B, N, K] (normalised one-hot estimate)
         and props [B, P] (normalised properties).
         """
+        if differentiable:  # gradients with respect to the inputs (guidance): the eager network, never a graph
+            return self._denoise(pos_t, node_mask, t, context, branch=branch, heads=heads)
         tensors = (pos_t, node_mask, t) if context is None else (pos_t, node_mask, t, context)
         return self.run_network(self._denoise, tensors, branch=branch, heads=heads)
 
     def _denoise(self, pos_t, node_mask, t, context=None, *, branch, heads):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
-        branch_blocks = self.growth if branch == "growth" else self.nucleation
+        branch_blocks = self.growth if branch == Branch.GROWTH else self.nucleation
         h, eps = run_trunk(self.embed, [*self.shared, *branch_blocks], pos_t, node_mask, t, self.num_steps,
                            self.cfg.layout, context)
         out = {"eps": eps}
         if heads:
-            if branch != "growth":
+            if branch != Branch.GROWTH:
                 raise ValueError("the atom-type and property heads sit on the growth branch only")
             out["atom_type"] = self.atom_type_head(h).to(pos_t.dtype) * mask
             if self.prop_out is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from molscale.trainer.model.branches import Branch
 from molscale.trainer.model.diffusion import (
     all_molecules,
     chunk_cost,
@@ -75,10 +76,6 @@ def _state_dtype(model):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _switch_time(model):
-    return model.cfg.t_nucleation if hasattr(model, "branch_of") else None
-
-
 @torch.no_grad()
 def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral", guidance=None,
            condition=None):
@@ -94,7 +91,7 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).cpu()
     batch_size, n_max = len(num_atoms), int(num_atoms.max())
-    grid = timestep_grid(model.num_steps, steps, _switch_time(model))
+    grid = timestep_grid(model.num_steps, steps, model.switch_time)
     if guidance is not None and guidance.scale == 0:
         guidance = None  # the control arm: the same draws as unguided sampling
     context = None
@@ -192,7 +189,7 @@ class Guidance:
 def guidance_for(model, name: str, value: float, scale: float = GUIDE_SCALE, start: int | None = None) -> Guidance:
     """Guidance toward ``value`` (dataset units) of property ``name`` at every step with t <= ``start`` (default
     GUIDE_FROM, at most T); ValueError for what cannot be guided."""
-    if not (getattr(model, "predicts_properties", False) and model.cfg.properties):
+    if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("guidance needs a UniGEM model with a property head (model.properties)")
     if name not in model.cfg.properties:
         raise ValueError(f"the model predicts {list(model.cfg.properties)}, not {name!r}")
@@ -213,10 +210,10 @@ def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance, context=N
     with torch.enable_grad():
         x = pos.detach().requires_grad_(True)
         # eager network (CUDA graphs replay forward passes only)
-        out = model._denoise(x, node_mask, t_batch, context, branch="growth", heads=True)
+        out = model.denoise(x, node_mask, t_batch, Branch.GROWTH, heads=True, context=context, differentiable=True)
         error = out["props"][:, guidance.property_index].float() - guidance.target
         (grad,) = torch.autograd.grad(0.5 * guidance.scale * (error * error).sum(), x)
-    if model.branch_of(t) == "growth":
+    if model.branch_of(t) == Branch.GROWTH:
         eps = out["eps"].detach()  # the same pass gave the growth branch's own estimate
     _, sigma = model.schedule.host_alpha_sigma(t)
     push = remove_mean(sigma * grad.to(eps.dtype), node_mask)
@@ -231,15 +228,14 @@ def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral",
     # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
     latents = model.initial_latents(node_mask, generator, dtype)
     solver = DPMSolver2M(model.schedule) if sampler == "dpm2m" else None
-    branch_of = getattr(model, "branch_of", lambda t: None)
     for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
-        if guidance is not None and t <= guidance.start and branch_of(t) == "growth":
+        if guidance is not None and t <= guidance.start and model.branch_of(t) == Branch.GROWTH:
             eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance, context)}
         else:
             eps = model.predict_noise(latents, node_mask, t, final=False, context=context)
             if guidance is not None and t <= guidance.start:
                 eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, eps["pos"], guidance, context)}
-        if solver is not None and branch_of(t) != branch_of(prev_t):
+        if solver is not None and model.branch_of(t) != model.branch_of(prev_t):
             solver.restart()  # the network changed: its earlier estimate is not a history of this one
         stepped = {}
         for name, z in latents.items():
@@ -277,9 +273,9 @@ def predict_properties(model, batch):
     out = pos.new_zeros(batch_size, len(model.cfg.properties))
     plan = size_plan(model, batch)  # from host counts, or none: nothing read back from a GPU
     molecules = all_molecules(batch_size, plan, pos.device)
-    for _, idx, n_pad in size_chunks({"growth": molecules}, plan, n_max, pos.device):
+    for _, idx, n_pad in size_chunks({Branch.GROWTH: molecules}, plan, n_max, pos.device):
         t = torch.zeros(len(idx), dtype=torch.long, device=pos.device)
-        pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, "growth", heads=True,
+        pred = model.denoise(take(pos, idx, n_pad), take(node_mask, idx, n_pad), t, Branch.GROWTH, heads=True,
                              context=None if context is None else take(context, idx))["props"]
         out[idx] = pred.to(out.dtype)
     mean, mad = model.prop_normalisation(out)

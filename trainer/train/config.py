@@ -22,6 +22,7 @@ from molscale.datasets.shards.storage import redact, redact_urls
 from molscale.datasets.stream.loader import LoaderConfig
 from molscale.trainer.model.diffusion import LossConfig
 from molscale.trainer.model.networks import ModelConfig, UniGEM
+from molscale.trainer.model.objectives import Objective
 from molscale.trainer.model.pretraining import PretrainConfig
 from molscale.trainer.model.schedule import DiffusionConfig
 
@@ -191,7 +192,7 @@ class RunConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     train: TrainSection = field(default_factory=TrainSection)
     storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged (to_dict redacts)
-    objective: str = "diffusion"           # diffusion (model.kind unigem | edm) | moleculejae (pretraining)
+    objective: str = str(Objective.DIFFUSION)  # model/objectives.py: diffusion (model.kind) | moleculejae
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # objective moleculejae
     init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
@@ -218,15 +219,15 @@ class RunConfig:
                             self.logging, self.evaluation, self.cluster, self.train):
                 section.validate()
             self.model.validate(self.diffusion)
-            if self.objective == "moleculejae":
+            if self.objective == Objective.MOLECULEJAE:
                 self.pretrain.validate(self.loss)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        _require(self.objective in ("diffusion", "moleculejae"),
-                 f"objective must be 'diffusion' or 'moleculejae', got {self.objective!r}")
-        _require(not (self.train.cuda_graphs and self.objective == "moleculejae"),
+        _require(self.objective in list(Objective),
+                 f"objective must be one of {[str(o) for o in Objective]}, got {self.objective!r}")
+        _require(not (self.train.cuda_graphs and self.objective == Objective.MOLECULEJAE),
                  "train.cuda_graphs covers the diffusion objective only; unset it for objective 'moleculejae'")
-        if self.objective == "moleculejae":
+        if self.objective == Objective.MOLECULEJAE:
             _require(not self.model.properties,
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")
             _require(not self.model.condition_on,

@@ -9,6 +9,7 @@ import os
 
 from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import Manifest
+from molscale.trainer.model.objectives import Objective
 from molscale.trainer.train.config import RunConfig
 from molscale.trainer.train.factory import build_run_model, make_loader
 from molscale.trainer.train.loop import deepspeed_config
@@ -62,7 +63,7 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
                                       f"{cfg.diffusion.schedule} schedule; 3D + 2D scores, atom types "
                                       f"{'as targets' if cfg.pretrain.atom_types else 'unseen'}, contrastive "
                                       f"weight {cfg.pretrain.contrastive_weight})"
-                                      if cfg.objective == "moleculejae" else ""),
+                                      if cfg.objective == Objective.MOLECULEJAE else ""),
         "init_from": cfg.init_from,
         "model": model.describe(),
         "hidden": cfg.model.hidden, "atom_types": len(vocab), "properties": cfg.model.properties,

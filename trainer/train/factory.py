@@ -14,6 +14,7 @@ from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import Manifest
 from molscale.datasets.stream.loader import StreamingLoader
 from molscale.trainer.model.networks import ModelConfig, build_model
+from molscale.trainer.model.objectives import Objective
 from molscale.trainer.model.pretraining import MoleculeJAE
 from molscale.trainer.train.config import RunConfig
 
@@ -44,7 +45,7 @@ def property_normalisation(cfg: RunConfig, manifest: Manifest) -> dict:
 
 def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | None = None) -> torch.nn.Module:
     """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
-    if cfg.objective == "moleculejae":
+    if cfg.objective == Objective.MOLECULEJAE:
         return MoleculeJAE(model_cfg, cfg.pretrain, cfg.diffusion, cfg.loss)
     stats = prop_stats or {}
     return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None, cfg.loss)
@@ -55,5 +56,5 @@ def make_loader(cfg: RunConfig, manifest: Manifest, split: str, shuffle: bool, r
     """The loader of ``split`` for this run (training: shuffled; validation: in order)."""
     return StreamingLoader(cfg.data, split=split, seed=cfg.train.seed, shuffle=shuffle,
                            properties=cfg.model.property_columns,
-                           with_bonds=cfg.objective == "moleculejae",  # the 2D channels of pretraining
+                           with_bonds=cfg.objective == Objective.MOLECULEJAE,  # the 2D channels of pretraining
                            storage=cfg.storage, rank=rank, world_size=world_size, manifest=manifest)

@@ -184,7 +184,7 @@ class Trainer:
                 # what evaluation needs to rebuild the model without the run config or the dataset
                 "model_config": dataclasses.asdict(self.model_cfg),
                 "diffusion_config": dataclasses.asdict(self.cfg.diffusion), "prop_stats": self.prop_stats,
-                "objective": self.cfg.objective,
+                "objective": str(self.cfg.objective),  # a plain string: states files are read with weights_only
                 "atom_count_histogram": self.histogram, "dataset_url": redact_url(self.cfg.data.url),
                 "wandb": self.logger.identity()}  # the W&B run, so that evaluation joins its project and group
 
