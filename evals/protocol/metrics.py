@@ -35,8 +35,12 @@ from molscale.evals.protocol.stability import (
     pairwise_distances_angstrom,
     stable_atoms,
 )
+from molscale.evals.protocol.statistics import ClusterSums, clustered_fraction, wilson_interval
 
-COUNT_KEYS = ("n_samples", "n_atoms", "n_stable_atoms", "n_stable_molecules", "n_valid")
+# the last three: per-molecule sums of squares behind atom stability's standard error clustered by molecule
+# (statistics.ClusterSums: y = stable atoms, m = atoms of one molecule), summed over chunks like the counts
+COUNT_KEYS = ("n_samples", "n_atoms", "n_stable_atoms", "n_stable_molecules", "n_valid",
+              "stable_atoms_sq", "stable_atoms_x_atoms", "atoms_sq")
 
 
 @dataclass
@@ -87,8 +91,12 @@ def molecule_stats(molecules, all_single: bool = False, distribution: bool = Tru
     for z, pos in as_molecule_list(molecules):
         result = analyse_molecule(z, pos, all_single=all_single)
         counts["n_samples"] += 1
-        counts["n_atoms"] += len(z)
-        counts["n_stable_atoms"] += int(result.stable.sum())
+        stable, atoms = int(result.stable.sum()), len(z)
+        counts["n_atoms"] += atoms
+        counts["n_stable_atoms"] += stable
+        counts["stable_atoms_sq"] += stable * stable
+        counts["stable_atoms_x_atoms"] += stable * atoms
+        counts["atoms_sq"] += atoms * atoms
         counts["n_stable_molecules"] += int(result.molecule_stable)
         if result.valid:
             counts["n_valid"] += 1
@@ -117,6 +125,19 @@ def _fraction(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def uncertainty(stats: dict, n_unique: int) -> dict:
+    """95% intervals of the molecule fractions (Wilson) and atom stability's standard error with molecules as
+    clusters (evals/protocol/statistics.py): how far another draw of as many molecules could land."""
+    n = stats["n_samples"]
+    _, atom_se = clustered_fraction(ClusterSums(n, stats["n_stable_atoms"], stats["n_atoms"], stats["stable_atoms_sq"],
+                                                stats["stable_atoms_x_atoms"], stats["atoms_sq"]))
+    intervals = {"atom_stability_se": atom_se}
+    for name, successes in (("mol_stability", stats["n_stable_molecules"]), ("validity", stats["n_valid"]),
+                            ("valid_unique", n_unique)):
+        intervals[f"{name}_ci95_low"], intervals[f"{name}_ci95_high"] = wilson_interval(successes, n)
+    return intervals
+
+
 def compute_metrics(stats: dict, train_smiles=None, reference_stats: dict | None = None) -> dict:
     """Flat metric dict from merged statistics.
 
@@ -137,6 +158,7 @@ def compute_metrics(stats: dict, train_smiles=None, reference_stats: dict | None
         "n_atoms": stats["n_atoms"],
         "n_valid": n_valid,
         "n_unique": n_unique,
+        **uncertainty(stats, n_unique),
     }
     dist_keys = ("atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1")
     if reference_stats is not None and stats.get("histograms") is not None:

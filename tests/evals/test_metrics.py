@@ -10,6 +10,7 @@ from molscale.evals.protocol.distribution import (
     total_variation,
 )
 from molscale.evals.protocol.metrics import (
+    analyse_molecule,
     compute_metrics,
     evaluate,
     merge_stats,
@@ -122,3 +123,19 @@ def test_empty_input_gives_zeros_not_errors():
     assert m["n_samples"] == 0 and m["validity"] == 0.0 and m["atom_stability"] == 0.0
     m = evaluate([(np.zeros(0, np.int64), np.zeros((0, 3), np.float32)), (np.array([6]), np.zeros((1, 3)))])
     assert m["n_samples"] == 2 and m["mol_stability"] == 0.0 and m["validity"] == 0.5  # lone C -> methane
+
+
+def test_metrics_carry_intervals_that_bracket_their_fractions():
+    molecules = _mixture() + [star(6, 1, 5, 1.05), embedded("CCO"), embedded("CC#N"), embedded("C")]
+    m = evaluate(molecules)
+    for name in ("mol_stability", "validity", "valid_unique"):
+        assert 0 <= m[f"{name}_ci95_low"] <= m[name] <= m[f"{name}_ci95_high"] <= 1, name
+        assert m[f"{name}_ci95_high"] - m[f"{name}_ci95_low"] > 0.1  # a handful of molecules: a wide interval
+    # atom stability's error with molecules as clusters, from the per-molecule counts
+    stable = np.array([int(analyse_molecule(z, p).stable.sum()) for z, p in molecules], dtype=float)
+    atoms = np.array([len(z) for z, _ in molecules], dtype=float)
+    p = stable.sum() / atoms.sum()
+    n = len(molecules)
+    expected = np.sqrt(n / (n - 1) * ((stable - p * atoms) ** 2).sum()) / atoms.sum()
+    assert m["atom_stability"] == pytest.approx(p) and m["atom_stability_se"] == pytest.approx(expected)
+    assert evaluate(molecules[:1])["atom_stability_se"] is None  # one molecule: no spread to measure
