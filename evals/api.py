@@ -56,10 +56,12 @@ def sample_molecules(model, n: int, *, steps: int | None = None, seed: int = 0, 
     return [Molecule(z[i, :k].astype(np.int64), pos[i, :k]) for i, k in enumerate(atom_counts.tolist())]
 
 
-def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0) -> list[dict]:
-    """One dict per input, in order: ``input``, ``status`` ('ok' or 'rejected'), ``reason``, and ``values``
-    {property: (mean, std)} in the dataset's units over the conformers (a Molecule is its own one conformer;
-    a SMILES gets ``conformers`` RDKit ETKDGv3 + MMFF conformers, as evals/predict.py makes them)."""
+def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0,
+                       weighting: str = "lowest") -> list[dict]:
+    """One dict per input, in order: ``input``, ``status`` ('ok' or 'rejected'), ``reason``, ``note`` and
+    ``values`` {property: (value, spread)} in the dataset's units (a Molecule is its own one conformer; a SMILES
+    gets ``conformers`` RDKit ETKDGv3 + MMFF conformers and one value by ``weighting``, as evals/predict.py's
+    --conformers-weighting)."""
     from molscale.evals.property_prediction import predict_chunk, predict_conformers
     names = list(model.cfg.properties)
     if not model.predicts_properties or not names:
@@ -67,9 +69,10 @@ def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0) 
     rows = []
     for index, item in enumerate(molecules):
         if isinstance(item, str):
-            (row,) = predict_chunk("", index, [("smiles", (item, "", {}))], names, conformers, seed, model=model)
+            (row,) = predict_chunk("", index, [("smiles", (item, "", {}))], names, conformers, seed, model=model,
+                                   weighting=weighting)
             values = row["values"]
-            rows.append({"input": item, "status": row["status"], "reason": row["reason"],
+            rows.append({"input": item, "status": row["status"], "reason": row["reason"], "note": row["note"],
                          "values": None if values is None else
                          {n: (float(m), float(s)) for n, m, s in zip(names, *values)}})
             continue
@@ -77,9 +80,9 @@ def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0) 
         unknown = sorted(set(z.tolist()) - set(model.cfg.atom_vocab))
         if unknown or pos.shape != (len(z), 3) or not len(z) or not np.isfinite(pos).all():
             reason = f"elements {unknown} unknown to the model" if unknown else "positions are not finite [N, 3]"
-            rows.append({"input": item, "status": "rejected", "reason": reason, "values": None})
+            rows.append({"input": item, "status": "rejected", "reason": reason, "note": "", "values": None})
             continue
         (pred,) = predict_conformers(model, [pos - pos.mean(0)], 1)
-        rows.append({"input": item, "status": "ok", "reason": "",
+        rows.append({"input": item, "status": "ok", "reason": "", "note": "",
                      "values": {n: (float(v), 0.0) for n, v in zip(names, pred)}})
     return rows

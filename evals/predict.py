@@ -2,6 +2,7 @@
 
     python evals/predict.py --checkpoint RUN_DIR --input molecules.sdf --out preds.csv
     python evals/predict.py --checkpoint RUN_DIR --input smiles.smi --conformers 5 --out preds.csv
+        [--conformers-weighting lowest|boltzmann|equal]
 
 Rows follow the input order and carry the record's name (SDF title, XYZ comment, SMILES name column) and
 SMILES; a record that cannot be read, embedded or handled by the model stays in the file with status
@@ -27,6 +28,7 @@ if importlib.util.find_spec("molscale") is None:  # a checkout without `pip inst
 
 
 def parse_args(argv=None):
+    from molscale.evals.property_prediction import WEIGHTINGS
     p = argparse.ArgumentParser(
         prog="evals/predict.py",
         description="Predict the properties a trained UniGEM checkpoint predicts (its growth branch at t = 0, from "
@@ -41,8 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--properties", default=None,
                    help="comma-separated subset of the model's properties (default: all it predicts)")
     p.add_argument("--conformers", type=int, default=5,
-                   help="SMILES only: RDKit ETKDGv3 + MMFF conformers per molecule; the row holds their mean and "
-                        "standard deviation (default 5)")
+                   help="SMILES only: RDKit ETKDGv3 + MMFF conformers per molecule (default 5)")
+    p.add_argument("--conformers-weighting", choices=WEIGHTINGS, default="lowest",
+                   help="SMILES only: the row's value from its conformers' predictions: 'lowest' (default) the "
+                        "lowest-MMFF-energy conformer's, as a QM9 label belongs to one relaxed geometry; 'boltzmann' "
+                        "weighted by MMFF energy at 298.15 K; 'equal' the plain mean. The _std column is the "
+                        "spread over the conformers")
     p.add_argument("--seed", type=int, default=0, help="seeds the SMILES conformers (with each record's index)")
     p.add_argument("--chunk", type=int, default=256,
                    help="records per Ray task; inputs up to this size run in this process (default 256)")

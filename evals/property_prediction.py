@@ -2,7 +2,9 @@
 write one CSV row per input record, in input order.
 
 UniGEM predicts properties from coordinates alone (the growth branch at t = 0, ``predict_properties``); a
-SMILES gets K RDKit conformers and its row holds the mean over them and their standard deviation (ddof 0).
+SMILES gets K RDKit conformers (MMFF-optimised) and its row holds one value from their predictions, by
+``--conformers-weighting`` (WEIGHTINGS), and their spread (standard deviation, ddof 0, under the same weights;
+for ``lowest`` the unweighted spread of all K, as a measure of how much the geometry matters).
 Large inputs fan out as Ray tasks, one per chunk of records, each loading the checkpoint once; the rows
 come back in input order whatever the number of workers.
 """
@@ -20,6 +22,12 @@ from molscale.datasets.errors import InputError
 from molscale.datasets.sources.molecule_files import parse_record, split_records
 
 PREDICT_BATCH = 128  # conformers per network call
+# How a SMILES row's K conformer predictions become one value. A QM9 label is computed at one relaxed geometry
+# (B3LYP/6-31G(2df,p), Ramakrishnan et al., Scientific Data 1, 140022, 2014), not averaged over conformers, so
+# the default reads the lowest-energy MMFF conformer, this tool's best guess at such a geometry; `boltzmann`
+# weights by MMFF energies at 298.15 K; `equal` is the plain mean (the only choice before this option).
+WEIGHTINGS = ("lowest", "boltzmann", "equal")
+KT_KCAL_PER_MOL = 0.0019872043 * 298.15  # R T at 298.15 K (kcal/mol)
 
 
 def csv_columns(names, units) -> list[str]:
@@ -51,15 +59,40 @@ def predict_conformers(model, conformers: list[np.ndarray], batch: int) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, len(model.cfg.properties)))
 
 
+def conformer_weights(energies: list[float], count: int, weighting: str) -> np.ndarray:
+    """Weights (summing to 1) of ``count`` conformer predictions; ``energies`` (kcal/mol, sorted ascending as
+    the conformers are) may be empty (an SDF or XYZ record: one geometry, taken as given)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"conformer weighting must be one of {WEIGHTINGS} (got {weighting!r})")
+    if count == 1 or not energies or weighting == "equal":
+        return np.full(count, 1.0 / count)
+    e = np.asarray(energies, dtype=np.float64)
+    if weighting == "lowest":
+        return (e == e.min()).astype(np.float64) / (e == e.min()).sum()
+    w = np.exp(-(e - e.min()) / KT_KCAL_PER_MOL)
+    return w / w.sum()
+
+
+def summarise(values: np.ndarray, weights: np.ndarray, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """(value, spread) [P] of a record's [K, P] conformer predictions under ``weights``."""
+    mean = weights @ values
+    if weighting == "lowest":  # one conformer read; the spread says how much the geometry matters
+        return mean, values.std(0)
+    return mean, np.sqrt(weights @ np.square(values - mean))
+
+
 def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conformers: int, seed: int,
-                  model=None, batch: int = PREDICT_BATCH) -> list[dict]:
-    """Rows for the raw records ``raw`` (``split_records`` items) whose first has input index ``first``."""
+                  model=None, batch: int = PREDICT_BATCH, weighting: str = "lowest",
+                  max_atoms: int | None = None) -> list[dict]:
+    """Rows for the raw records ``raw`` (``split_records`` items) whose first has input index ``first``;
+    ``max_atoms``: the training set's largest molecule (larger ones get a note)."""
     if model is None:
         import torch
 
         from molscale.trainer.artifacts import load_for_eval
         torch.set_num_threads(1)  # one task per core
-        model = load_for_eval(checkpoint).model
+        loaded = load_for_eval(checkpoint)
+        model, max_atoms = loaded.model, training_max_atoms(loaded)
     vocab = tuple(model.cfg.atom_vocab)
     records = [parse_record(first + i, fmt, payload, conformers, seed, vocab) for i, (fmt, payload) in enumerate(raw)]
     usable = [r for r in records if r.ok]
@@ -68,13 +101,16 @@ def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conf
     columns = [list(model.cfg.properties).index(n) for n in names]
     rows, at = [], 0
     for r in records:
+        if r.ok and max_atoms and len(r.z) > max_atoms:
+            r.add_note(f"{len(r.z)} atoms, more than the training set's largest ({max_atoms}): the head sums over "
+                       f"atoms and extrapolates")
         row = {"index": r.index, "name": r.name, "smiles": r.smiles, "status": "ok" if r.ok else "rejected",
                "atoms": len(r.z) if r.z is not None else "", "conformers": len(r.conformers),
                "reason": r.reason or "", "kind": r.kind, "note": r.note, "values": None}
         if r.ok:
             values = pred[at:at + len(r.conformers)][:, columns]
             at += len(r.conformers)
-            row["values"] = (values.mean(0), values.std(0))
+            row["values"] = summarise(values, conformer_weights(r.energies, len(values), weighting), weighting)
         rows.append(row)
     return rows
 
@@ -96,6 +132,11 @@ def write_rows(rows: list[dict], names, units) -> str:
     return buffer.getvalue()
 
 
+def training_max_atoms(loaded) -> int | None:
+    """The largest molecule (atoms) of the model's training split, from the checkpoint's histogram."""
+    return max(loaded.atom_count_histogram) if loaded.atom_count_histogram else None
+
+
 def _check_args(args) -> None:
     if args.conformers < 1:
         raise InputError(f"--conformers must be at least 1 (got {args.conformers})")
@@ -109,7 +150,8 @@ def _rows_over_ray(args, raw, names) -> list[dict]:
     from molscale.evals.ray_sampling import connect_ray, ray_get
     ray = connect_ray(args.num_cpus)
     task = ray.remote(num_cpus=1)(predict_chunk)
-    refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed)
+    refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed,
+                        weighting=args.conformers_weighting)
             for start in range(0, len(raw), args.chunk)]
     rows: list[dict] = []
     for ref in tqdm(refs, desc="predicting", unit="chunk"):  # in order: rows come back in input order
@@ -151,7 +193,8 @@ def run(args) -> int:
     if use_ray:
         rows = _rows_over_ray(args, raw, names)
     else:
-        rows = predict_chunk(args.checkpoint, 0, raw, names, args.conformers, args.seed, model=loaded.model)
+        rows = predict_chunk(args.checkpoint, 0, raw, names, args.conformers, args.seed, model=loaded.model,
+                             weighting=args.conformers_weighting, max_atoms=training_max_atoms(loaded))
     storage.write_bytes(fs, out_path, write_rows(rows, names, units).encode())
 
     ok = sum(r["status"] == "ok" for r in rows)

@@ -51,11 +51,15 @@ class MoleculeRecord:
     fields: dict = field(default_factory=dict)  # SD tags, extended-XYZ key=value pairs, CSV columns
     reason: str | None = None  # why the record cannot be used (one line, with the details); None when it can
     kind: str = ""             # the reason's category, for counting ("unparsable SMILES", ...)
-    note: str = ""             # what was done to it (hydrogens added, fewer conformers than asked)
+    note: str = ""             # what was done to it or what to mind (hydrogens added, a charge, ...)
+    energies: list[float] = field(default_factory=list)  # MMFF94 energy (kcal/mol) per conformer, SMILES only
 
     @property
     def ok(self) -> bool:
         return self.reason is None
+
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
 
     def reject(self, kind: str, detail: str = "") -> None:
         self.kind, self.reason = kind, f"{kind}: {detail}" if detail else kind
@@ -307,13 +311,16 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[
     if add_hydrogens and implicit and not has_hydrogens:
         mol = Chem.AddHs(mol, addCoords=True)
         record.note = f"{implicit} implicit hydrogen(s) placed by RDKit"
+    elif implicit and has_hydrogens:
+        record.add_note(f"hydrogens partly given: {implicit} more would fill the valences (taken as given)")
+    _chemistry_notes(record, mol)
     record.smiles = _smiles_of(mol)
     if mol.GetNumBonds():
         from molscale.datasets.chemistry.bonds import bonds_from_mol
         try:
             record.bonds = bonds_from_mol(mol)
         except ValueError as err:  # a bond type the shards cannot hold (dative, ...): kept without bonds
-            record.note = (record.note + "; " if record.note else "") + f"bonds dropped: {err}"
+            record.add_note(f"bonds dropped: {err}")
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     return z, mol.GetConformer().GetPositions()
 
@@ -374,10 +381,29 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
         record.reject("embedding failed", "RDKit ETKDGv3 found no conformer, also from random coordinates")
         return None
     if len(ranked) < conformers:
-        record.note = f"{len(ranked)} of {conformers} conformers embedded"
+        record.add_note(f"{len(ranked)} of {conformers} conformers embedded")
+    unconverged = sum(not converged for _, _, converged in ranked)
+    if unconverged:
+        from molscale.datasets.sources.smiles import MMFF_MAX_ITERS
+        record.add_note(f"MMFF did not converge for {unconverged} of {len(ranked)} conformers "
+                        f"in {MMFF_MAX_ITERS} iterations")
+    _chemistry_notes(record, mol)
     from molscale.datasets.chemistry.bonds import bonds_from_mol
     record.bonds = bonds_from_mol(mol)
-    return z, [mol.GetConformer(conf_id).GetPositions() for _, conf_id in ranked]
+    record.energies = [float(energy) for energy, _, _ in ranked]
+    return z, [mol.GetConformer(conf_id).GetPositions() for _, conf_id, _ in ranked]
+
+
+def _chemistry_notes(record: MoleculeRecord, mol) -> None:
+    """Notes on what a model trained on QM9-like data has not seen: a net charge, unpaired electrons."""
+    from rdkit.Chem import Descriptors
+    mol.UpdatePropertyCache(strict=False)
+    charge = Chem.GetFormalCharge(mol)
+    if charge:
+        record.add_note(f"net formal charge {charge:+d} (QM9 holds neutral molecules)")
+    radicals = Descriptors.NumRadicalElectrons(mol)
+    if radicals:
+        record.add_note(f"{radicals} unpaired electron(s) (QM9 holds closed-shell molecules)")
 
 
 def parse_record(index: int, fmt: str, payload, conformers: int = 1, seed: int = 0, vocab=None,

@@ -216,8 +216,9 @@ def embedding_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**31 - 1) or ZERO_SEED_STANDIN
 
 
-def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int]]:
-    """Embed up to k ETKDGv3 conformers and MMFF-optimise them: [(energy kcal/mol, conformer id)] sorted."""
+def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int, bool]]:
+    """Embed up to k ETKDGv3 conformers and MMFF-optimise them: [(energy kcal/mol, conformer id, whether the
+    optimisation converged within MMFF_MAX_ITERS)] sorted by energy."""
     params = AllChem.ETKDGv3()
     params.randomSeed = seed
     params.numThreads = 1
@@ -228,7 +229,8 @@ def conformers(mol: Chem.Mol, k: int, seed: int) -> list[tuple[float, int]]:
     if not ids:
         return []
     results = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=MMFF_MAX_ITERS)
-    return sorted((energy, conf_id) for conf_id, (_, energy) in zip(ids, results))
+    # RDKit's flag per conformer: 0 converged, 1 more iterations needed, -1 force field not set up
+    return sorted((energy, conf_id, flag == 0) for conf_id, (flag, energy) in zip(ids, results))
 
 
 def add_molecule(sink, index: int, smiles: str, params: dict, fields: dict | None = None) -> None:
@@ -260,7 +262,7 @@ def add_molecule(sink, index: int, smiles: str, params: dict, fields: dict | Non
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     bonds = bonds_from_mol(mol)
     split = assign_split(params["seed"], Chem.MolToSmiles(mol))
-    for rank, (energy, conf_id) in enumerate(ranked):
+    for rank, (energy, conf_id, _) in enumerate(ranked):
         pos = mol.GetConformer(conf_id).GetPositions()
         if not (np.all(np.isfinite(pos)) and np.isfinite(energy)):
             rejected.add(f"{record} conformer {conf_id}", "non-finite coordinate")

@@ -117,7 +117,7 @@ def test_the_first_molecule_of_a_seed_0_build_gets_distinct_conformers():
     from molscale.datasets.sources.smiles import conformers, embedding_seed
     mol = Chem.AddHs(Chem.MolFromSmiles("CCCCO"))
     ranked = conformers(mol, 4, embedding_seed(0, 0))
-    positions = [mol.GetConformer(conf_id).GetPositions() for _, conf_id in ranked]
+    positions = [mol.GetConformer(conf_id).GetPositions() for _, conf_id, _ in ranked]
     assert len(positions) == 4
     assert max(float(abs(positions[0] - p).max()) for p in positions[1:]) > 0.5
     assert embedding_seed(0, 7) == 7 and embedding_seed(2, 7) == 2_000_013  # every other molecule as before

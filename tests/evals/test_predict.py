@@ -128,12 +128,61 @@ def test_smiles_get_conformers_and_unusable_ones_are_listed(tiny_checkpoint, qm9
     for row in (rows[0], rows[4], rows[5]):
         assert row["status"] == "ok" and row["smiles"] in smiles
         assert 1 <= int(row["conformers"]) <= 3 and float(row["lumo_std (meV)"]) >= 0
-    # predicted from the conformers RDKit embeds: their mean is the row's value
+    # predicted from the conformers RDKit embeds: by default the lowest-MMFF-energy one's (they come sorted by
+    # energy), with the spread over all of them
     from molscale.datasets.sources.molecule_files import parse_record
     record = parse_record(0, "smiles", (smiles[0], "", {}), 3, 0, (1, 6, 7, 8, 9))
+    assert record.energies == sorted(record.energies) and len(record.energies) == len(record.conformers)
     values = model_predictions(tiny_checkpoint, [("", record.z, c, "") for c in record.conformers])
-    assert float(rows[0]["lumo (meV)"]) == pytest.approx(values.mean(), rel=1e-4, abs=0.01)
+    assert float(rows[0]["lumo (meV)"]) == pytest.approx(values[0], rel=1e-4, abs=0.01)
     assert float(rows[0]["lumo_std (meV)"]) == pytest.approx(values.std(), rel=1e-3, abs=0.01)
+
+
+def test_conformer_weightings():
+    from molscale.evals.property_prediction import KT_KCAL_PER_MOL, conformer_weights, summarise
+    energies = [1.0, 1.5, 4.0]
+    assert conformer_weights(energies, 3, "equal") == pytest.approx([1 / 3] * 3)
+    assert conformer_weights(energies, 3, "lowest") == pytest.approx([1, 0, 0])
+    boltzmann = conformer_weights(energies, 3, "boltzmann")
+    assert boltzmann.sum() == pytest.approx(1) and boltzmann[0] > boltzmann[1] > boltzmann[2] > 0
+    assert boltzmann[1] / boltzmann[0] == pytest.approx(np.exp(-0.5 / KT_KCAL_PER_MOL))
+    assert conformer_weights([], 1, "lowest") == pytest.approx([1.0])  # an SDF/XYZ record: one geometry
+    values = np.array([[10.0], [20.0], [40.0]])
+    value, spread = summarise(values, boltzmann, "boltzmann")
+    assert 10 < value[0] < 20 and spread[0] > 0
+    value, spread = summarise(values, conformer_weights(energies, 3, "lowest"), "lowest")
+    assert value[0] == 10 and spread[0] == pytest.approx(values.std())
+    with pytest.raises(ValueError, match="conformer weighting"):
+        conformer_weights(energies, 3, "median")
+
+
+def test_rows_are_flagged_for_what_the_model_has_not_seen(tiny_checkpoint, tmp_path, monkeypatch):
+    from molscale.datasets.sources import smiles as smiles_source
+    from molscale.evals.property_prediction import predict_chunk
+    from molscale.trainer.artifacts import load_for_eval
+    loaded = load_for_eval(tiny_checkpoint)
+    largest = max(loaded.atom_count_histogram)
+    long_chain = "C" * (largest // 3 + 2)  # CnH2n+2: 3n + 2 atoms, more than the training set's largest
+    raw = [("smiles", (s, name, {})) for s, name in
+           (("CCO", "plain"), ("C[NH3+]", "cation"), ("[CH3]", "radical"), (long_chain, "large"))]
+    rows = {r["name"]: r for r in predict_chunk("", 0, raw, ["lumo"], 2, 0, model=loaded.model, max_atoms=largest)}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["plain"]["note"] == ""
+    assert "net formal charge +1" in rows["cation"]["note"]
+    assert "1 unpaired electron" in rows["radical"]["note"]
+    assert f"more than the training set's largest ({largest})" in rows["large"]["note"]
+    monkeypatch.setattr(smiles_source, "MMFF_MAX_ITERS", 1)  # no optimisation converges in one iteration
+    (row,) = predict_chunk("", 0, raw[:1], ["lumo"], 2, 0, model=loaded.model)
+    assert "MMFF did not converge for 2 of 2 conformers in 1 iterations" in row["note"]
+    # an SDF record with some hydrogens left out: taken as given, and said so
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    AllChem.EmbedMolecule(mol, randomSeed=1)
+    partial = Chem.RWMol(mol)
+    partial.RemoveAtom([a.GetIdx() for a in mol.GetAtoms() if a.GetAtomicNum() == 1][0])
+    (row,) = predict_chunk("", 0, [("sdf", Chem.MolToMolBlock(partial))], ["lumo"], 1, 0, model=loaded.model)
+    assert row["status"] == "ok" and "hydrogens partly given: 1 more" in row["note"], row
 
 
 def test_bad_input_gets_one_clear_line(tiny_checkpoint, tmp_path):
