@@ -49,6 +49,10 @@ def parse_args(argv=None):
                         "lowest-MMFF-energy conformer's, as a QM9 label belongs to one relaxed geometry; 'boltzmann' "
                         "weighted by MMFF energy at 298.15 K; 'equal' the plain mean. The _std column is the "
                         "spread over the conformers")
+    p.add_argument("--embed-2d", action="store_true",
+                   help="SDF records without 3D coordinates (2D drawings, as chemical databases hand them out) get "
+                        "--conformers conformers embedded from their bond table, as a SMILES does; without it they "
+                        "are rejected")
     p.add_argument("--seed", type=int, default=0, help="seeds the SMILES conformers (with each record's index)")
     p.add_argument("--chunk", type=int, default=256,
                    help="records per Ray task; inputs up to this size run in this process (default 256)")

@@ -83,9 +83,10 @@ def summarise(values: np.ndarray, weights: np.ndarray, weighting: str) -> tuple[
 
 def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conformers: int, seed: int,
                   model=None, batch: int = PREDICT_BATCH, weighting: str = "lowest",
-                  max_atoms: int | None = None) -> list[dict]:
+                  max_atoms: int | None = None, embed_2d: bool = False) -> list[dict]:
     """Rows for the raw records ``raw`` (``split_records`` items) whose first has input index ``first``;
-    ``max_atoms``: the training set's largest molecule (larger ones get a note)."""
+    ``max_atoms``: the training set's largest molecule (larger ones get a note); ``embed_2d``: SDF records
+    without 3D coordinates get conformers embedded from their bonds."""
     if model is None:
         import torch
 
@@ -94,7 +95,8 @@ def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conf
         loaded = load_for_eval(checkpoint)
         model, max_atoms = loaded.model, training_max_atoms(loaded)
     vocab = tuple(model.cfg.atom_vocab)
-    records = [parse_record(first + i, fmt, payload, conformers, seed, vocab) for i, (fmt, payload) in enumerate(raw)]
+    records = [parse_record(first + i, fmt, payload, conformers, seed, vocab, embed_2d=embed_2d)
+               for i, (fmt, payload) in enumerate(raw)]
     usable = [r for r in records if r.ok]
     flat = [c for r in usable for c in r.conformers]
     pred = predict_conformers(model, flat, batch)
@@ -151,7 +153,7 @@ def _rows_over_ray(args, raw, names) -> list[dict]:
     ray = connect_ray(args.num_cpus)
     task = ray.remote(num_cpus=1)(predict_chunk)
     refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed,
-                        weighting=args.conformers_weighting)
+                        weighting=args.conformers_weighting, embed_2d=args.embed_2d)
             for start in range(0, len(raw), args.chunk)]
     rows: list[dict] = []
     for ref in tqdm(refs, desc="predicting", unit="chunk"):  # in order: rows come back in input order
@@ -194,7 +196,8 @@ def run(args) -> int:
         rows = _rows_over_ray(args, raw, names)
     else:
         rows = predict_chunk(args.checkpoint, 0, raw, names, args.conformers, args.seed, model=loaded.model,
-                             weighting=args.conformers_weighting, max_atoms=training_max_atoms(loaded))
+                             weighting=args.conformers_weighting, max_atoms=training_max_atoms(loaded),
+                             embed_2d=args.embed_2d)
     storage.write_bytes(fs, out_path, write_rows(rows, names, units).encode())
 
     ok = sum(r["status"] == "ok" for r in rows)

@@ -289,7 +289,9 @@ def _smiles_of(mol) -> str:
         return ""
 
 
-def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[np.ndarray, np.ndarray] | None:
+def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool, embed_2d: tuple | None = None):
+    """(z, [positions]) of one SDF record; ``embed_2d`` (conformers, seed, vocab): a record without 3D
+    coordinates gets conformers embedded from its bond table, as a SMILES does, instead of being rejected."""
     mol = Chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
     if mol is None:
         record.name = block.split("\n", 1)[0].strip()
@@ -301,8 +303,19 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[
         record.reject("no atoms")
         return None
     if not mol.GetNumConformers() or not mol.GetConformer().Is3D():
-        record.reject("no 3D coordinates", "a 2D drawing; give its SMILES to embed conformers")
-        return None
+        if embed_2d is None:
+            record.reject("no 3D coordinates",
+                          "a 2D drawing; give its SMILES, or predict.py --embed-2d, to embed conformers")
+            return None
+        if not mol.GetNumBonds() and mol.GetNumAtoms() > 1:
+            record.reject("no 3D coordinates", "a 2D record without bonds: nothing to embed conformers from")
+            return None
+        Chem.SanitizeMol(mol)  # a drawing from a database: its bond table is the molecule
+        record.smiles = Chem.MolToSmiles(mol)
+        got = _embed(record, Chem.RemoveHs(mol), *embed_2d)
+        if got is not None:
+            record.add_note("conformers embedded from a 2D record")
+        return got
     # Hydrogens left implicit (a heavy-atom record, as docking tools write them) are placed from the bond
     # table; a record without any bonds says nothing about its hydrogens and is taken as given.
     mol.UpdatePropertyCache(strict=False)
@@ -322,7 +335,7 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool) -> tuple[
         except ValueError as err:  # a bond type the shards cannot hold (dative, ...): kept without bonds
             record.add_note(f"bonds dropped: {err}")
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-    return z, mol.GetConformer().GetPositions()
+    return z, [mol.GetConformer().GetPositions()]
 
 
 def _from_xyz(record: MoleculeRecord, payload) -> tuple[np.ndarray, np.ndarray] | None:
@@ -355,21 +368,26 @@ def _from_xyz(record: MoleculeRecord, payload) -> tuple[np.ndarray, np.ndarray] 
 
 
 def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vocab):
-    from rdkit.Chem import AllChem
-
-    from molscale.datasets.sources.smiles import conformers as embed
-    from molscale.datasets.sources.smiles import embedding_seed
     smiles, name, record.fields = payload
     record.smiles, record.name = smiles, name
     mol = Chem.MolFromSmiles(smiles) if smiles else None
     if mol is None:
         record.reject("unparsable SMILES")
         return None
+    return _embed(record, mol, conformers, seed, vocab)
+
+
+def _embed(record: MoleculeRecord, mol, conformers: int, seed: int, vocab):
+    """(z, K conformers) of a molecule given by its bond table (a SMILES, a 2D SDF record): hydrogens added,
+    ETKDGv3 + MMFF94 as `build smiles` embeds them; None (the record rejected) when that cannot be done."""
+    from rdkit.Chem import AllChem
+
+    from molscale.datasets.sources.smiles import MAX_EMBED_ATOMS, MMFF_MAX_ITERS, embedding_seed
+    from molscale.datasets.sources.smiles import conformers as embed
     mol = Chem.AddHs(mol)
     z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     if not _check_elements(record, z, vocab):
         return None
-    from molscale.datasets.sources.smiles import MAX_EMBED_ATOMS
     if len(z) > MAX_EMBED_ATOMS:
         record.reject("too many atoms to embed", f"{len(z)} with hydrogens (at most {MAX_EMBED_ATOMS})")
         return None
@@ -384,7 +402,6 @@ def _from_smiles(record: MoleculeRecord, payload, conformers: int, seed: int, vo
         record.add_note(f"{len(ranked)} of {conformers} conformers embedded")
     unconverged = sum(not converged for _, _, converged in ranked)
     if unconverged:
-        from molscale.datasets.sources.smiles import MMFF_MAX_ITERS
         record.add_note(f"MMFF did not converge for {unconverged} of {len(ranked)} conformers "
                         f"in {MMFF_MAX_ITERS} iterations")
     _chemistry_notes(record, mol)
@@ -407,17 +424,18 @@ def _chemistry_notes(record: MoleculeRecord, mol) -> None:
 
 
 def parse_record(index: int, fmt: str, payload, conformers: int = 1, seed: int = 0, vocab=None,
-                 add_hydrogens: bool = True) -> MoleculeRecord:
+                 add_hydrogens: bool = True, embed_2d: bool = False) -> MoleculeRecord:
     """One raw record -> MoleculeRecord (``reason`` set when it cannot be used). ``vocab``: atomic numbers a
     model knows (others make the record unusable); ``conformers``: K for SMILES (seeded by ``seed`` and the
-    record's index, so the result does not depend on where it runs)."""
+    record's index, so the result does not depend on where it runs); ``embed_2d``: embed conformers for an SDF
+    record without 3D coordinates (as for a SMILES) instead of rejecting it."""
     record = MoleculeRecord(index=index, name="")
     if isinstance(payload, Unreadable):
         record.name = payload.name
         record.reject(payload.kind, payload.detail)
         return record
     try:
-        return _parse(record, fmt, payload, conformers, seed, vocab, add_hydrogens)
+        return _parse(record, fmt, payload, conformers, seed, vocab, add_hydrogens, embed_2d)
     except Exception as err:  # RDKit raises many types on hostile input: that record is lost, not the file
         record.z, record.conformers, record.bonds = None, [], None
         record.reject(f"unreadable {fmt.upper()} record", f"{type(err).__name__}: {str(err).strip()[:200]}")
@@ -425,17 +443,17 @@ def parse_record(index: int, fmt: str, payload, conformers: int = 1, seed: int =
 
 
 def _parse(record: MoleculeRecord, fmt: str, payload, conformers: int, seed: int, vocab,
-           add_hydrogens: bool) -> MoleculeRecord:
+           add_hydrogens: bool, embed_2d: bool) -> MoleculeRecord:
     if fmt == "smiles":
         got = _from_smiles(record, payload, conformers, seed, vocab)
-        if got is None:
-            return record
-        z, positions = got
+    elif fmt == "sdf":
+        got = _from_sdf(record, payload, add_hydrogens, (conformers, seed, vocab) if embed_2d else None)
     else:
-        got = _from_sdf(record, payload, add_hydrogens) if fmt == "sdf" else _from_xyz(record, payload)
-        if got is None or not _check_elements(record, got[0], vocab):
-            return record
-        z, positions = got[0], [got[1]]
+        got = _from_xyz(record, payload)
+        got = None if got is None else (got[0], [got[1]])
+    if got is None or not _check_elements(record, got[0], vocab):
+        return record
+    z, positions = got
     dummies = np.flatnonzero(np.asarray(z) < 1)
     if len(dummies):
         record.reject("dummy atom", f"atom {int(dummies[0])} has atomic number 0 (a query or attachment point)")

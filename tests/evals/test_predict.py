@@ -215,5 +215,16 @@ def test_bad_input_gets_one_clear_line(tiny_checkpoint, tmp_path):
     assert r.returncode == 2 and "none of its 1 records could be used" in r.stderr
     rows = read_rows(out)  # the CSV is still written, with the reason
     assert rows[0]["status"] == "rejected" and rows[0]["reason"].startswith("no 3D coordinates")
+    # asked for, the drawing's bond table is embedded as its SMILES would be: the same conformers, the same values
+    r = predict("--checkpoint", tiny_checkpoint, "--input", str(flat), "--embed-2d", "--conformers", "2",
+                "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = read_rows(out)
+    assert row["status"] == "ok" and row["smiles"] == "CCO" and row["atoms"] == "9" and row["conformers"] == "2"
+    assert "conformers embedded from a 2D record" in row["note"]
+    r = predict("--checkpoint", tiny_checkpoint, "--input", str(good), "--conformers", "2", "--out",
+                str(tmp_path / "smiles.csv"))
+    (from_smiles,) = read_rows(tmp_path / "smiles.csv")
+    assert row["lumo (meV)"] == from_smiles["lumo (meV)"] and row["lumo_std (meV)"] == from_smiles["lumo_std (meV)"]
     r = predict("--checkpoint", tiny_checkpoint, "--input", str(good), "--conformers", "0", "--out", out)
     assert r.returncode == 2 and "--conformers must be at least 1" in r.stderr
