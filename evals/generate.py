@@ -42,7 +42,7 @@ def _steps_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     from molscale.trainer.model.egnn import KERNELS
-    from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_SCALE, SAMPLERS
+    from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_ON, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
         prog="evals/generate.py",
         description="Generate molecules from a trained checkpoint over a Ray cluster and compute the EDM-protocol "
@@ -84,9 +84,16 @@ def parse_args(argv=None):
                         f"property units (default {GUIDE_SCALE:g}, measured in BENCHMARKS.md). 0 samples without "
                         f"guidance but still reports the distance to the target: the control arm")
     p.add_argument("--guide-from", type=int, default=None, metavar="T0",
-                   help=f"guide at every step with t <= T0 (default {GUIDE_FROM}; steps above t_n read the growth "
-                        f"branch outside the times it was trained on and cost one more network evaluation each; the "
-                        f"growth phase alone moves the molecules little)")
+                   help=f"guide at every step with t <= T0 (default {GUIDE_FROM} with --guide-on noisy, 100 with "
+                        f"clean; with noisy, steps above t_n read the growth branch outside the times it was trained "
+                        f"on and cost one more network evaluation each; the growth phase alone moves the molecules "
+                        f"little)")
+    p.add_argument("--guide-on", choices=GUIDE_ON, default="noisy",
+                   help="where guidance reads the property head: 'noisy' at the noisy coordinates x_t (default, as "
+                        "before this option; the head was trained for t <= t_n only), or 'clean' at the clean "
+                        "molecule the network predicts from x_t, with the head at t = 0 where it was trained, as the "
+                        "released UniGEM guides (default --guide-from 100 then). metrics.json 'guidance' reports "
+                        "how often the push was capped (cap_fraction)")
     p.add_argument("--target", metavar="PROPERTY=VALUE", default=None,
                    help="a conditional checkpoint (model.condition_on): give every molecule this target (dataset "
                         "units; atom counts from the train histogram). Default: (atom count, value) pairs of real "

@@ -130,7 +130,7 @@ def file_molecules(path: str) -> tuple[list, list, dict]:
 
 
 def _guide(args, model) -> tuple | None:
-    """(property, value, scale, start) of --guide, checked against the model; None without --guide."""
+    """(property, value, scale, start, on) of --guide, checked against the model; None without --guide."""
     if args.guide is None:
         return None
     name, sep, value = args.guide.partition("=")
@@ -142,7 +142,8 @@ def _guide(args, model) -> tuple | None:
         raise InputError(f"--guide {args.guide}: give PROPERTY=VALUE, such as lumo=-500")
     from molscale.trainer.model.sampling import guidance_for
     try:
-        start = guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from).start  # default filled
+        start = guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from,
+                             args.guide_on).start  # the default filled in
     except ValueError as err:
         raise InputError(f"--guide {args.guide}: {err}") from None
     if args.scorer is not None:
@@ -150,16 +151,17 @@ def _guide(args, model) -> tuple | None:
         scorer = load_for_eval(args.scorer).model
         if name.strip() not in getattr(scorer.cfg, "properties", ()):
             raise InputError(f"--scorer {args.scorer} does not predict {name.strip()!r}")
-    return name.strip(), target, args.guide_scale, start
+    return name.strip(), target, args.guide_scale, start, args.guide_on
 
 
-def _guidance_metrics(ray, args, guide, molecules) -> dict:
+def _guidance_metrics(ray, args, guide, molecules, cap_fraction: float | None) -> dict:
     """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
     --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
     from molscale.evals.conditional import predict_molecules
-    name, target, scale, start = guide
+    name, target, scale, start, on = guide
     checkpoints = {"self": args.checkpoint, **({"scorer": args.scorer} if args.scorer else {})}
-    row = {"property": name, "target": target, "scale": scale, "start": start, "scorer": args.scorer}
+    row = {"property": name, "target": target, "scale": scale, "start": start, "on": on,
+           "cap_fraction": cap_fraction, "scorer": args.scorer}
     for key, checkpoint in checkpoints.items():
         values = predict_molecules(ray, checkpoint, [name], molecules)[:, 0]
         row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - target).mean()), float(values.mean())
@@ -311,12 +313,13 @@ def run(args) -> int:
         budget = args.pair_budget or default_pair_budget(histogram, args.batch)
         for steps in sweep:
             began = time.perf_counter()
-            sampled, chunks, plan, kernels = sample_over_ray(
+            run = sample_over_ray(
                 ray, args.checkpoint, args.n_samples, budget, steps, args.seed, workers, histogram, args.cuda_graphs,
                 args.precision, args.sampler, guide, condition, args.kernel)
+            sampled, plan = run.molecules, run.plan
             if steps == sweep[0]:
-                molecules, chunks_per_node, sample_seconds = sampled, chunks, time.perf_counter() - began
-                kernels_run = kernels
+                molecules, chunks_per_node, sample_seconds = sampled, run.chunks_per_node, time.perf_counter() - began
+                kernels_run, cap_fraction = run.kernels, run.guidance_cap_fraction
             else:
                 swept.append((steps, sampled, time.perf_counter() - began))
         steps = sweep[0]
@@ -342,8 +345,8 @@ def run(args) -> int:
         train_smiles = ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
     if guide:
-        metrics["guidance"] = _guidance_metrics(ray, args, guide, molecules)
-        for key in ("self_mae", "scorer_mae"):
+        metrics["guidance"] = _guidance_metrics(ray, args, guide, molecules, cap_fraction)
+        for key in ("self_mae", "scorer_mae", "cap_fraction"):
             if metrics["guidance"].get(key) is not None:
                 metrics[f"guidance_{key}"] = metrics["guidance"][key]
     if condition is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,9 +85,11 @@ def sampler_actor_class(ray):
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
                              device=self.device, sampler=sampler, guidance=guidance, condition=condition)
+            tally = [float(v) for v in guidance.tally] if guidance is not None and guidance.tally else [0.0, 0.0]
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
-                    "node": ray.get_runtime_context().get_node_id(), "kernel": self.kernel}
+                    "node": ray.get_runtime_context().get_node_id(), "kernel": self.kernel,
+                    "guidance_tally": tally}  # [capped, guided] (step, molecule) pairs
 
     return Sampler
 
@@ -157,16 +160,23 @@ def sampler_capacity(ray) -> tuple[int, str]:
     return (gpus, "GPU") if gpus else (max(1, int(resources.get("CPU", 1))), "CPU")
 
 
+@dataclass
+class SampledRun:
+    """What sample_over_ray returns."""
+    molecules: list            # (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn
+    chunks_per_node: dict      # chunks sampled per Ray node id
+    plan: list                 # the chunk plan (chunk_plan)
+    kernels: list              # the kernels the samplers ran (effective_kernel)
+    guidance_cap_fraction: float | None  # of the guided (step, molecule) pairs, those whose push was capped
+
+
 def sample_over_ray(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int | None, seed: int,
                     workers: int, histogram: dict[int, int], cuda_graphs: bool = False, precision: str = "fp32",
                     sampler: str = "ancestral", guide: tuple | None = None, condition: tuple | None = None,
-                    kernel: str | None = None
-                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int], list, list]:
-    """(molecules as (z [N] uint8, pos [N, 3] float32) in the order the atom counts were drawn, chunks sampled
-    per Ray node id, the chunk plan, the kernels the samplers ran: effective_kernel's). ``pair_budget``:
-    chunk_plan's; ``workers``: at most ``sampler_capacity``
-    (more would wait for resources forever);
-    ``guide``: (property, value, scale, start) for guidance_for, or None; ``condition``: a conditional model's
+                    kernel: str | None = None) -> SampledRun:
+    """Sample ``n_samples`` molecules over Ray actors. ``pair_budget``: chunk_plan's; ``workers``: at most
+    ``sampler_capacity`` (more would wait for resources forever);
+    ``guide``: (property, value, scale, start, on) for guidance_for, or None; ``condition``: a conditional model's
     (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller;
     ``kernel``: the samplers' model.kernel (None: the checkpoint's)."""
     from ray.util import ActorPool
@@ -182,6 +192,7 @@ def sample_over_ray(ray, checkpoint: str, n_samples: int, pair_budget: int, step
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}
     kernels: set[str] = set()
+    tally = [0.0, 0.0]
     def submit(actor, job):
         chunk_targets = None if targets is None else np.asarray(targets)[job[1]].tolist()
         return actor.sample.remote(job[2].tolist(), job[0], steps, sampler, guide, chunk_targets)
@@ -193,6 +204,7 @@ def sample_over_ray(ray, checkpoint: str, n_samples: int, pair_budget: int, step
             molecules[i] = (out["z"][row, :n], out["pos"][row, :n])
         chunks_per_node[out["node"]] = chunks_per_node.get(out["node"], 0) + 1
         kernels.add(out["kernel"])
+        tally = [a + b for a, b in zip(tally, out["guidance_tally"])]
     for actor in actors:
         ray.kill(actor)
-    return molecules, chunks_per_node, plan, sorted(kernels)
+    return SampledRun(molecules, chunks_per_node, plan, sorted(kernels), tally[0] / tally[1] if tally[1] else None)

@@ -86,7 +86,9 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     guidance = other["guidance"]
     assert (guidance["property"], guidance["target"], guidance["start"]) == ("lumo", -300.0, 300)
     assert guidance["self_mae"] > 0 and guidance["scorer_mae"] == pytest.approx(guidance["self_mae"])  # same model
-    assert source["guide"] == ["lumo", -300.0, 100.0, 300]  # the default scale
+    assert source["guide"] == ["lumo", -300.0, 100.0, 300, "noisy"]  # the default scale and reading
+    assert guidance["on"] == "noisy" and 0 <= guidance["cap_fraction"] <= 1
+    assert other["guidance_cap_fraction"] == guidance["cap_fraction"]
     # the sweep: a row per K, the first one the outputs' own
     curve = other["steps_curve"]
     assert [(row["steps"], row["network_evaluations"]) for row in curve] == [(10, 11), (3, 4)]

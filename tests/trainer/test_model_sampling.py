@@ -248,6 +248,17 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
         assert (guided["pos"].sum(1) / 6).abs().max() < 1e-9  # CoM-free
     unguided_gap = float((plain_r2 - target).abs().mean())
     assert unguided_gap > gaps[0] > gaps[1] and gaps[1] < 0.75 * unguided_gap
+    # the head read on the predicted clean molecule at t = 0 (the released UniGEM's way) pulls the same way
+    # (its default range, t <= 100, moves the molecules less: sigma_t is small there)
+    clean = guidance_for(model, "gap", target, scale=100.0, on="clean")
+    assert clean.start == 100
+    clean_gaps = []
+    for guidance in (clean, guidance_for(model, "gap", target, scale=100.0, start=300, on="clean")):
+        guided = sample(model, num_atoms, steps=50, generator=torch.Generator().manual_seed(0), guidance=guidance)
+        clean_gaps.append(float((r2(guided["pos"], guided["node_mask"]) - target).abs().mean()))
+    assert unguided_gap > clean_gaps[0] > clean_gaps[1]
+    steps_guided = sum(1 for t in timestep_grid(model.num_steps, 50, model.switch_time)[:-1] if t <= 100)
+    assert 0 <= clean.cap_fraction() <= 1 and float(clean.tally[1]) == 64 * steps_guided  # molecules x steps
     # the growth phase only (t <= t_n, 10 of the 1000 steps, where sigma_t < 0.02): a small pull, in the same
     # direction
     late = sample(model, num_atoms, steps=1000, generator=torch.Generator().manual_seed(0),
@@ -267,17 +278,21 @@ def test_guided_estimate_is_equivariant_and_com_free():
     pos = remove_mean(torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
                       node_mask)
     q = random_orthogonal(4, reflect=True)
-    for t in (5, 300):  # growth (one pass gives eps and the gradient) and nucleation (nucleation eps + gradient)
+    clean = guidance_for(model, "gap", 4.0, scale=5.0, start=model.num_steps, on="clean")
+    for t, guidance in ((5, guide), (300, guide), (5, clean), (300, clean)):
+        # growth (one pass gives eps and the gradient) and nucleation (nucleation eps + gradient); noisy and clean
         eps = None if t <= 10 else model.predict_noise({"pos": pos}, node_mask, t, final=False)["pos"]
         eps_q = None if t <= 10 else model.predict_noise({"pos": pos @ q}, node_mask, t, final=False)["pos"]
-        a = guided_eps(model, pos, node_mask, t, eps, guide)
-        b = guided_eps(model, pos @ q, node_mask, t, eps_q, guide)
+        a = guided_eps(model, pos, node_mask, t, eps, guidance)
+        b = guided_eps(model, pos @ q, node_mask, t, eps_q, guidance)
         torch.testing.assert_close(a @ q, b, atol=1e-9, rtol=1e-7)
         assert a.sum(1).abs().max() < 1e-10 and a[1, 5:].abs().max() == 0
         unguided = model.predict_noise({"pos": pos}, node_mask, t, final=False)["pos"]
         assert (a - unguided).abs().max() > 1e-6  # the gradient term is there
     with pytest.raises(ValueError, match="not 'lumo'"):
         guidance_for(model, "lumo", 0.0, 1.0)
+    with pytest.raises(ValueError, match="reads the head on one of"):
+        guidance_for(model, "gap", 0.0, 1.0, on="x0")
     with pytest.raises(ValueError, match="positive"):
         guidance_for(model, "gap", 0.0, -1.0)
     # scale 0 is the control arm: exactly the unguided molecules
@@ -288,3 +303,16 @@ def test_guided_estimate_is_equivariant_and_com_free():
     assert not torch.equal(draw(guidance_for(model, "gap", 4.0, scale=50.0, start=300)), draw(None))
     with pytest.raises(ValueError, match="property head"):
         guidance_for(tiny_model("edm"), "gap", 0.0, 1.0)
+
+
+def test_the_cap_fraction_counts_the_capped_pushes():
+    from molscale.trainer.model.sampling import guidance_for
+    model = tiny_model("unigem", hidden=16, layers=3, dtype=torch.float64)
+    atoms = torch.tensor([4, 6, 5])
+    fractions = {}
+    for scale in (1e-9, 1e9):  # a vanishing push is never capped; an enormous one always
+        guidance = guidance_for(model, "gap", 40.0, scale=scale, start=50)
+        sample(model, atoms, steps=20, generator=torch.Generator().manual_seed(2), guidance=guidance)
+        fractions[scale] = guidance.cap_fraction()
+    assert fractions == {1e-9: 0.0, 1e9: 1.0}
+    assert guidance_for(model, "gap", 40.0, scale=1.0).cap_fraction() is None  # nothing guided yet

@@ -11,7 +11,7 @@ Sampler state is float32 (the dtype of the model's first parameter when that is 
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,11 @@ SAMPLERS = ("ancestral", "ddim", "dpm2m")
 # meV; the growth phase alone (t <= t_n, where sigma_t < 0.02) with scale 10 moved it to 810.
 GUIDE_SCALE = 100.0
 GUIDE_FROM = 300
+# where the property head is read: "noisy" at x_t (this project's first guidance), "clean" at the clean molecule
+# the network predicts from x_t, x0_hat = (x_t - sigma_t eps_hat) / alpha_t, with the head at t = 0 where it was
+# trained, as the released UniGEM guides (its sampler, for t < 100)
+GUIDE_ON = ("noisy", "clean")
+GUIDE_FROM_BY_ON = {"noisy": GUIDE_FROM, "clean": 100}
 
 
 def sample_num_atoms(histogram, num_samples, generator=None):
@@ -170,7 +175,7 @@ class DPMSolver2M:
         return _project(z_s, node_mask, com_free)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Guidance:
     """Classifier guidance by UniGEM's own property head, no retraining: sampling follows the score of
     p(x_t | y) = p(x_t) p(y | x_t) with p(y | x_t) = N(y; f(x_t), 1 / scale) in normalised property units, f the
@@ -179,49 +184,85 @@ class Guidance:
     read the growth branch out of its training range and cost one more evaluation each; the growth phase alone
     moves coordinates little, as sigma_t is small there). f is invariant, so the gradient is equivariant and free
     of the CoM. The added term is capped, per molecule, at the norm of eps (an undertrained head's gradients are
-    huge). Scale 0 samples exactly as without guidance: the control arm of a guidance measurement."""
+    huge). Scale 0 samples exactly as without guidance: the control arm of a guidance measurement.
+
+    ``on = "clean"`` reads the head at x0_hat instead (GUIDE_ON), holding eps_hat fixed: the gradient with respect
+    to x_t is the head's at x0_hat divided by alpha_t. ``tally`` counts, over the guided steps and molecules, how
+    often the cap bound ([capped, guided], device tensors, read once after sampling): where it binds on most
+    steps, the scale is nominal."""
     property_index: int
     target: float   # normalised: (value - train mean) / train MAD
     scale: float
     start: int
+    on: str = "noisy"
+    tally: list = field(default_factory=list, compare=False)
+
+    def cap_fraction(self) -> float | None:
+        """Of the guided (step, molecule) pairs, the fraction whose push the cap shortened; None before any."""
+        if not self.tally or float(self.tally[1]) == 0:
+            return None
+        return float(self.tally[0]) / float(self.tally[1])
 
 
-def guidance_for(model, name: str, value: float, scale: float = GUIDE_SCALE, start: int | None = None) -> Guidance:
+def guidance_for(model, name: str, value: float, scale: float = GUIDE_SCALE, start: int | None = None,
+                 on: str = "noisy") -> Guidance:
     """Guidance toward ``value`` (dataset units) of property ``name`` at every step with t <= ``start`` (default
-    GUIDE_FROM, at most T); ValueError for what cannot be guided."""
+    GUIDE_FROM_BY_ON[on], at most T), the head read ``on`` x_t or x0_hat; ValueError for what cannot be
+    guided."""
+    if on not in GUIDE_ON:
+        raise ValueError(f"guidance reads the head on one of {list(GUIDE_ON)}, not {on!r}")
     if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("guidance needs a UniGEM model with a property head (model.properties)")
     if name not in model.cfg.properties:
         raise ValueError(f"the model predicts {list(model.cfg.properties)}, not {name!r}")
     if not scale >= 0:
         raise ValueError(f"the guidance scale must be positive, or 0 for the unguided control (got {scale})")
-    start = min(GUIDE_FROM, model.num_steps) if start is None else start
+    start = min(GUIDE_FROM_BY_ON[on], model.num_steps) if start is None else start
     if not 1 <= start <= model.num_steps:
         raise ValueError(f"guidance start must be in [1, {model.num_steps}] (got {start})")
     j = list(model.cfg.properties).index(name)
     mean, mad = (v.double()[j].item() for v in model.prop_normalisation(torch.zeros(1)))
-    return Guidance(j, (value - mean) / mad, float(scale), int(start))
+    return Guidance(j, (value - mean) / mad, float(scale), int(start), on)
 
 
 def guided_eps(model, pos, node_mask, t: int, eps, guidance: Guidance, context=None):
-    """The guided eps estimate of coordinates ``pos`` at time t (Guidance); eps: the unguided one; context: a
-    conditional model's normalised context."""
-    t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
-    with torch.enable_grad():
-        x = pos.detach().requires_grad_(True)
-        # eager network (CUDA graphs replay forward passes only)
-        out = model.denoise(x, node_mask, t_batch, Branch.GROWTH, heads=True, context=context, differentiable=True)
-        error = out["props"][:, guidance.property_index].float() - guidance.target
-        (grad,) = torch.autograd.grad(0.5 * guidance.scale * (error * error).sum(), x)
-    if model.branch_of(t) == Branch.GROWTH:
-        eps = out["eps"].detach()  # the same pass gave the growth branch's own estimate
-    _, sigma = model.schedule.host_alpha_sigma(t)
+    """The guided eps estimate of coordinates ``pos`` at time t (Guidance); eps: the unguided one (None in the
+    growth phase, where the guided pass gives it); context: a conditional model's normalised context."""
+    alpha, sigma = model.schedule.host_alpha_sigma(t)
+    if guidance.on == "clean":
+        if eps is None:
+            eps = model.predict_noise({"pos": pos}, node_mask, t, final=False, context=context)["pos"]
+        x0 = remove_mean((pos - sigma * eps) / alpha, node_mask).detach()
+        # the head where it was trained (t = 0) on the predicted clean molecule; d x0_hat / d x_t = 1 / alpha_t
+        # with eps_hat held fixed, so one differentiable pass at t = 0 is all the guidance costs
+        grad = _head_gradient(model, x0, node_mask, 0, guidance, context)[0] / alpha
+    else:
+        grad, out = _head_gradient(model, pos, node_mask, t, guidance, context)
+        if model.branch_of(t) == Branch.GROWTH:
+            eps = out["eps"].detach()  # the same pass gave the growth branch's own estimate
     push = remove_mean(sigma * grad.to(eps.dtype), node_mask)
     # A head far from its training data (an undertrained model, large t) can have gradients that throw atoms
     # hundreds of Angstrom away in one step: the push is capped, per molecule, at the size of eps itself.
     size = lambda x: x.square().sum((1, 2), keepdim=True).sqrt()  # noqa: E731
-    push = push * torch.clamp(size(eps) / size(push).clamp(min=1e-12), max=1.0)
+    ratio = size(eps) / size(push).clamp(min=1e-12)  # [b, 1, 1]
+    if not guidance.tally:
+        guidance.tally.extend([ratio.new_zeros(()), ratio.new_zeros(())])
+    guidance.tally[0] += (ratio < 1).sum()  # on the device: read once, after sampling
+    guidance.tally[1] += ratio.numel()
+    push = push * torch.clamp(ratio, max=1.0)
     return remove_mean(eps + push, node_mask)
+
+
+def _head_gradient(model, pos, node_mask, t: int, guidance: Guidance, context):
+    """(d/d pos of scale / 2 (head(pos, t) - target)^2, the growth branch's outputs) on the eager network
+    (CUDA graphs replay forward passes only)."""
+    t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+    with torch.enable_grad():
+        x = pos.detach().requires_grad_(True)
+        out = model.denoise(x, node_mask, t_batch, Branch.GROWTH, heads=True, context=context, differentiable=True)
+        error = out["props"][:, guidance.property_index].float() - guidance.target
+        (grad,) = torch.autograd.grad(0.5 * guidance.scale * (error * error).sum(), x)
+    return grad, out
 
 
 def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None):
