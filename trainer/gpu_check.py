@@ -33,7 +33,7 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
 
 On an H200 (BENCHMARKS.md, "One GPU: H200") `--train-seconds 30 --train-paths graphs-bf16,fused-bf16,graphs-tf32
 --bench-runs bf16-eager,bf16-fused,fp32-eager,fp32-fused,bf16-compiled --parts equality,train,sampling,tune,bench`
-took 324 s: equality 38 s, training 98 s, sampling 39 s, tune 28 s, bench 121 s.
+took 323 s: equality 38 s, training 98 s, sampling 39 s, tune 28 s, bench 121 s.
 """
 
 from __future__ import annotations
