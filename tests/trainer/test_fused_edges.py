@@ -257,3 +257,33 @@ def test_onchip_weight_gradients_over_row_blocks_and_molecule_groups(gpu_tiles, 
     out_f, grads_f = run_block(block, "fused", h, pos, graph)
     assert_relative_close(out_f, out_e, 1e-12)
     assert_relative_close(grads_f, grads_e, 1e-12)
+
+
+def test_a_forward_alone_falls_back_to_the_training_tiles_where_its_own_do_not_fit(monkeypatch, caplog):
+    from triton.runtime.errors import OutOfResources
+    real, launched = fused_edges._edge_mlp_forward, []
+
+    class SmallSharedMemory:  # a GPU whose programs get too little shared memory for row blocks of 4
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(args[13])  # BI
+                if args[13] > 2:
+                    raise OutOfResources(131584, 101376, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(fused_edges, "_edge_mlp_forward", SmallSharedMemory())
+    monkeypatch.setattr(fused_edges, "tile_sizes",
+                        lambda n, hp, device, differentiated=True: (2, 4, 16, 1) if differentiated else (4, 4, 16, 1))
+    block, h, pos, graph = block_and_inputs(16, [5, 3])
+    expected, _ = run_block(block, "eager", h, pos, graph)
+    block.kernel = "fused"
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="trainer"):
+        h_out, pos_out = block(h, pos, graph)
+    assert launched == [4, 2, 4, 2]  # each edge MLP: refused, then the training tiles
+    assert "forward-alone tiles do not fit this GPU" in caplog.text
+    torch.testing.assert_close(h_out, expected["h"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pos_out, expected["pos"], rtol=1e-10, atol=1e-10)
+    # a differentiated forward has no smaller tiles to fall back to: the error is the user's to see
+    monkeypatch.setattr(fused_edges, "tile_sizes", lambda n, hp, device, differentiated=True: (4, 4, 16, 1))
+    with pytest.raises(OutOfResources):
+        block(h.clone().requires_grad_(), pos, graph)

@@ -378,6 +378,12 @@ def _triton_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.cache
+def _warn_forward_tiles(reason: str, tiles) -> None:
+    log.warning("fused kernels: the forward-alone tiles do not fit this GPU (%s); using %s (set "
+                "MOLSCALE_FUSED_FORWARD_TILES to choose)", reason, ",".join(map(str, tiles)))
+
+
 class FusedEdgeMLP(torch.autograd.Function):
     """agg [B, N, H] (MESSAGE) or phi [B, N, N] (COORDINATE) of one edge MLP, with a recomputing backward."""
 
@@ -399,9 +405,20 @@ class FusedEdgeMLP(torch.autograd.Function):
                 out = torch.empty(batch, n, n, dtype=acc, device=a.device)
                 b_v = mask = w_v  # not read in this mode
             b_v, mask = b_v.contiguous(), mask.contiguous()
-            _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
-                a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
-                _triton_dtype(acc), _tf32(), num_warps=warps)
+            try:
+                _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
+                    a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
+                    _triton_dtype(acc), _tf32(), num_warps=warps)
+            except triton.runtime.errors.OutOfResources as err:
+                if differentiated:
+                    raise
+                # the forward-alone tiles need more shared memory than some GPUs give a program (in fp32: 128.5 KiB
+                # at 8 x 16 pairs; an RTX 4090's or an L4's limit is 99 KiB): the training tiles fit everywhere
+                bi, bj, bk, warps = tile_sizes(n, hp, a.device, differentiated=True)
+                _warn_forward_tiles(str(err), (bi, bj, bk, warps))
+                _edge_mlp_forward[(batch, triton.cdiv(n, bi))](
+                    a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask, out, n, hidden, hp, bi, bj, bk, mode,
+                    _triton_dtype(acc), _tf32(), num_warps=warps)
         ctx.mode, ctx.tiles, ctx.hp, ctx.acc = mode, (bi, bj, bk, warps), hp, acc
         ctx.save_for_backward(a, c, edge_attr, w_e, w_2, b_2, w_v, b_v, mask)
         return out
