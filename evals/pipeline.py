@@ -313,13 +313,14 @@ def run(args) -> int:
         budget = args.pair_budget or default_pair_budget(histogram, args.batch)
         for steps in sweep:
             began = time.perf_counter()
-            run = sample_over_ray(
+            sampled_run = sample_over_ray(
                 ray, args.checkpoint, args.n_samples, budget, steps, args.seed, workers, histogram, args.cuda_graphs,
                 args.precision, args.sampler, guide, condition, args.kernel)
-            sampled, plan = run.molecules, run.plan
+            sampled, plan = sampled_run.molecules, sampled_run.plan
             if steps == sweep[0]:
-                molecules, chunks_per_node, sample_seconds = sampled, run.chunks_per_node, time.perf_counter() - began
-                kernels_run, cap_fraction = run.kernels, run.guidance_cap_fraction
+                molecules, sample_seconds = sampled, time.perf_counter() - began
+                chunks_per_node = sampled_run.chunks_per_node
+                kernels_run, cap_fraction = sampled_run.kernels, sampled_run.guidance_cap_fraction
             else:
                 swept.append((steps, sampled, time.perf_counter() - began))
         steps = sweep[0]
