@@ -37,10 +37,7 @@ from molscale.evals.protocol.stability import (
 )
 from molscale.evals.protocol.statistics import ClusterSums, clustered_fraction, wilson_interval
 
-# the last three: per-molecule sums of squares behind atom stability's standard error clustered by molecule
-# (statistics.ClusterSums: y = stable atoms, m = atoms of one molecule), summed over chunks like the counts
-COUNT_KEYS = ("n_samples", "n_atoms", "n_stable_atoms", "n_stable_molecules", "n_valid",
-              "stable_atoms_sq", "stable_atoms_x_atoms", "atoms_sq")
+COUNT_KEYS = ("n_samples", "n_atoms", "n_stable_atoms", "n_stable_molecules", "n_valid")
 
 
 @dataclass
@@ -81,22 +78,22 @@ def analyse_molecule(z: np.ndarray, pos: np.ndarray, all_single: bool = False,
 def molecule_stats(molecules, all_single: bool = False, distribution: bool = True) -> dict:
     """Partial statistics of a chunk of molecules; merge chunks with ``merge_stats``.
 
-    molecules: anything ``as_molecule_list`` accepts. Returns counts (COUNT_KEYS), ``valid_smiles``
+    molecules: anything ``as_molecule_list`` accepts. Returns counts (COUNT_KEYS), ``atom_clusters`` (the
+    statistics.ClusterSums of stable atoms per molecule, behind atom stability's standard error), ``valid_smiles``
     (one entry per valid molecule, in input order) and ``histograms`` (see distribution.py; None when
     ``distribution`` is False).
     """
     counts = dict.fromkeys(COUNT_KEYS, 0)
+    clusters = ClusterSums()
     valid_smiles: list[str] = []
     accumulator = DistributionAccumulator() if distribution else None
     for z, pos in as_molecule_list(molecules):
         result = analyse_molecule(z, pos, all_single=all_single)
         counts["n_samples"] += 1
-        stable, atoms = int(result.stable.sum()), len(z)
-        counts["n_atoms"] += atoms
+        stable = int(result.stable.sum())
+        counts["n_atoms"] += len(z)
         counts["n_stable_atoms"] += stable
-        counts["stable_atoms_sq"] += stable * stable
-        counts["stable_atoms_x_atoms"] += stable * atoms
-        counts["atoms_sq"] += atoms * atoms
+        clusters.add(stable, len(z))
         counts["n_stable_molecules"] += int(result.molecule_stable)
         if result.valid:
             counts["n_valid"] += 1
@@ -104,7 +101,7 @@ def molecule_stats(molecules, all_single: bool = False, distribution: bool = Tru
         if accumulator is not None:
             accumulator.add(np.asarray(z, dtype=np.int64), pos, result.dist, result.order, result.kind,
                             result.valence)
-    return {**counts, "valid_smiles": valid_smiles,
+    return {**counts, "atom_clusters": clusters, "valid_smiles": valid_smiles,
             "histograms": accumulator.histograms() if accumulator is not None else None}
 
 
@@ -116,6 +113,7 @@ def merge_stats(parts: list[dict]) -> dict:
         for key in COUNT_KEYS:
             merged[key] += part[key]
         merged["valid_smiles"].extend(part["valid_smiles"])
+    merged["atom_clusters"] = sum((part["atom_clusters"] for part in parts), ClusterSums())
     hists = [p["histograms"] for p in parts if p.get("histograms") is not None]
     merged["histograms"] = merge_histograms(hists) if hists else None
     return merged
@@ -129,8 +127,7 @@ def uncertainty(stats: dict, n_unique: int) -> dict:
     """95% intervals of the molecule fractions (Wilson) and atom stability's standard error with molecules as
     clusters (evals/protocol/statistics.py): how far another draw of as many molecules could land."""
     n = stats["n_samples"]
-    _, atom_se = clustered_fraction(ClusterSums(n, stats["n_stable_atoms"], stats["n_atoms"], stats["stable_atoms_sq"],
-                                                stats["stable_atoms_x_atoms"], stats["atoms_sq"]))
+    _, atom_se = clustered_fraction(stats["atom_clusters"])
     intervals = {"atom_stability_se": atom_se}
     for name, successes in (("mol_stability", stats["n_stable_molecules"]), ("validity", stats["n_valid"]),
                             ("valid_unique", n_unique)):
