@@ -85,11 +85,10 @@ def sampler_actor_class(ray):
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
                              device=self.device, sampler=sampler, guidance=guidance, condition=condition)
-            tally = [float(v) for v in guidance.tally] if guidance is not None and guidance.tally else [0.0, 0.0]
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id(), "kernel": self.kernel,
-                    "guidance_tally": tally}  # [capped, guided] (step, molecule) pairs
+                    "guidance_tally": guidance.cap_counts() if guidance is not None else (0.0, 0.0)}
 
     return Sampler
 

@@ -63,7 +63,12 @@ ONCHIP_CANDIDATES = [(4, 4, 32, 4)]
 SAMPLING_CHUNK = 10000  # molecules in tune's forward-alone measurement
 SAMPLE_STEPS = 20
 PAPER_STEPS = 1000
-BENCH_RUNS = [f"{dtype}-{kernel}" for dtype in ("bf16", "fp32") for kernel in ("eager", "compiled", "fused")]
+
+
+def bench_runs() -> list[str]:
+    """Every bench run, DTYPE-KERNEL, for the kernel paths the model has (egnn.KERNELS)."""
+    from molscale.trainer.model.egnn import KERNELS
+    return [f"{dtype}-{kernel}" for dtype in ("bf16", "fp32") for kernel in KERNELS]
 
 
 def parse_args(argv=None):
@@ -77,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, in the order given: {','.join(PARTS)} (sampling and "
                         f"generate read the first training path's checkpoint)")
-    p.add_argument("--bench-runs", default=",".join(BENCH_RUNS),
-                   help=f"the bench's runs, DTYPE-KERNEL, in the order given (default: {','.join(BENCH_RUNS)})")
+    p.add_argument("--bench-runs", default=",".join(bench_runs()),
+                   help=f"the bench's runs, DTYPE-KERNEL, in the order given (default: {','.join(bench_runs())})")
     p.add_argument("--train-paths", default=",".join(name for name, _ in TRAIN_PATHS),
                    help="the training paths to run, in the order given (default: all; the first one trained "
                         "is the one sampled from)")
@@ -365,7 +370,7 @@ PARTS = {"bench": bench, "equality": equality, "tune": tune, "train": train, "sa
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for option, given, known in (("--parts", args.parts, list(PARTS)), ("--bench-runs", args.bench_runs, BENCH_RUNS),
+    for option, given, known in (("--parts", args.parts, list(PARTS)), ("--bench-runs", args.bench_runs, bench_runs()),
                                  ("--train-paths", args.train_paths, [name for name, _ in TRAIN_PATHS])):
         unknown = sorted(set(given.split(",")) - set(known))
         if unknown:

@@ -311,7 +311,7 @@ def _from_sdf(record: MoleculeRecord, block: str, add_hydrogens: bool, embed_2d:
             record.reject("no 3D coordinates", "a 2D record without bonds: nothing to embed conformers from")
             return None
         Chem.SanitizeMol(mol)  # a drawing from a database: its bond table is the molecule
-        record.smiles = Chem.MolToSmiles(mol)
+        record.smiles = _smiles_of(mol)
         got = _embed(record, Chem.RemoveHs(mol), *embed_2d)
         if got is not None:
             record.add_note("conformers embedded from a 2D record")

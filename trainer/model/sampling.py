@@ -197,11 +197,14 @@ class Guidance:
     on: str = "noisy"
     tally: list = field(default_factory=list, compare=False)
 
+    def cap_counts(self) -> tuple[float, float]:
+        """(capped, guided) (step, molecule) pairs so far, read from the device."""
+        return (float(self.tally[0]), float(self.tally[1])) if self.tally else (0.0, 0.0)
+
     def cap_fraction(self) -> float | None:
         """Of the guided (step, molecule) pairs, the fraction whose push the cap shortened; None before any."""
-        if not self.tally or float(self.tally[1]) == 0:
-            return None
-        return float(self.tally[0]) / float(self.tally[1])
+        capped, guided = self.cap_counts()
+        return capped / guided if guided else None
 
 
 def guidance_for(model, name: str, value: float, scale: float = GUIDE_SCALE, start: int | None = None,
