@@ -28,24 +28,6 @@ PREDICT_BATCH = 128
 SHUFFLE_SEED = 0  # the permutation of the shuffled-targets row (fixed: the row describes the data, not a run)
 
 
-def parse_targets(text: str | None, names: list[str]) -> dict[str, float] | None:
-    """``--target p=V[,q=W]`` -> {p: V, ...} for every conditioning property of the model, or None."""
-    if text is None:
-        return None
-    values = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            values[name.strip()] = float(value) if sep else None
-        except ValueError:
-            values[name.strip()] = None
-        if values[name.strip()] is None:
-            raise InputError(f"--target {text!r}: give PROPERTY=VALUE pairs such as lumo=-0.05")
-    if sorted(values) != sorted(names):
-        raise InputError(f"--target names {sorted(values)}, but the model is conditioned on {names}")
-    return values
-
-
 def draw_conditions(ray, manifest, names: list[str], n_samples: int, seed: int, fixed=None, histogram=None):
     """(atom counts [n], targets [n, C] in dataset units, description) for a conditional model's samples.
 
@@ -143,17 +125,17 @@ def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: s
     return np.concatenate([p[0] for p in parts]), truth
 
 
-def check_scorer(scorer, names: list[str]) -> None:
-    """A clear error, before any sampling, for a --scorer that cannot predict the conditioned properties."""
-    from molscale.trainer.artifacts import load_for_eval
-    model = load_for_eval(scorer).model
+def check_scorer(scorer, path: str, names: list[str]) -> None:
+    """A clear error, before any sampling, for a --scorer (``scorer``: its LoadedModel, read from ``path``) that
+    cannot predict the guided or conditioned properties ``names``."""
+    model = scorer.model
     predicted = list(model.cfg.properties) if model.predicts_properties else []
     missing = [n for n in names if n not in predicted]
     if missing:
-        raise InputError(f"--scorer {scorer} predicts {predicted}, not {missing}: train a UniGEM with "
+        raise InputError(f"--scorer {path} predicts {predicted}, not {missing}: train a UniGEM with "
                          f"model.properties {missing} on the other half of the train split (data.half)")
     if model.num_context:
-        raise InputError(f"--scorer {scorer} is itself conditioned on {model.cfg.condition_on}; the scorer must be "
+        raise InputError(f"--scorer {path} is itself conditioned on {model.cfg.condition_on}; the scorer must be "
                          f"an unconditional property predictor")
 
 

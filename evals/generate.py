@@ -31,13 +31,10 @@ if importlib.util.find_spec("molscale") is None:  # a checkout without `pip inst
 
 
 def _steps_list(text: str) -> list[int]:
-    try:
-        steps = [int(part) for part in text.split(",") if part.strip()]
+    try:  # their values are checked with the rest of the configuration (eval_config.SamplingSettings)
+        return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers such as 1000 or 1000,100,25") from None
-    if not steps or len(set(steps)) != len(steps):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct step counts")
-    return steps
 
 
 def parse_args(argv=None):
@@ -138,6 +135,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def eval_config(args):
+    """The command line as the frozen, checked EvalConfig that everything below this entry point reads."""
+    from molscale.evals.eval_config import (
+        EvalConfig,
+        FromFile,
+        FromModel,
+        FromSplit,
+        GuideRequest,
+        SamplingSettings,
+        parse_targets,
+    )
+    source = (FromModel(args.checkpoint) if args.checkpoint else FromFile(args.molecules) if args.molecules
+              else FromSplit(args.dataset, args.split))
+    sampling = SamplingSettings(
+        n_samples=args.n_samples, batch=args.batch, pair_budget=args.pair_budget,
+        steps=tuple(args.steps) if args.steps is not None else None, sampler=args.sampler, seed=args.seed,
+        workers=args.workers, cuda_graphs=args.cuda_graphs, precision=args.precision, kernel=args.kernel)
+    guide = (GuideRequest.parse(args.guide, args.guide_scale, args.guide_from, args.guide_on)
+             if args.guide is not None else None)
+    return EvalConfig(source=source, out=args.out, sampling=sampling, guide=guide,
+                      targets=parse_targets(args.target) if args.target is not None else None,
+                      scorer=args.scorer, reference=args.reference, reference_split=args.reference_split,
+                      property_mae=args.property, num_cpus=args.num_cpus, wandb=not args.no_wandb,
+                      wandb_project=args.wandb_project)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,7 +169,7 @@ def main(argv=None) -> int:
     from molscale.datasets.errors import MolscaleError, report
     from molscale.evals.pipeline import run
     try:
-        return run(args)
+        return run(eval_config(args))
     except MolscaleError as err:  # 2: bad arguments, dataset or checkpoint; 1: failed while running
         return report(err)        # anything else is a bug and keeps its traceback
 

@@ -1,15 +1,25 @@
-"""What ``evals/generate.py`` does, step by step: check inputs, get molecules (sampled over Ray, or a
-real split), fan the metric work out as Ray tasks, write metrics.json / samples.sdf / plots /
-report.html, log to W&B, publish to the output URL."""
+"""What ``evals/generate.py`` does, in four stages that each take the frozen EvalConfig and the previous
+stages' results:
+
+1. ``resolve_inputs``: load the model (or read the file, or open the split), the reference dataset and the
+   scorer, and check everything that can be wrong with them, before Ray starts;
+2. ``obtain_molecules``: sample them over Ray (with a step sweep, guidance or conditional targets), or take
+   the file's or the split's;
+3. ``score``: the EDM-protocol and distribution metrics as Ray tasks, then guidance, conditional and
+   property metrics;
+4. ``write_and_publish``: metrics.json, samples.sdf, plots, report.html, W&B, the output URL.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,31 +27,12 @@ from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import ManifestError, load_manifest
 from molscale.datasets.shards.storage import redact_text, redact_url, redact_urls
+from molscale.evals.eval_config import EvalConfig, FromFile, FromModel, FromSplit, GuideRequest
 from molscale.evals.outputs.wandb_log import log_eval as _log_wandb
 from molscale.evals.ray_sampling import ray_get
 
 log = logging.getLogger("evals.generate")
 STATS_CHUNK = 500  # molecules per metric task
-
-
-def _check_args(args) -> None:
-    if args.n_samples < 1:
-        raise InputError(f"--n-samples must be at least 1 (got {args.n_samples})")
-    if args.batch < 1:
-        raise InputError(f"--batch must be at least 1 (got {args.batch})")
-    if args.pair_budget is not None and args.pair_budget < 1:
-        raise InputError(f"--pair-budget must be at least 1 (got {args.pair_budget})")
-    for steps in args.steps or ():
-        if steps < 1:
-            raise InputError(f"--steps must be at least 1 (got {steps})")
-    if args.steps and len(args.steps) > 1 and not args.checkpoint:
-        raise InputError("--steps with several values sweeps a checkpoint's sampler; it needs --checkpoint")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers must be at least 1 (got {args.workers})")
-    if args.guide is not None and not args.checkpoint:
-        raise InputError("--guide steers a checkpoint's sampler; it needs --checkpoint")
-    if args.target is not None and not args.checkpoint:
-        raise InputError("--target sets a conditional checkpoint's targets; it needs --checkpoint")
 
 
 def _reference_manifest(url: str):
@@ -129,53 +120,6 @@ def file_molecules(path: str) -> tuple[list, list, dict]:
     return records, molecules, source
 
 
-def _guide(args, model) -> tuple | None:
-    """(property, value, scale, start, on) of --guide, checked against the model; None without --guide."""
-    if args.guide is None:
-        return None
-    name, sep, value = args.guide.partition("=")
-    try:
-        target = float(value) if sep else None
-    except ValueError:
-        target = None
-    if target is None:
-        raise InputError(f"--guide {args.guide}: give PROPERTY=VALUE, such as lumo=-500")
-    from molscale.trainer.model.sampling import guidance_for
-    try:
-        start = guidance_for(model, name.strip(), target, args.guide_scale, args.guide_from,
-                             args.guide_on).start  # the default filled in
-    except ValueError as err:
-        raise InputError(f"--guide {args.guide}: {err}") from None
-    if args.scorer is not None:
-        from molscale.trainer.artifacts import load_for_eval
-        scorer = load_for_eval(args.scorer).model
-        if name.strip() not in getattr(scorer.cfg, "properties", ()):
-            raise InputError(f"--scorer {args.scorer} does not predict {name.strip()!r}")
-    return name.strip(), target, args.guide_scale, start, args.guide_on
-
-
-def _guidance_metrics(ray, args, guide, molecules, cap_fraction: float | None) -> dict:
-    """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
-    --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
-    from molscale.evals.conditional import predict_molecules
-    name, target, scale, start, on = guide
-    checkpoints = {"self": args.checkpoint, **({"scorer": args.scorer} if args.scorer else {})}
-    row = {"property": name, "target": target, "scale": scale, "start": start, "on": on,
-           "cap_fraction": cap_fraction, "scorer": args.scorer}
-    for key, checkpoint in checkpoints.items():
-        values = predict_molecules(ray, checkpoint, [name], molecules)[:, 0]
-        row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - target).mean()), float(values.mean())
-    return row
-
-
-def _curve_row(metrics: dict, steps: int, seconds: float, args) -> dict:
-    """One row of the quality-against-steps table (metrics.json "steps_curve")."""
-    keys = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty")
-    return {"steps": steps, "network_evaluations": steps + 1, "sampler": args.sampler,
-            **{k: metrics.get(k) for k in keys}, "sampling_seconds": round(seconds, 2),
-            "seconds_per_1000": round(1000 * seconds / args.n_samples, 2)}
-
-
 def _json_safe(value):
     """NaN (a metric undefined for this set, e.g. bond-type TV when no bonds were generated) -> null."""
     if isinstance(value, dict):
@@ -204,210 +148,319 @@ def publish(local_dir: str, out_url: str) -> None:
             storage.retry(lambda: fs.put_file(src, storage.join(path, name)), f"uploading {name}")
 
 
-def run(args) -> int:
-    from molscale.evals.conditional import check_scorer, conditional_metrics, draw_conditions, parse_targets
-    from molscale.evals.outputs.report import write_report
-    from molscale.evals.outputs.sdf import write_sdf
-    from molscale.evals.protocol.metrics import compute_metrics
-    from molscale.evals.protocol.references import (
-        reference_histograms,
-        reference_smiles,
-    )
-    from molscale.evals.ray_sampling import (
-        connect_ray,
-        default_pair_budget,
-        plan_summary,
-        sample_over_ray,
-        sampler_capacity,
-    )
-    from molscale.trainer.artifacts import load_for_eval
-    _check_args(args)
 
-    # Everything that can be wrong with the inputs fails here, before Ray starts.
-    guide, conditioned = None, []
-    if args.checkpoint:
-        loaded = load_for_eval(args.checkpoint)
-        vocab, histogram = loaded.model.cfg.atom_vocab, loaded.atom_count_histogram
-        reference_url = args.reference or loaded.dataset_url
-        source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
-        for steps in args.steps or ():
-            if steps > loaded.model.num_steps:
-                raise InputError(f"--steps {steps}: this model's diffusion has T = {loaded.model.num_steps} "
-                                 f"steps; sample with at most that many")
-        if args.property and not loaded.model.cfg.properties:
-            raise InputError("--property: this checkpoint's model predicts no properties")
-        guide = _guide(args, loaded.model)
-        conditioned = list(loaded.model.cfg.condition_on)
-        if args.target is not None and not conditioned:
+
+# --- 1. resolve inputs ---------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """What resolve_inputs read and checked: the model, file or split, the reference and the output folder."""
+    source: dict                 # metrics.json "source": what was evaluated
+    vocab: list[int]             # the elements the metrics tabulate
+    all_single: bool             # GEOM protocol: every bond single for validity
+    local_out: str               # where the outputs are written (a temporary folder for a remote --out)
+    out_path: str                # --out's path on its filesystem
+    loaded: object = None        # FromModel: the LoadedModel (trainer.artifacts)
+    dataset: object = None       # FromSplit: its Manifest
+    file_molecules: list | None = None  # FromFile: the readable molecules [(z, pos)]
+    reference: object = None     # the reference dataset's Manifest, or None
+    reference_url: str | None = None
+    guide: GuideRequest | None = None   # --guide with its start filled in from the model
+    conditioned: list[str] = field(default_factory=list)  # a conditional model's properties
+    properties: list[str] | None = None  # --property: the properties whose MAE is reported
+
+
+def _resolve_model(config: EvalConfig, inputs: Inputs) -> None:
+    from molscale.evals.conditional import check_scorer
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.model.sampling import guidance_for
+    loaded = inputs.loaded = load_for_eval(config.checkpoint)
+    model = loaded.model
+    inputs.vocab = list(model.cfg.atom_vocab)
+    inputs.source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
+    for steps in config.sampling.steps or ():
+        if steps > model.num_steps:
+            raise InputError(f"--steps {steps}: this model's diffusion has T = {model.num_steps} steps; sample "
+                             f"with at most that many")
+    if config.property_mae and not model.cfg.properties:
+        raise InputError("--property: this checkpoint's model predicts no properties")
+    guide = config.guide
+    if guide is not None:
+        try:
+            start = guidance_for(model, guide.property, guide.target, guide.scale, guide.start, guide.on).start
+        except ValueError as err:
+            raise InputError(f"--guide {guide.property}={guide.target:g}: {err}") from None
+        inputs.guide = GuideRequest(guide.property, guide.target, guide.scale, start, guide.on)
+    inputs.conditioned = conditioned = list(model.cfg.condition_on)
+    if config.targets is not None:
+        if not conditioned:
             raise InputError("--target: this checkpoint's model is not conditioned on any property "
                              "(model.condition_on is empty); steer it with --guide PROPERTY=VALUE instead")
-        fixed_targets = parse_targets(args.target, conditioned) if conditioned else None
-        if args.scorer is not None and not (guide or conditioned):
+        if sorted(config.targets) != sorted(conditioned):
+            raise InputError(f"--target names {sorted(config.targets)}, but the model is conditioned on "
+                             f"{conditioned}")
+    if config.scorer is not None:
+        if not (guide or conditioned):
             raise InputError("--scorer predicts the guided or conditioned property; it needs --guide or a "
                              "conditional checkpoint (model.condition_on)")
-        if args.scorer is not None and conditioned:
-            check_scorer(args.scorer, conditioned)
-    elif args.molecules:
-        if args.property:
-            raise InputError("--property needs a model (--checkpoint) or property labels (--dataset); "
-                             "--molecules has neither")
-        _, file_mols, source = file_molecules(args.molecules)
-        reference_url = args.reference
-        vocab = sorted({int(a) for z, _ in file_mols for a in z})
-    else:
-        manifest = load_manifest(args.dataset)
-        manifest.split(args.split)
-        vocab = manifest.atom_vocab
-        reference_url = args.reference or args.dataset
-        source = {"dataset": args.dataset, "split": args.split}
-    if args.dataset and reference_url == args.dataset:
-        reference = manifest
-    elif args.reference:  # asked for by name: it must be there
-        reference = load_manifest(args.reference)
-    elif reference_url is None:
-        log.info("no --reference: novelty and the distribution metrics are skipped")
-        reference = None
-    else:  # the checkpoint's own dataset may not be reachable from here: evaluate without it
-        reference = _reference_manifest(reference_url)
-    if args.molecules and reference is not None:
-        vocab = sorted(set(vocab) | set(reference.atom_vocab))
-    if reference is not None:
-        reference.split(args.reference_split)
-    if args.checkpoint and conditioned and fixed_targets is None and reference is None:
-        raise InputError(f"this model is conditioned on {conditioned}: its targets are drawn from the train split "
-                         f"of its dataset, which is not readable here; pass --reference URL or --target "
-                         f"{conditioned[0]}=VALUE")
-    # --property: with a checkpoint, its model's MAE on the reference split (and the train-mean baseline);
-    # with --dataset there is no model, so the baseline alone, on the evaluated split.
-    props_to_eval = None
-    if args.property and args.checkpoint and reference is not None:
-        props_to_eval = property_names(reference, loaded.model.cfg.properties)
-    elif args.property and not args.checkpoint:
-        props_to_eval = property_names(manifest)
-    all_single = bool(set(vocab) - set(QM9_ATOM_VOCAB))  # GEOM protocol: all bonds single for validity
+        check_scorer(load_for_eval(config.scorer), config.scorer, [guide.property] if guide else conditioned)
 
+
+def _resolve_reference(config: EvalConfig, inputs: Inputs) -> None:
+    if isinstance(config.source, FromModel):
+        inputs.reference_url = config.reference or inputs.loaded.dataset_url
+    elif isinstance(config.source, FromSplit):
+        inputs.reference_url = config.reference or config.source.dataset
+    else:
+        inputs.reference_url = config.reference
+    if inputs.dataset is not None and inputs.reference_url == config.source.dataset:
+        inputs.reference = inputs.dataset
+    elif config.reference:  # asked for by name: it must be there
+        inputs.reference = load_manifest(config.reference)
+    elif inputs.reference_url is None:
+        log.info("no --reference: novelty and the distribution metrics are skipped")
+    else:  # the checkpoint's own dataset may not be reachable from here: evaluate without it
+        inputs.reference = _reference_manifest(inputs.reference_url)
+    if inputs.reference is not None:
+        inputs.reference.split(config.reference_split)
+        if isinstance(config.source, FromFile):
+            inputs.vocab = sorted(set(inputs.vocab) | set(inputs.reference.atom_vocab))
+    if inputs.conditioned and config.targets is None and inputs.reference is None:
+        raise InputError(f"this model is conditioned on {inputs.conditioned}: its targets are drawn from the train "
+                         f"split of its dataset, which is not readable here; pass --reference URL or --target "
+                         f"{inputs.conditioned[0]}=VALUE")
+
+
+def _open_output(out: str) -> tuple[str, str]:
+    """(local folder to write into, --out's path); a temporary folder when --out is remote."""
     from molscale.datasets.shards import storage
     try:
-        fs, out_path = storage.get_fs(args.out)
+        fs, out_path = storage.get_fs(out)
         local_out = out_path if storage.is_local(fs) else tempfile.mkdtemp(prefix="molscale-eval-")
         os.makedirs(local_out, exist_ok=True)
     except (ValueError, ImportError, OSError) as err:  # an unknown protocol, s3fs missing, a folder not writable
-        raise InputError(f"--out {redact_url(args.out)} cannot be written: {redact_text(str(err))}") from None
+        raise InputError(f"--out {redact_url(out)} cannot be written: {redact_text(str(err))}") from None
+    return local_out, out_path
 
-    ray = connect_ray(args.num_cpus)
-    started = time.perf_counter()
-    swept = []  # (K, molecules, sampling seconds) of a sweep's other step counts
-    condition = None
-    if args.checkpoint and conditioned:
-        counts, targets, drawn = draw_conditions(ray, reference, conditioned, args.n_samples, args.seed,
-                                                 fixed_targets, histogram)
-        condition = (counts, targets)
-    if args.checkpoint:
-        capacity, unit = sampler_capacity(ray)
-        workers = args.workers or capacity
-        if workers > capacity:  # the extra actors would wait for resources forever
-            log.warning("--workers %d is more than the cluster's %d %s(s): sampling with %d", workers, capacity,
-                        unit, capacity)
-            workers = capacity
-        sweep = args.steps or [loaded.model.num_steps]
-        budget = args.pair_budget or default_pair_budget(histogram, args.batch)
-        for steps in sweep:
-            began = time.perf_counter()
-            sampled_run = sample_over_ray(
-                ray, args.checkpoint, args.n_samples, budget, steps, args.seed, workers, histogram, args.cuda_graphs,
-                args.precision, args.sampler, guide, condition, args.kernel)
-            sampled, plan = sampled_run.molecules, sampled_run.plan
-            if steps == sweep[0]:
-                molecules, sample_seconds = sampled, time.perf_counter() - began
-                chunks_per_node = sampled_run.chunks_per_node
-                kernels_run, cap_fraction = sampled_run.kernels, sampled_run.guidance_cap_fraction
-            else:
-                swept.append((steps, sampled, time.perf_counter() - began))
-        steps = sweep[0]
-        source.update(guide=list(guide) if guide else None, condition_on=conditioned or None)
-        source.update(n_samples=args.n_samples, seed=args.seed, sampler=args.sampler, steps=steps,
-                      network_evaluations=steps + 1, workers=workers,
-                      precision=args.precision, cuda_graphs=args.cuda_graphs,
-                      kernel=",".join(kernels_run),  # as the samplers ran it (fused falls back to eager off GPUs)
-                      chunks_per_node=chunks_per_node, sampling_chunks=plan_summary(plan, budget, args.batch),
-                      sampling_seconds=round(sample_seconds, 2),
-                      molecules_per_s=round(args.n_samples / sample_seconds, 2))
-    elif args.molecules:
-        molecules = file_mols
+
+def resolve_inputs(config: EvalConfig) -> Inputs:
+    """Stage 1: everything that can be wrong with the inputs fails here, before Ray starts."""
+    inputs = Inputs(source={}, vocab=[], all_single=False, local_out="", out_path="")
+    if isinstance(config.source, FromModel):
+        _resolve_model(config, inputs)
+    elif isinstance(config.source, FromFile):
+        _, inputs.file_molecules, inputs.source = file_molecules(config.source.path)
+        inputs.vocab = sorted({int(a) for z, _ in inputs.file_molecules for a in z})
     else:
-        from molscale.evals.protocol.molecules import load_split_molecules
-        molecules = load_split_molecules(manifest, args.split)
+        inputs.dataset = load_manifest(config.source.dataset)
+        inputs.dataset.split(config.source.split)
+        inputs.vocab = list(inputs.dataset.atom_vocab)
+        inputs.source = {"dataset": config.source.dataset, "split": config.source.split}
+    _resolve_reference(config, inputs)
+    # --property: with a checkpoint, its model's MAE on the reference split (and the train-mean baseline);
+    # with --dataset there is no model, so the baseline alone, on the evaluated split.
+    if config.property_mae and inputs.loaded is not None and inputs.reference is not None:
+        inputs.properties = property_names(inputs.reference, inputs.loaded.model.cfg.properties)
+    elif config.property_mae and inputs.dataset is not None:
+        inputs.properties = property_names(inputs.dataset)
+    inputs.all_single = bool(set(inputs.vocab) - set(QM9_ATOM_VOCAB))
+    inputs.local_out, inputs.out_path = _open_output(config.out)
+    return inputs
 
-    stats = _stats_over_ray(ray, molecules, all_single)
+
+# --- 2. obtain molecules -------------------------------------------------------------------------------------
+
+@dataclass
+class Molecules:
+    """What obtain_molecules got: the molecules evaluated, and how they were sampled."""
+    molecules: list                      # [(z, pos)]
+    swept: list = field(default_factory=list)  # a step sweep's other counts: [(K, molecules, sampling seconds)]
+    sample_seconds: float | None = None  # the first step count's sampling time
+    condition: tuple | None = None       # a conditional model's (atom counts, targets [n, C], description)
+    cap_fraction: float | None = None    # guidance: the fraction of guided pushes that were capped
+
+
+def _sampling_workers(ray, requested: int | None) -> int:
+    from molscale.evals.ray_sampling import sampler_capacity
+    capacity, unit = sampler_capacity(ray)
+    workers = requested or capacity
+    if workers > capacity:  # the extra actors would wait for resources forever
+        log.warning("--workers %d is more than the cluster's %d %s(s): sampling with %d", workers, capacity, unit,
+                    capacity)
+        workers = capacity
+    return workers
+
+
+def _sample(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
+    from molscale.evals.conditional import draw_conditions
+    from molscale.evals.ray_sampling import default_pair_budget, plan_summary, sample_over_ray
+    settings, loaded = config.sampling, inputs.loaded
+    histogram = loaded.atom_count_histogram
+    condition = None
+    if inputs.conditioned:
+        condition = draw_conditions(ray, inputs.reference, inputs.conditioned, settings.n_samples, settings.seed,
+                                    config.targets, histogram)
+    workers = _sampling_workers(ray, settings.workers)
+    sweep = list(settings.steps or [loaded.model.num_steps])
+    budget = settings.pair_budget or default_pair_budget(histogram, settings.batch)
+    result = Molecules(molecules=[], condition=condition)
+    for steps in sweep:
+        began = time.perf_counter()
+        run = sample_over_ray(ray, config.checkpoint, settings, steps, budget, workers, histogram, inputs.guide,
+                              condition[:2] if condition else None)
+        seconds = time.perf_counter() - began
+        if steps != sweep[0]:
+            result.swept.append((steps, run.molecules, seconds))
+            continue
+        result.molecules, result.sample_seconds, result.cap_fraction = run.molecules, seconds, \
+            run.guidance_cap_fraction
+        inputs.source.update(
+            guide=list(dataclasses.astuple(inputs.guide)) if inputs.guide else None,
+            condition_on=inputs.conditioned or None, n_samples=settings.n_samples, seed=settings.seed,
+            sampler=settings.sampler, steps=steps, network_evaluations=steps + 1, workers=workers,
+            precision=settings.precision, cuda_graphs=settings.cuda_graphs,
+            kernel=",".join(run.kernels),  # as the samplers ran it (fused falls back to eager off GPUs)
+            chunks_per_node=run.chunks_per_node, sampling_chunks=plan_summary(run.plan, budget, settings.batch),
+            sampling_seconds=round(seconds, 2), molecules_per_s=round(settings.n_samples / seconds, 2))
+    return result
+
+
+def obtain_molecules(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
+    """Stage 2: the molecules to evaluate, from wherever config.source says."""
+    if isinstance(config.source, FromModel):
+        return _sample(ray, config, inputs)
+    if isinstance(config.source, FromFile):
+        return Molecules(molecules=inputs.file_molecules)
+    from molscale.evals.protocol.molecules import load_split_molecules
+    return Molecules(molecules=load_split_molecules(inputs.dataset, config.source.split))
+
+
+# --- 3. score ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Scores:
+    metrics: dict                # metrics.json
+    stats: dict                  # the per-molecule tallies the plots read (histograms, valid SMILES)
+    reference_histograms: dict | None
+    steps_curve: list | None
+
+
+def _guidance_metrics(ray, config: EvalConfig, guide: GuideRequest, molecules, cap_fraction) -> dict:
+    """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
+    --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
+    from molscale.evals.conditional import predict_molecules
+    checkpoints = {"self": config.checkpoint, **({"scorer": config.scorer} if config.scorer else {})}
+    row = {"property": guide.property, "target": guide.target, "scale": guide.scale, "start": guide.start,
+           "on": guide.on, "cap_fraction": cap_fraction, "scorer": config.scorer}
+    for key, checkpoint in checkpoints.items():
+        values = predict_molecules(ray, checkpoint, [guide.property], molecules)[:, 0]
+        row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - guide.target).mean()), float(values.mean())
+    return row
+
+
+def _curve_row(metrics: dict, steps: int, seconds: float, settings) -> dict:
+    """One row of the quality-against-steps table (metrics.json "steps_curve")."""
+    keys = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty")
+    return {"steps": steps, "network_evaluations": steps + 1, "sampler": settings.sampler,
+            **{k: metrics.get(k) for k in keys}, "sampling_seconds": round(seconds, 2),
+            "seconds_per_1000": round(1000 * seconds / settings.n_samples, 2)}
+
+
+def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
+    """Stage 3: every metric of the molecules, as Ray tasks."""
+    from molscale.evals.conditional import conditional_metrics
+    from molscale.evals.protocol.metrics import compute_metrics
+    from molscale.evals.protocol.references import reference_histograms, reference_smiles
+    stats = _stats_over_ray(ray, got.molecules, inputs.all_single)
     train_smiles = ref_hist = None
+    reference = inputs.reference
     if reference is not None:
-        ref_smiles_task = ray.remote(reference_smiles).remote(reference_url, "train", all_single)
-        ref_hist = reference_histograms(reference_url, args.reference_split, all_single)
+        ref_smiles_task = ray.remote(reference_smiles).remote(inputs.reference_url, "train", inputs.all_single)
+        ref_hist = reference_histograms(inputs.reference_url, config.reference_split, inputs.all_single)
         train_smiles = ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
-    if guide:
-        metrics["guidance"] = _guidance_metrics(ray, args, guide, molecules, cap_fraction)
+    if inputs.guide:
+        metrics["guidance"] = _guidance_metrics(ray, config, inputs.guide, got.molecules, got.cap_fraction)
         for key in ("self_mae", "scorer_mae", "cap_fraction"):
             if metrics["guidance"].get(key) is not None:
                 metrics[f"guidance_{key}"] = metrics["guidance"][key]
-    if condition is not None:
+    if got.condition is not None:
+        names = inputs.conditioned
         units = {n: reference.data.get("properties", {}).get(n, {}).get("unit", "") if reference else ""
-                 for n in conditioned}
-        metrics["conditional"] = conditional_metrics(ray, conditioned, condition[1], molecules, drawn, args.scorer,
-                                                     reference, args.reference_split, units)
+                 for n in names}
+        metrics["conditional"] = conditional_metrics(ray, names, got.condition[1], got.molecules, got.condition[2],
+                                                     config.scorer, reference, config.reference_split, units)
         for name, row in metrics["conditional"]["properties"].items():
             for key in ("mae", "real_molecules_mae", "shuffled_targets_mae", "atom_count_mae"):
                 if key in row:
                     metrics[f"conditional_{key}_{name}"] = row[key]
     steps_curve = None
-    if swept:
-        steps_curve = [_curve_row(metrics, steps, sample_seconds, args)]
-        for k, sampled, seconds in swept:
-            row_metrics = compute_metrics(_stats_over_ray(ray, sampled, all_single), train_smiles, ref_hist)
-            steps_curve.append(_curve_row(row_metrics, k, seconds, args))
+    if got.swept:
+        steps_curve = [_curve_row(metrics, config.sampling.steps[0], got.sample_seconds, config.sampling)]
+        for k, sampled, seconds in got.swept:
+            row_metrics = compute_metrics(_stats_over_ray(ray, sampled, inputs.all_single), train_smiles, ref_hist)
+            steps_curve.append(_curve_row(row_metrics, k, seconds, config.sampling))
         metrics["steps_curve"] = steps_curve
-    if props_to_eval:
-        if args.checkpoint:
-            rows = _property_mae(ray, reference, args.reference_split, props_to_eval, args.checkpoint)
+    if inputs.properties:
+        if inputs.loaded is not None:
+            rows = _property_mae(ray, reference, config.reference_split, inputs.properties, config.checkpoint)
         else:
-            rows = _property_mae(ray, manifest, args.split, props_to_eval)
+            rows = _property_mae(ray, inputs.dataset, config.source.split, inputs.properties)
         metrics["property_mae"] = rows
         for name, row in rows.items():
             metrics[f"mae_{name}"] = row["mae"]
             if "baseline_mae" in row:
                 metrics[f"baseline_mae_{name}"] = row["baseline_mae"]
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    metrics["source"] = source
-    metrics["reference"] = {"dataset": reference_url if reference is not None else None,
-                            "distribution_split": args.reference_split, "novelty_split": "train"}
-    # what is written and logged from here on names datasets, checkpoints and --out without their credentials
-    metrics, source, flat = redact_urls(metrics), redact_urls(source), redact_urls(flat_metrics(metrics))
+    metrics["source"] = inputs.source
+    metrics["reference"] = {"dataset": inputs.reference_url if reference is not None else None,
+                            "distribution_split": config.reference_split, "novelty_split": "train"}
+    return Scores(metrics, stats, ref_hist, steps_curve)
 
-    n_written = write_sdf(molecules, os.path.join(local_out, "samples.sdf"), all_single=all_single)
+
+# --- 4. write and publish -------------------------------------------------------------------------------------
+
+def _title(config: EvalConfig) -> str:
+    if isinstance(config.source, FromModel):
+        return "Generated molecules"
+    if isinstance(config.source, FromFile):
+        return f"Molecules of {os.path.basename(config.source.path)}"
+    return f"Real molecules: {config.source.split} split"
+
+
+def write_and_publish(config: EvalConfig, inputs: Inputs, got: Molecules, scores: Scores) -> tuple[dict, int]:
+    """Stage 4: the output files, the W&B run and the upload to --out; (metrics as written, molecules written)."""
+    from molscale.evals.outputs.report import write_report
+    from molscale.evals.outputs.sdf import write_sdf
+    local_out = inputs.local_out
+    # what is written and logged from here on names datasets, checkpoints and --out without their credentials
+    metrics, flat = redact_urls(scores.metrics), redact_urls(flat_metrics(scores.metrics))
+    source = metrics["source"]
+    n_written = write_sdf(got.molecules, os.path.join(local_out, "samples.sdf"), all_single=inputs.all_single)
     with open(os.path.join(local_out, "metrics.json"), "w") as f:
         json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
-    write_report(flat, local_out, histograms=stats.get("histograms"), reference=ref_hist,
-                 example_smiles=sorted(set(stats.get("valid_smiles", [])))[:20],
-                 title="Generated molecules" if args.checkpoint else
-                 f"Molecules of {os.path.basename(args.molecules)}" if args.molecules else
-                 f"Real molecules: {args.split} split",
+    write_report(flat, local_out, histograms=scores.stats.get("histograms"), reference=scores.reference_histograms,
+                 example_smiles=sorted(set(scores.stats.get("valid_smiles", [])))[:20], title=_title(config),
                  notes={**{k: str(v) for k, v in source.items() if k != "rejected_records"},
                         "reference": str(metrics["reference"]["dataset"])},
-                 steps_curve=steps_curve)
-    if not args.no_wandb:
+                 steps_curve=scores.steps_curve)
+    if config.wandb:
         try:
-            config = {**{k: v for k, v in source.items() if k != "rejected_records"}, "out": redact_url(args.out)}
+            wandb_config = {**{k: v for k, v in source.items() if k != "rejected_records"},
+                            "out": redact_url(config.out)}
             from molscale.trainer.train.wandb_run import redacted_argv
             with redacted_argv():  # W&B records the command line: --reference / --dataset URLs may hold credentials
-                _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), args.wandb_project, config,
-                           training=loaded.wandb if args.checkpoint else None,
+                _log_wandb(local_out, flat, os.path.join(local_out, "samples.sdf"), config.wandb_project,
+                           wandb_config, training=inputs.loaded.wandb if inputs.loaded is not None else None,
                            training_step=source.get("step"))
         except Exception as err:  # the metrics are on disk already; W&B trouble must not lose them
             log.error("W&B logging failed: %s", err)
-    if local_out != out_path:
-        publish(local_out, args.out)
+    if local_out != inputs.out_path:
+        publish(local_out, config.out)
         shutil.rmtree(local_out, ignore_errors=True)
+    return metrics, n_written
 
+
+def print_summary(metrics: dict, config: EvalConfig, n_written: int) -> None:
     keys = ("n_samples", "atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty",
             "atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1")
     print("\n".join(f"{k:>16}: {metrics.get(k)}" for k in keys if k in metrics))
@@ -416,9 +469,21 @@ def run(args) -> int:
         print(f"{'MAE ' + name:>16}: {row['mae']:.4g} {row['unit']} ({row['predictor']}{baseline})")
     for name, row in metrics.get("conditional", {}).get("properties", {}).items():
         if "mae" in row:
-            bounds = (f" (scorer on real {args.reference_split} molecules {row['real_molecules_mae']:.4g}, "
+            bounds = (f" (scorer on real {config.reference_split} molecules {row['real_molecules_mae']:.4g}, "
                       f"shuffled targets {row['shuffled_targets_mae']:.4g}, from the atom count alone "
                       f"{row.get('atom_count_mae', float('nan')):.4g})" if "real_molecules_mae" in row else "")
             print(f"{'cond. MAE ' + name:>16}: {row['mae']:.4g} {row['unit']}{bounds}")
-    print(f"\n{n_written} molecules, metrics, plots and report.html in {redact_url(args.out)}")
+    print(f"\n{n_written} molecules, metrics, plots and report.html in {redact_url(config.out)}")
+
+
+def run(config: EvalConfig) -> int:
+    from molscale.evals.ray_sampling import connect_ray
+    inputs = resolve_inputs(config)
+    ray = connect_ray(config.num_cpus)
+    started = time.perf_counter()
+    got = obtain_molecules(ray, config, inputs)
+    scores = score(ray, config, inputs, got)
+    scores.metrics["seconds"] = round(time.perf_counter() - started, 2)
+    metrics, n_written = write_and_publish(config, inputs, got, scores)
+    print_summary(metrics, config, n_written)
     return 0

@@ -65,6 +65,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def predict_config(args):
+    """The command line as the frozen, checked PredictConfig that everything below this entry point reads."""
+    from molscale.evals.eval_config import PredictConfig
+    properties = (tuple(n.strip() for n in args.properties.split(",") if n.strip())
+                  if args.properties is not None else None)
+    return PredictConfig(checkpoint=args.checkpoint, input=args.input, out=args.out, properties=properties,
+                         conformers=args.conformers, weighting=args.conformers_weighting, embed_2d=args.embed_2d,
+                         seed=args.seed, chunk=args.chunk, local=args.local, num_cpus=args.num_cpus)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,7 +83,7 @@ def main(argv=None) -> int:
     from molscale.datasets.errors import MolscaleError, report
     from molscale.evals.property_prediction import run
     try:
-        return run(args)
+        return run(predict_config(args))
     except MolscaleError as err:  # 2: bad arguments, input file or checkpoint; 1: failed while running
         return report(err)
 

@@ -139,75 +139,68 @@ def training_max_atoms(loaded) -> int | None:
     return max(loaded.atom_count_histogram) if loaded.atom_count_histogram else None
 
 
-def _check_args(args) -> None:
-    if args.conformers < 1:
-        raise InputError(f"--conformers must be at least 1 (got {args.conformers})")
-    if args.chunk < 1:
-        raise InputError(f"--chunk must be at least 1 (got {args.chunk})")
-
-
-def _rows_over_ray(args, raw, names) -> list[dict]:
+def _rows_over_ray(config, raw, names) -> list[dict]:
     from tqdm import tqdm
 
     from molscale.evals.ray_sampling import connect_ray, ray_get
-    ray = connect_ray(args.num_cpus)
+    ray = connect_ray(config.num_cpus)
     task = ray.remote(num_cpus=1)(predict_chunk)
-    refs = [task.remote(args.checkpoint, start, raw[start:start + args.chunk], names, args.conformers, args.seed,
-                        weighting=args.conformers_weighting, embed_2d=args.embed_2d)
-            for start in range(0, len(raw), args.chunk)]
+    refs = [task.remote(config.checkpoint, start, raw[start:start + config.chunk], names, config.conformers,
+                        config.seed, weighting=config.weighting, embed_2d=config.embed_2d)
+            for start in range(0, len(raw), config.chunk)]
     rows: list[dict] = []
     for ref in tqdm(refs, desc="predicting", unit="chunk"):  # in order: rows come back in input order
         rows += ray_get(ray, ref)
     return rows
 
 
-def run(args) -> int:
+def run(config) -> int:
+    """evals/predict.py with its PredictConfig (eval_config): one CSV row per input record."""
     from molscale.datasets.shards import storage
     from molscale.trainer.artifacts import load_for_eval, property_units
-    _check_args(args)
     # Everything that can be wrong with the inputs fails here, before any molecule is embedded.
-    loaded = load_for_eval(args.checkpoint)
+    loaded = load_for_eval(config.checkpoint)
     predicted = list(loaded.model.cfg.properties) if loaded.model.predicts_properties else []
     if not predicted:
-        raise InputError(f"--checkpoint {args.checkpoint}: this model predicts no properties (train UniGEM with "
+        raise InputError(f"--checkpoint {config.checkpoint}: this model predicts no properties (train UniGEM with "
                          f"model.properties set)")
     if loaded.model.num_context:
-        raise InputError(f"--checkpoint {args.checkpoint}: this model is conditioned on "
+        raise InputError(f"--checkpoint {config.checkpoint}: this model is conditioned on "
                          f"{loaded.model.cfg.condition_on}, so its predictions depend on values the input does not "
                          f"have; predict with an unconditional model")
-    names = predicted if not args.properties else [n.strip() for n in args.properties.split(",") if n.strip()]
+    names = list(config.properties or predicted)
     unknown = [n for n in names if n not in predicted]
     if unknown:
         raise InputError(f"--properties: the model does not predict {', '.join(unknown)} (it predicts "
                          f"{', '.join(predicted)})")
-    raw = split_records(args.input)
+    raw = split_records(config.input)
     if not raw:
-        raise InputError(f"--input {args.input} holds no molecules")
+        raise InputError(f"--input {config.input} holds no molecules")
     try:
-        fs, out_path = storage.get_fs(args.out)
+        fs, out_path = storage.get_fs(config.out)
         if storage.is_local(fs):
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     except (ValueError, ImportError, OSError) as err:
-        raise InputError(f"--out {args.out} cannot be written: {err}") from None
+        raise InputError(f"--out {config.out} cannot be written: {err}") from None
     units = loaded.property_units or property_units(loaded.dataset_url, names)
 
-    use_ray = not args.local and (len(raw) > args.chunk or bool(os.environ.get("RAY_ADDRESS")))
+    use_ray = not config.local and (len(raw) > config.chunk or bool(os.environ.get("RAY_ADDRESS")))
     if use_ray:
-        rows = _rows_over_ray(args, raw, names)
+        rows = _rows_over_ray(config, raw, names)
     else:
-        rows = predict_chunk(args.checkpoint, 0, raw, names, args.conformers, args.seed, model=loaded.model,
-                             weighting=args.conformers_weighting, max_atoms=training_max_atoms(loaded),
-                             embed_2d=args.embed_2d)
+        rows = predict_chunk(config.checkpoint, 0, raw, names, config.conformers, config.seed, model=loaded.model,
+                             weighting=config.weighting, max_atoms=training_max_atoms(loaded),
+                             embed_2d=config.embed_2d)
     storage.write_bytes(fs, out_path, write_rows(rows, names, units).encode())
 
     ok = sum(r["status"] == "ok" for r in rows)
     counts = Counter(r["kind"] for r in rows if r["status"] != "ok")
-    summary = f"{ok} of {len(rows)} molecules predicted ({', '.join(names)}) -> {args.out}"
+    summary = f"{ok} of {len(rows)} molecules predicted ({', '.join(names)}) -> {config.out}"
     if counts:
         summary += "; rejected, listed in the CSV with the reason: " + ", ".join(
             f"{n} {kind}" for kind, n in counts.most_common())
     print(summary)
     if not ok:
-        raise InputError(f"--input {args.input}: none of its {len(rows)} records could be used; the reasons are "
-                         f"in {args.out}")
+        raise InputError(f"--input {config.input}: none of its {len(rows)} records could be used; the reasons are "
+                         f"in {config.out}")
     return 0

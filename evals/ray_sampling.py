@@ -75,12 +75,13 @@ def sampler_actor_class(ray):
                 torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
         def sample(self, num_atoms: list[int], seed: int, steps: int | None, sampler: str,
-                   guide: tuple | None = None, condition: list | None = None) -> dict:
+                   guide=None, condition: list | None = None) -> dict:
             import torch
 
             from molscale.trainer.model.sampling import guidance_for, sample
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            guidance = guidance_for(self.loaded.model, *guide) if guide else None
+            guidance = guidance_for(self.loaded.model, guide.property, guide.target, guide.scale, guide.start,
+                                    guide.on) if guide else None
             # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
@@ -169,24 +170,24 @@ class SampledRun:
     guidance_cap_fraction: float | None  # of the guided (step, molecule) pairs, those whose push was capped
 
 
-def sample_over_ray(ray, checkpoint: str, n_samples: int, pair_budget: int, steps: int | None, seed: int,
-                    workers: int, histogram: dict[int, int], cuda_graphs: bool = False, precision: str = "fp32",
-                    sampler: str = "ancestral", guide: tuple | None = None, condition: tuple | None = None,
-                    kernel: str | None = None) -> SampledRun:
-    """Sample ``n_samples`` molecules over Ray actors. ``pair_budget``: chunk_plan's; ``workers``: at most
-    ``sampler_capacity`` (more would wait for resources forever);
-    ``guide``: (property, value, scale, start, on) for guidance_for, or None; ``condition``: a conditional model's
-    (atom counts [n_samples], target values [n_samples, C] in dataset units), drawn together by the caller;
-    ``kernel``: the samplers' model.kernel (None: the checkpoint's)."""
+def sample_over_ray(ray, checkpoint: str, settings, steps: int, pair_budget: int, workers: int,
+                    histogram: dict[int, int], guide=None, condition: tuple | None = None) -> SampledRun:
+    """Sample ``settings.n_samples`` molecules (eval_config.SamplingSettings: seed, sampler, precision, kernel,
+    CUDA graphs) with ``steps`` denoising steps over Ray actors. ``pair_budget``: chunk_plan's; ``workers``: at
+    most ``sampler_capacity`` (more would wait for resources forever); ``guide``: an eval_config.GuideRequest with
+    its start filled in, or None; ``condition``: a conditional model's (atom counts [n_samples], target values
+    [n_samples, C] in dataset units), drawn together by the caller."""
     from ray.util import ActorPool
     from tqdm import tqdm
     unit = sampler_capacity(ray)[1]
     Sampler = sampler_actor_class(ray).options(num_gpus=1, num_cpus=1) if unit == "GPU" else \
         sampler_actor_class(ray).options(num_cpus=1)
     counts, targets = condition if condition is not None else (None, None)
-    plan = chunk_plan(n_samples, histogram, seed, pair_budget, counts)
+    n_samples, sampler = settings.n_samples, settings.sampler
+    plan = chunk_plan(n_samples, histogram, settings.seed, pair_budget, counts)
     n_actors = max(1, min(workers, len(plan)))
-    actors = [Sampler.remote(checkpoint, cuda_graphs, precision, kernel) for _ in range(n_actors)]
+    actors = [Sampler.remote(checkpoint, settings.cuda_graphs, settings.precision, settings.kernel)
+              for _ in range(n_actors)]
     pool = ActorPool(actors)
     molecules: list = [None] * n_samples
     chunks_per_node: dict[str, int] = {}

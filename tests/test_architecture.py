@@ -7,6 +7,9 @@
   another test module: a test file can then be moved, renamed or deleted on its own.
 * The objective and branch names ('diffusion', 'moleculejae', 'growth', 'nucleation') are compared only through
   their registries (trainer/model/objectives.py, trainer/model/branches.py), never as string literals.
+* Below its entry points (evals/generate.py, evals/predict.py) evaluation reads a typed config
+  (evals/eval_config.py), never argparse's namespace: no other module under evals/ imports argparse or has a
+  function parameter named ``args``/``namespace`` or annotated ``Namespace``.
 * No code imports the bare top-level names ``datasets``, ``trainer`` or ``evals``: the source folders
   install as molscale.datasets, molscale.trainer and molscale.evals only, so a bare name is either a
   different distribution (Hugging Face ``datasets``) or nothing at all.
@@ -322,6 +325,45 @@ def test_checker_reports_literal_name_comparisons():
     files = {"a.py": 'if cfg.objective == "moleculejae":\n    pass\nok = branch == Branch.GROWTH\n',
              "b.py": 'x = t in ("diffusion", "other")\ny = {"growth": 1}\n'}
     assert literal_name_comparisons(files) == ["a.py:1", "b.py:1"]
+
+
+EVAL_ENTRY_POINTS = ("evals/generate.py", "evals/predict.py")
+NAMESPACE_PARAMETERS = {"args", "namespace"}
+
+
+def namespace_uses(files: dict[str, str]) -> list[str]:
+    """file:line of every ``import argparse`` and every function parameter that is a command-line namespace by
+    name (args, namespace) or annotation (Namespace, argparse.Namespace)."""
+    found = []
+    for label, text in files.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                if "argparse" in names:
+                    found.append(f"{label}:{node.lineno} imports argparse")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                for arg in (*a.posonlyargs, *a.args, *a.kwonlyargs):
+                    annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                    if arg.arg in NAMESPACE_PARAMETERS or annotation.rsplit(".", 1)[-1].strip("'\"") == "Namespace":
+                        found.append(f"{label}:{node.lineno} takes {arg.arg}")
+    return found
+
+
+def test_evaluation_below_its_entry_points_reads_a_typed_config():
+    files = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in source_files(dirs=("evals",))}
+    assert set(EVAL_ENTRY_POINTS) <= set(files)
+    bad = namespace_uses({k: v for k, v in files.items() if k not in EVAL_ENTRY_POINTS})
+    assert not bad, ("argparse's namespace below the evaluation entry points (build an eval_config object in the "
+                     "entry point and pass that):\n" + "\n".join(bad))
+
+
+def test_checker_reports_namespace_uses():
+    files = {"a.py": "import argparse\n\ndef run(args):\n    return args.out\n",
+             "b.py": "def f(cfg: argparse.Namespace, *, ok: int = 1):\n    pass\n\ndef g(config):\n    pass\n",
+             "c.py": "from argparse import ArgumentParser\nh = lambda namespace: namespace\n"}
+    assert namespace_uses(files) == ["a.py:1 imports argparse", "a.py:3 takes args", "b.py:1 takes cfg",
+                                     "c.py:1 imports argparse", "c.py:2 takes namespace"]
 
 
 def test_modules_import_tests_only_from_helper_modules():
