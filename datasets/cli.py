@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="destination folder or URL, e.g. data/qm9 or s3://bucket/qm9")
     b.add_argument("--limit", type=int, default=None,
                    help="keep only the first N molecules in source order (each in the split the full build gives it)")
+    b.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="qm9: keep N molecules drawn at random (seeded by --sample-seed) instead of the first N: "
+                        "their sizes follow the whole dataset's, as a few-label training set whose test split "
+                        "looks like the full one should (each stays in its standard split)")
+    b.add_argument("--sample-seed", type=int, default=0, help="qm9 --sample: the draw's seed (default 0)")
     b.add_argument("--shard-size", type=int, default=None,
                    help="qm9: molecules per shard (default 1000). geom, pcqm4mv2, smiles: source molecules per "
                         "chunk; each chunk is built by one worker into one shard per split (defaults: geom 100 "
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
             from molscale.datasets.summary import summary
             backend = {"backend": args.backend or "process"}
             builders = {
-                "qm9": lambda out, shard_size, **kw: build_qm9(out, shard_size=shard_size or 1000, **kw),
+                "qm9": lambda out, shard_size, **kw: build_qm9(out, shard_size=shard_size or 1000, sample=args.sample,
+                                                               sample_seed=args.sample_seed, **kw),
                 "geom": lambda out, **kw: build_geom(out, args.source_path, conformers=args.conformers or 30,
                                                      split_by=args.split_by, trust_pickle=args.trust_pickle,
                                                      seed=args.seed, edm_permutation=args.edm_permutation,
@@ -123,6 +129,8 @@ def main(argv=None) -> int:
                                                                        seed=args.seed, **backend, **kw))
                    for fmt in ("sdf", "xyz")},
             }
+            if args.sample is not None and args.source != "qm9":
+                raise InputError(f"--sample draws QM9 molecules at random; {args.source} builds have --limit")
             if args.properties and args.source not in ("smiles", "sdf", "xyz"):
                 raise InputError(f"--properties is for smiles, sdf and xyz builds; {args.source} has its own")
             if args.source not in builders:

@@ -40,6 +40,8 @@ def sample_molecules(model, n: int, *, steps: int | None = None, seed: int = 0, 
     import torch
 
     from molscale.trainer.model.sampling import sample, sample_num_atoms
+    if not model.generates_molecules:
+        raise ValueError("sample_molecules: this model is a property classifier; it generates no molecules")
     generator = torch.Generator().manual_seed(seed)
     if atom_counts is None:
         if not histogram:
@@ -82,7 +84,7 @@ def predict_properties(model, molecules, *, conformers: int = 5, seed: int = 0,
             reason = f"elements {unknown} unknown to the model" if unknown else "positions are not finite [N, 3]"
             rows.append({"input": item, "status": "rejected", "reason": reason, "note": "", "values": None})
             continue
-        (pred,) = predict_conformers(model, [pos - pos.mean(0)], 1)
+        (pred,) = predict_conformers(model, [(z, pos)], 1)
         rows.append({"input": item, "status": "ok", "reason": "", "note": "",
                      "values": {n: (float(v), 0.0) for n, v in zip(names, pred)}})
     return rows

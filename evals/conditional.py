@@ -2,16 +2,22 @@
 its released eval_conditional_qm9.py).
 
 A model trained with ``model.condition_on: [p]`` on one half of the train split (``data.half``) samples molecules
-for target values of p; a property predictor trained on the other half (``--scorer``: a UniGEM run with
-``model.properties: [p]``, whose growth-branch head serves as EDM's separate EGNN classifier) predicts p for every
-generated molecule, and the score is the MAE between targets and predictions. Two reference rows bracket it, both
-from the scorer on the real test molecules: against their true values (the lower bound: no generator can be
-graded better than the predictor's own error) and against those values shuffled across molecules (the upper
-bound: molecules that ignore their target).
+for target values of p; a property predictor trained on the other half (``--scorer``: EDM's separate EGNN
+classifier, a run of ``objective: property`` that reads atom types and positions; or a UniGEM run with
+``model.properties: [p]``, whose growth-branch head reads positions only) predicts p for every generated
+molecule, and the score is the MAE between targets and predictions. The reference rows, as EDM's Table 3 names
+them: "QM9" (``real_molecules_mae``: the scorer on the real test molecules against their true values; EDM calls
+it a lower bound, but it is the scorer's own error on real molecules, not a bound on what a generator can score),
+"Naive" (``shuffled_targets_mae``: the same predictions against true values shuffled across molecules, what
+molecules that ignore their target would score) and "#Atoms" (``atom_count_mae``: the train mean per atom count
+against the true test values, computed without the scorer, so it cannot be compared with the generated row,
+which carries the scorer's error).
 
 Targets: EDM draws (atom count, property value) pairs from the conditional model's training data (its
 DistributionProperty, a histogram of the property per atom count); drawing whole pairs of real train molecules
-samples the same joint distribution without the binning. ``--target p=V`` gives every molecule the value V.
+samples the same joint distribution without the binning. A model trained on one half (the checkpoint records
+``data.half``) draws from that half, as EDM's does, so the scorer's half never supplies targets.
+``--target p=V`` gives every molecule the value V.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ def draw_conditions(ray, manifest, names: list[str], n_samples: int, seed: int, 
     if not len(counts):
         raise InputError(f"the train split of {manifest.url} holds no molecules to draw targets from")
     pick = np.random.default_rng(seed).integers(0, len(counts), size=n_samples)
-    return counts[pick], values[pick], f"(atom count, value) pairs of {len(counts)} train molecules"
+    half = manifest.split("train").get("half")  # a Manifest.half view: the conditional model's own half
+    where = f"the {half['which']} half of the train split" if half else "the train split"
+    return counts[pick], values[pick], f"(atom count, value) pairs of {len(counts)} molecules of {where}"
 
 
 def split_pairs(ray, manifest, split: str, names: list[str]):
@@ -73,21 +81,22 @@ def atom_count_predictions(train_counts, train_values, counts) -> np.ndarray:
 
 
 def predict_molecules(ray, checkpoint: str, names: list[str], molecules) -> np.ndarray:
-    """[n, len(names)] predictions (dataset units) of ``checkpoint``'s property head for molecules [(z, pos)]
-    (coordinates only: UniGEM's head reads no atom types), in one Ray task."""
+    """[n, len(names)] predictions (dataset units) of ``checkpoint``'s property predictor for molecules [(z, pos)]
+    (UniGEM's head reads the coordinates only; a property classifier, objective 'property', the atom types too),
+    in one Ray task."""
 
     @ray.remote(num_cpus=1)
-    def predictions(positions):
+    def predictions(molecules):
         import torch
 
         from molscale.evals.property_prediction import predict_conformers
         from molscale.trainer.artifacts import load_for_eval
         torch.set_num_threads(1)
         model = load_for_eval(checkpoint).model
-        values = predict_conformers(model, positions, PREDICT_BATCH)
+        values = predict_conformers(model, molecules, PREDICT_BATCH)
         return values[:, [list(model.cfg.properties).index(n) for n in names]]
 
-    return np.asarray(ray_get(ray, predictions.remote([pos for _, pos in molecules])), dtype=np.float64)
+    return np.asarray(ray_get(ray, predictions.remote(list(molecules))), dtype=np.float64)
 
 
 def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: str | None = None):
@@ -132,8 +141,9 @@ def check_scorer(scorer, path: str, names: list[str]) -> None:
     predicted = list(model.cfg.properties) if model.predicts_properties else []
     missing = [n for n in names if n not in predicted]
     if missing:
-        raise InputError(f"--scorer {path} predicts {predicted}, not {missing}: train a UniGEM with "
-                         f"model.properties {missing} on the other half of the train split (data.half)")
+        raise InputError(f"--scorer {path} predicts {predicted}, not {missing}: train a property classifier "
+                         f"(objective property) with model.properties {missing} on the other half of the train split "
+                         f"(data.half)")
     if model.num_context:
         raise InputError(f"--scorer {path} is itself conditioned on {model.cfg.condition_on}; the scorer must be "
                          f"an unconditional property predictor")

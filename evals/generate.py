@@ -94,9 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--target", metavar="PROPERTY=VALUE", default=None,
                    help="a conditional checkpoint (model.condition_on): give every molecule this target (dataset "
                         "units; atom counts from the train histogram). Default: (atom count, value) pairs of real "
-                        "train molecules of the checkpoint's dataset (or --reference), as EDM evaluates")
+                        "train molecules of the checkpoint's dataset (or --reference), from the half it trained on "
+                        "(data.half) when it trained on one, as EDM evaluates")
     p.add_argument("--scorer", default=None, metavar="CHECKPOINT",
-                   help="an independently trained UniGEM (run directory or exported file) that predicts the guided "
+                   help="an independently trained property predictor (run directory or exported file): a property "
+                        "classifier (objective property, EDM's scorer: reads atom types and positions) or a UniGEM "
+                        "with model.properties (reads positions only). It predicts the guided "
                         "or conditioned property of the generated molecules. With --guide: its MAE to the target "
                         "next to the guiding model's own (metrics.json 'guidance'). With a conditional checkpoint: "
                         "EDM's protocol, a predictor trained on the other half of the train split (data.half); "

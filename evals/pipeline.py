@@ -69,25 +69,35 @@ def property_names(manifest, names=None) -> list[str]:
     return list(names)
 
 
-def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str | None = None) -> dict:
+def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str | None = None,
+                  fit=None) -> dict:
     """Mean |prediction - truth| per property over a split, in dataset units, one Ray task per shard.
 
-    The baseline is the trivial predictor "train-split mean" (manifest property_stats): its MAE is the mean
-    absolute deviation of the split's values from the train mean, the number any property model must beat.
-    Without ``checkpoint`` the rows are that baseline; with one they are the model's MAE plus ``baseline_mae``.
+    Two trivial predictors sit beside every row: "train mean" (manifest property_stats; ``baseline_mae``, the mean
+    absolute deviation of the split's values from the train mean) and "atom count" (``atom_count_mae``: the mean
+    train value of molecules with the same number of atoms, fitted on the train split of ``fit``, the model's own
+    training data, else of ``manifest``). A sum-pooled head learns size first, so a model's MAE says something
+    about chemistry only where it is below the atom-count row. Without ``checkpoint`` the row's ``mae`` is the
+    train-mean baseline; with one it is the model's.
     """
-    from molscale.evals.conditional import split_predictions
+    from molscale.evals.conditional import atom_count_predictions, split_pairs, split_predictions
     means = np.asarray([manifest.property_stats()[n]["mean"] for n in names], dtype=np.float64)
     predictions, truth = split_predictions(ray, manifest, split, names, checkpoint)
     count = len(truth)
     if not count:
         raise InputError(f"--property: split {split!r} of {manifest.shown_url} holds no molecules")
     baseline = np.abs(truth - means).mean(0)
+    fit = fit if fit is not None else manifest
+    counts, values = split_pairs(ray, manifest, split, names)
+    by_count = np.abs(atom_count_predictions(*split_pairs(ray, fit, "train", names), counts) - values).mean(0)
     model = np.abs(predictions - truth).mean(0) if checkpoint is not None else None
     units = manifest.data.get("properties", {})
+    half = fit.split("train").get("half")
+    fitted_on = f"{fit.shown_url} train" + (f" ({half['which']} half)" if half else "")
     rows = {}
     for i, name in enumerate(names):
-        row = {"unit": units.get(name, {}).get("unit", ""), "n": int(count)}
+        row = {"unit": units.get(name, {}).get("unit", ""), "n": int(count),
+               "atom_count_mae": float(by_count[i]), "atom_count_fit": fitted_on}
         if model is None:
             row.update(mae=float(baseline[i]), predictor="train mean")
         else:
@@ -168,6 +178,7 @@ class Inputs:
     guide: GuideRequest | None = None   # --guide with its start filled in from the model
     conditioned: list[str] = field(default_factory=list)  # a conditional model's properties
     properties: list[str] | None = None  # --property: the properties whose MAE is reported
+    training_data: object = None  # --property with a model: the Manifest (its half) the model trained on, if readable
 
 
 def _resolve_model(config: EvalConfig, inputs: Inputs) -> None:
@@ -176,6 +187,9 @@ def _resolve_model(config: EvalConfig, inputs: Inputs) -> None:
     from molscale.trainer.model.sampling import guidance_for
     loaded = inputs.loaded = load_for_eval(config.checkpoint)
     model = loaded.model
+    if not model.generates_molecules:
+        raise InputError(f"--checkpoint {config.checkpoint} is a property classifier (objective "
+                         f"{loaded.objective!r}): it generates no molecules; pass it as --scorer")
     inputs.vocab = list(model.cfg.atom_vocab)
     inputs.source = {"checkpoint": loaded.checkpoint, "step": loaded.step, "ema": loaded.used_ema}
     for steps in config.sampling.steps or ():
@@ -231,6 +245,21 @@ def _resolve_reference(config: EvalConfig, inputs: Inputs) -> None:
                          f"{inputs.conditioned[0]}=VALUE")
 
 
+def _training_data(loaded, reference, reference_url: str):
+    """The dataset a model trained on (its half of the train split when it trained on one), which the atom-count
+    row is fitted on; the reference dataset, with a warning, when the model's is not readable from here."""
+    manifest = reference if loaded.dataset_url == reference_url else None
+    if manifest is None and loaded.dataset_url:
+        try:
+            manifest = load_manifest(loaded.dataset_url)
+        except (ManifestError, OSError) as err:
+            log.warning("the model's training data %s is not readable (%s): the atom-count row is fitted on the "
+                        "train split of %s instead", loaded.dataset_url, err, reference.shown_url)
+    if manifest is None:
+        return reference
+    return manifest.half("train", loaded.train_half) if loaded.train_half else manifest
+
+
 def _open_output(out: str) -> tuple[str, str]:
     """(local folder to write into, --out's path); a temporary folder when --out is remote."""
     from molscale.datasets.shards import storage
@@ -261,6 +290,7 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
     # with --dataset there is no model, so the baseline alone, on the evaluated split.
     if config.property_mae and inputs.loaded is not None and inputs.reference is not None:
         inputs.properties = property_names(inputs.reference, inputs.loaded.model.cfg.properties)
+        inputs.training_data = _training_data(inputs.loaded, inputs.reference, inputs.reference_url)
     elif config.property_mae and inputs.dataset is not None:
         inputs.properties = property_names(inputs.dataset)
     inputs.all_single = bool(set(inputs.vocab) - set(QM9_ATOM_VOCAB))
@@ -298,7 +328,10 @@ def _sample(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
     histogram = loaded.atom_count_histogram
     condition = None
     if inputs.conditioned:
-        condition = draw_conditions(ray, inputs.reference, inputs.conditioned, settings.n_samples, settings.seed,
+        targets_from = inputs.reference
+        if config.targets is None and loaded.train_half:  # the half the conditional model was trained on
+            targets_from = inputs.reference.half("train", loaded.train_half)
+        condition = draw_conditions(ray, targets_from, inputs.conditioned, settings.n_samples, settings.seed,
                                     config.targets, histogram)
     workers = _sampling_workers(ray, settings.workers)
     sweep = list(settings.steps or [loaded.model.num_steps])
@@ -403,7 +436,8 @@ def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
         metrics["steps_curve"] = steps_curve
     if inputs.properties:
         if inputs.loaded is not None:
-            rows = _property_mae(ray, reference, config.reference_split, inputs.properties, config.checkpoint)
+            rows = _property_mae(ray, reference, config.reference_split, inputs.properties, config.checkpoint,
+                                 fit=inputs.training_data)
         else:
             rows = _property_mae(ray, inputs.dataset, config.source.split, inputs.properties)
         metrics["property_mae"] = rows
@@ -411,6 +445,7 @@ def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
             metrics[f"mae_{name}"] = row["mae"]
             if "baseline_mae" in row:
                 metrics[f"baseline_mae_{name}"] = row["baseline_mae"]
+            metrics[f"atom_count_mae_{name}"] = row["atom_count_mae"]
     metrics["source"] = inputs.source
     metrics["reference"] = {"dataset": inputs.reference_url if reference is not None else None,
                             "distribution_split": config.reference_split, "novelty_split": "train"}
@@ -466,6 +501,7 @@ def print_summary(metrics: dict, config: EvalConfig, n_written: int) -> None:
     print("\n".join(f"{k:>16}: {metrics.get(k)}" for k in keys if k in metrics))
     for name, row in metrics.get("property_mae", {}).items():
         baseline = f", train-mean baseline {row['baseline_mae']:.4g}" if "baseline_mae" in row else ""
+        baseline += f", from the atom count alone {row['atom_count_mae']:.4g}"
         print(f"{'MAE ' + name:>16}: {row['mae']:.4g} {row['unit']} ({row['predictor']}{baseline})")
     for name, row in metrics.get("conditional", {}).get("properties", {}).items():
         if "mae" in row:

@@ -38,22 +38,29 @@ def csv_columns(names, units) -> list[str]:
     return ["index", "name", "smiles", "status", "atoms", "conformers", *props, "reason", "note"]
 
 
-def predict_conformers(model, conformers: list[np.ndarray], batch: int) -> np.ndarray:
-    """[C, P] predictions (dataset units) for C conformers (float32 [N_i, 3], CoM-free)."""
+def predict_conformers(model, molecules: list[tuple[np.ndarray, np.ndarray]], batch: int) -> np.ndarray:
+    """[C, P] predictions (dataset units) for C molecules or conformers (atomic numbers [N_i], positions float32
+    [N_i, 3]); positions are centred here. UniGEM's head reads the positions only; a property classifier
+    (objective 'property') reads the atom types too."""
     import torch
 
+    from molscale.datasets.stream.loader import vocab_lookup
     from molscale.trainer.model.sampling import predict_properties
+    vocab_index = vocab_lookup(model.cfg.atom_vocab)
+    device = next(model.parameters()).device
     out = []
-    for start in range(0, len(conformers), batch):
-        part = conformers[start:start + batch]
-        n_max = max(len(p) for p in part)
+    for start in range(0, len(molecules), batch):
+        part = molecules[start:start + batch]
+        n_max = max(len(z) for z, _ in part)
         pos = np.zeros((len(part), n_max, 3), dtype=np.float32)
+        types = np.zeros((len(part), n_max), dtype=np.int64)
         mask = np.zeros((len(part), n_max), dtype=bool)
-        for i, p in enumerate(part):
-            pos[i, :len(p)], mask[i, :len(p)] = p, True
-        device = next(model.parameters()).device
+        for i, (z, p) in enumerate(part):
+            p = np.asarray(p, dtype=np.float32)
+            pos[i, :len(p)], types[i, :len(p)], mask[i, :len(p)] = p - p.mean(0), vocab_index[np.asarray(z)], True
         with torch.no_grad():
             pred = predict_properties(model, {"pos": torch.from_numpy(pos).to(device),
+                                              "atom_type": torch.from_numpy(types).to(device),
                                               "node_mask": torch.from_numpy(mask).to(device)})
         out.append(pred.double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(model.cfg.properties)))
@@ -98,7 +105,7 @@ def predict_chunk(checkpoint: str, first: int, raw: list, names: list[str], conf
     records = [parse_record(first + i, fmt, payload, conformers, seed, vocab, embed_2d=embed_2d)
                for i, (fmt, payload) in enumerate(raw)]
     usable = [r for r in records if r.ok]
-    flat = [c for r in usable for c in r.conformers]
+    flat = [(r.z, c) for r in usable for c in r.conformers]
     pred = predict_conformers(model, flat, batch)
     columns = [list(model.cfg.properties).index(n) for n in names]
     rows, at = [], 0

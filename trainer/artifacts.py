@@ -63,6 +63,20 @@ class LoadedModel:
     used_ema: bool
     wandb: dict | None = None  # the training run's W&B identity (entity, project, id, group, name, mode)
     property_units: dict | None = None  # {property: unit} from an exported file's card (None: ask the dataset)
+    train_half: str | None = None  # data.half: the half of the train split the model was trained on, or None
+    objective: str = str(Objective.DIFFUSION)  # 'diffusion' generates; 'property' is a classifier that scores
+
+
+def evaluated_model(objective: str, cfg: ModelConfig, diffusion: DiffusionConfig, stats: dict, where: str):
+    """The untrained model a checkpoint or exported file of ``objective`` holds weights for (``where`` names
+    it in errors): a diffusion model or a property classifier; pretraining checkpoints are refused."""
+    if objective == Objective.PROPERTY:
+        from molscale.trainer.model.classifier import PropertyClassifier
+        return PropertyClassifier(cfg, stats.get("mean") or None, stats.get("mad") or None)
+    if objective != Objective.DIFFUSION:
+        raise CheckpointError(f"{where} is a {objective} pretraining checkpoint: it does not generate molecules or "
+                              f"predict properties. Fine-tune from it (config init_from: {where}) and use that run.")
+    return build_model(cfg, diffusion, stats.get("mean") or None, stats.get("mad") or None)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -168,12 +182,9 @@ def _load_run_checkpoint(path, device, use_ema, trust_pickle) -> LoadedModel:
     for key in ("model_config", "module"):
         if key not in state:
             raise CheckpointError(f"{states} has no {key!r}: not a checkpoint written by trainer/main.py")
-    if state.get("objective", Objective.DIFFUSION) != Objective.DIFFUSION:
-        raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint: it does not generate "
-                              f"molecules. Fine-tune from it (config init_from: {path}) and evaluate that run.")
+    objective = str(state.get("objective", Objective.DIFFUSION))
     cfg, diffusion = model_configs(state)
-    stats = state.get("prop_stats") or {"mean": None, "mad": None}
-    model = build_model(cfg, diffusion, stats["mean"] or None, stats["mad"] or None)
+    model = evaluated_model(objective, cfg, diffusion, state.get("prop_stats") or {}, folder)
     weights, used_ema = model_weights(state, use_ema)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -182,7 +193,8 @@ def _load_run_checkpoint(path, device, use_ema, trust_pickle) -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model=model, step=int(state.get("step", 0)), checkpoint=folder,
                        atom_count_histogram={int(k): int(v) for k, v in state["atom_count_histogram"].items()},
-                       dataset_url=state.get("dataset_url", ""), used_ema=used_ema, wandb=state.get("wandb"))
+                       dataset_url=state.get("dataset_url", ""), used_ema=used_ema, wandb=state.get("wandb"),
+                       train_half=state.get("train_half"), objective=objective)
 
 
 # --- exported models (trainer/export.py writes them) ------------------------------------------------------
@@ -237,8 +249,8 @@ def load_exported(path: str, device="cpu"):
         cfg, diffusion = ModelConfig(**card["model_config"]), DiffusionConfig(**card["diffusion_config"])
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: its card does not describe a model this version builds ({err})") from None
-    stats = card.get("property_stats") or {}
-    model = build_model(cfg, diffusion, stats.get("mean") or None, stats.get("mad") or None)
+    objective = str(card.get("objective", Objective.DIFFUSION))
+    model = evaluated_model(objective, cfg, diffusion, card.get("property_stats") or {}, path)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # shapes that differ from the card's model
@@ -251,7 +263,8 @@ def load_exported(path: str, device="cpu"):
     return LoadedModel(model=model, step=int(card.get("step", 0)), checkpoint=os.path.abspath(path),
                        atom_count_histogram={int(k): int(v) for k, v in card["atom_count_histogram"].items()},
                        dataset_url=card.get("dataset", {}).get("url", ""), used_ema=card.get("weights") == "ema",
-                       property_units=card.get("property_units"))
+                       property_units=card.get("property_units"), train_half=card.get("dataset", {}).get("half"),
+                       objective=objective)
 
 
 # --- exporting a run
@@ -283,15 +296,16 @@ def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
     """Write the weights of ``run`` (a run directory or checkpoint folder) to ``out``; returns the card."""
     from safetensors.torch import save_file
     folder, states, state = read_model_states(run)
-    if state.get("objective", Objective.DIFFUSION) != Objective.DIFFUSION:
-        raise CheckpointError(f"{folder} is a {state['objective']} pretraining checkpoint; export the run "
-                              f"fine-tuned from it")
+    objective = str(state.get("objective", Objective.DIFFUSION))
+    if objective == Objective.MOLECULEJAE:
+        raise CheckpointError(f"{folder} is a {objective} pretraining checkpoint; export the run fine-tuned from it")
     cfg, diffusion = model_configs(state)
     weights, used_ema = model_weights(state, use_ema)
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
     stats = state.get("prop_stats") or {"mean": None, "mad": None}
     card = {
         "format": CARD_FORMAT,
+        "objective": objective,  # what the weights are: a diffusion model, or a property classifier
         "model_config": dataclasses.asdict(cfg),
         "diffusion_config": dataclasses.asdict(diffusion),
         "atom_vocab": list(cfg.atom_vocab),
@@ -303,7 +317,8 @@ def export_checkpoint(run: str, out: str, use_ema: bool = True) -> dict:
         # the URL as a card may show it: credentials redacted (storage.redact_url); a reader with its own
         # credentials (environment, storage options) still reaches s3://***@bucket/x (storage.url_credentials)
         "dataset": {"url": redact_url(state.get("dataset_url", "")),
-                    "manifest_sha256": manifest_digest(state.get("dataset_url", ""))},
+                    "manifest_sha256": manifest_digest(state.get("dataset_url", "")),
+                    "half": state.get("train_half")},
         "step": int(state.get("step", 0)),
         "weights": "ema" if used_ema else "model",
         "exported_from": os.path.abspath(folder),

@@ -161,17 +161,31 @@ def _perceive(args):
         return None, None, str(err)
 
 
+def sampled_positions(count: int, seed: int) -> np.ndarray:
+    """``count`` gdb-order positions drawn uniformly without replacement (seeded), sorted: a subset whose sizes
+    and splits follow the full dataset's, unlike the first N by gdb id (the smallest molecules)."""
+    return np.sort(np.random.default_rng(seed).choice(QM9_NUM_MOLECULES, size=count, replace=False))
+
+
 def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, workers: int = 1,
-              storage_options: dict | None = None, command: str = "", progress: bool = True):
-    """QM9 (qm9pack) -> shards; the standard split; ``limit`` keeps the first N molecules by gdb id."""
+              storage_options: dict | None = None, command: str = "", progress: bool = True,
+              sample: int | None = None, sample_seed: int = 0):
+    """QM9 (qm9pack) -> shards; the standard split; ``limit`` keeps the first N molecules by gdb id, ``sample``
+    N molecules drawn at random (``sample_seed``); either way each molecule stays in its standard split."""
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1 (got {limit}); leave it out for all "
                          f"{QM9_NUM_MOLECULES} molecules.")
+    if sample is not None and not 1 <= sample <= QM9_NUM_MOLECULES:
+        raise InputError(f"--sample must be between 1 and {QM9_NUM_MOLECULES} (got {sample})")
+    if sample is not None and limit is not None:
+        raise InputError("--sample draws molecules at random and --limit keeps the first ones: give one of them")
     if shard_size < 1:
         raise InputError(f"--shard-size must be at least 1 (got {shard_size}).")
     if workers < 1:
         raise InputError(f"--workers must be at least 1 (got {workers}).")
     params = {"source": "qm9", "limit": limit, "shard_size": shard_size, "format": FORMAT}
+    if sample is not None:  # recorded only when used: earlier builds' parameters (and their reruns) stay as they were
+        params.update(sample=sample, sample_seed=sample_seed)
     done, fs, out_path = start_build(out_url, params, storage_options)
     if done is not None:
         return done
@@ -179,15 +193,21 @@ def build_qm9(out_url: str, limit: int | None = None, shard_size: int = 1000, wo
     rejected = Rejections()
     records, positions = [], []
     rows = iter_rows(limit)
+    keep = sampled_positions(sample, sample_seed) if sample is not None else None
+    kept = np.zeros(QM9_NUM_MOLECULES, dtype=bool)
+    if keep is not None:
+        kept[keep] = True
     for position, row in enumerate(tqdm(rows, total=limit or QM9_NUM_MOLECULES, desc="reading qm9pack",
                                         unit="mol", disable=not progress)):
+        if keep is not None and (position >= QM9_NUM_MOLECULES or not kept[position]):
+            continue
         try:
             records.append(row_to_record(row))
             positions.append(position)
         except (ValueError, KeyError) as err:
             rejected.add(f"qm9 row {position}", f"unreadable row: {err}")
     n_read = len(positions) + rejected.as_dict()["total"]
-    if limit is None and n_read != QM9_NUM_MOLECULES:
+    if limit is None and sample is None and n_read != QM9_NUM_MOLECULES:
         raise InputError(f"qm9pack gave {n_read} molecules, expected {QM9_NUM_MOLECULES}; "
                          f"the standard split is defined over exactly that many. Reinstall qm9pack.")
 

@@ -171,3 +171,39 @@ def test_full_qm9_build(tmp_path):
     test_keys = {s["__key__"] for shard in m.shards("test")
                  for s in read_shard_samples(fs.cat_file(m.shard_url(shard)))}
     assert test_keys == expected_test
+
+
+def _mean_atoms(manifest, split):
+    histogram = manifest.atom_count_histogram(split)
+    return sum(n * c for n, c in histogram.items()) / sum(histogram.values())
+
+
+def test_a_random_sample_keeps_the_full_datasets_sizes_and_splits(tmp_path, qm9_small):
+    """--sample N: a few-label set whose molecules look like the test split's, unlike the first N (small ones)."""
+    r = run_cli("build", "qm9", "--sample", "500", "--shard-size", "100", "--no-progress",
+                "--out", str(tmp_path / "s0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    sampled, first = load_manifest(str(tmp_path / "s0")), load_manifest(qm9_small)  # qm9_small: the first 600
+    assert sum(sampled.count(s) for s in sampled.splits) == 500
+    assert sampled.data["build"]["sample"] == 500 and sampled.data["build"]["sample_seed"] == 0
+    # QM9 has 18.0 atoms a molecule on average; its first ids are much smaller
+    assert _mean_atoms(sampled, "train") > _mean_atoms(first, "train") + 3
+    assert abs(_mean_atoms(sampled, "train") - _mean_atoms(sampled, "test")) < 1.5
+    assert 0.65 < sampled.count("train") / 500 < 0.87  # the standard split is 100,000 of 130,831 (76%)
+    # each molecule stays in the split the full build gives it, and the draw depends on the seed alone
+    keys = {k: split for k, (split, _) in all_samples(str(tmp_path / "s0")).items()}
+    drawn = set(qm9.sampled_positions(500, 0).tolist())
+    position_of = {f"qm9-{int(row['Index']):06d}": i for i, row in enumerate(qm9.iter_rows()) if i in drawn}
+    assert set(position_of) == set(keys)
+    full_split = qm9.standard_split()
+    assert all(qm9.SPLIT_NAMES[full_split[position_of[k]]] == split for k, split in keys.items())
+    assert run_cli("build", "qm9", "--sample", "500", "--shard-size", "100", "--no-progress",
+                   "--out", str(tmp_path / "again")).returncode == 0
+    assert set(all_samples(str(tmp_path / "again"))) == set(keys)
+    assert run_cli("build", "qm9", "--sample", "500", "--sample-seed", "1", "--shard-size", "100",
+                   "--no-progress", "--out", str(tmp_path / "s1")).returncode == 0
+    assert set(all_samples(str(tmp_path / "s1"))) != set(keys)
+    r = run_cli("build", "qm9", "--sample", "5", "--limit", "5", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "give one of them" in r.stderr
+    r = run_cli("build", "geom", "--sample", "5", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--sample draws QM9 molecules" in r.stderr

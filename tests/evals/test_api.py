@@ -26,7 +26,7 @@ def test_sample_and_predict_as_the_readme_shows(tiny_checkpoint):
     # a Molecule is predicted as evals/predict.py predicts a conformer: same number, translation ignored
     from molscale.evals.property_prediction import predict_conformers
     pos = molecules[1].positions
-    (expected,) = predict_conformers(model, [pos - pos.mean(0)], 1)
+    (expected,) = predict_conformers(model, [(molecules[1].atomic_numbers, pos)], 1)
     shifted = Molecule(molecules[1].atomic_numbers, pos + 3.0)
     assert predict_properties(model, [shifted])[0]["values"]["lumo"][0] == pytest.approx(float(expected[0]), rel=1e-5)
 

@@ -3,6 +3,7 @@ and ``--dataset --property``: the train-mean baseline MAE of each property of a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,17 @@ def props_of_split(url: str, split: str) -> list[dict]:
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(os.path.join(url, shard["name"])) as tar:
             out += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".props.json")]
+    return out
+
+
+def atom_counts_of_split(url: str, split: str) -> list[int]:
+    """Atoms per sample of a split, in the order props_of_split reads them (z.npy, read with tarfile and numpy)."""
+    manifest = json.load(open(os.path.join(url, "manifest.json")))
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(os.path.join(url, shard["name"])) as tar:
+            out += [len(np.load(io.BytesIO(tar.extractfile(m).read()))) for m in tar.getmembers()
+                    if m.name.endswith(".z.npy")]
     return out
 
 
@@ -97,4 +109,19 @@ def test_dataset_property_reports_the_train_mean_baseline(qm9_small, property_ru
         assert metrics[f"mae_{name}"] == row["mae"]
     assert rows["lumo"]["unit"] == "meV" and rows["lumo"]["mae"] > 0
     assert "MAE lumo" in r.stdout and "train mean" in r.stdout
+    # the atom-count row: the mean train value of molecules of the same size (the train mean for a size the
+    # train split lacks), fitted on this dataset's train split
+    train_n, test_n = atom_counts_of_split(qm9_small, "train"), atom_counts_of_split(qm9_small, "test")
+    for name, row in rows.items():
+        by_size = {}
+        for n, p in zip(train_n, train):
+            by_size.setdefault(n, []).append(p[name])
+        overall = np.mean([p[name] for p in train])
+        expected = np.mean([abs(p[name] - (np.mean(by_size[n]) if n in by_size else overall))
+                            for n, p in zip(test_n, test)])
+        assert row["atom_count_mae"] == pytest.approx(expected, rel=1e-9), name
+        assert row["atom_count_fit"] == f"{qm9_small} train"
+        assert metrics[f"atom_count_mae_{name}"] == row["atom_count_mae"]
+    assert rows["lumo"]["atom_count_mae"] < rows["lumo"]["mae"]  # size alone already beats the train mean
+    assert "from the atom count alone" in r.stdout
     assert metrics["n_samples"] == len(test)  # the usual data-row metrics are still there

@@ -41,7 +41,48 @@ def halves(qm9_small, tmp_path_factory):
     return str(root / "conditional"), str(root / "scorer")
 
 
-def test_a_run_on_half_the_train_split_plans_and_records_that_half(qm9_small, halves):
+@pytest.fixture(scope="module")
+def classifier(qm9_small, tmp_path_factory):
+    """EDM's independent scorer: a property classifier (objective 'property') on the first half."""
+    root = tmp_path_factory.mktemp("classifier")
+    r = train(root / "run", qm9_small, "objective=property", "data.half=first")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(root / "run")
+
+
+def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halves, classifier, tmp_path):
+    from molscale.evals.property_prediction import predict_conformers
+    from molscale.trainer.artifacts import load_for_eval
+    from molscale.trainer.model.classifier import PropertyClassifier
+    from tests.support import read_sdf_coords
+    conditional, _ = halves
+    loaded = load_for_eval(classifier)
+    assert isinstance(loaded.model, PropertyClassifier) and loaded.objective == "property"
+    r = run("evals/generate.py", "--checkpoint", conditional, "--n-samples", "12", "--batch", "6", "--steps", "5",
+            "--seed", "3", "--num-cpus", "2", "--no-wandb", "--scorer", classifier, "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    lumo = metrics["conditional"]["properties"]["lumo"]
+    assert metrics["conditional"]["scorer"] == classifier and lumo["real_molecules_mae"] > 0
+    # the row is the classifier's reading of the generated atoms and positions, as written to samples.sdf
+    written = [(np.array(z), np.array(pos, dtype=np.float32))
+               for _, z, pos in read_sdf_coords(tmp_path / "o" / "samples.sdf")]
+    expected = predict_conformers(loaded.model, written, 64)[:, 0]
+    assert lumo["prediction_mean"] == pytest.approx(float(expected.mean()), rel=1e-3, abs=1e-2)
+    # ... which reads the atom types: the same positions with every atom carbon are graded otherwise
+    carbons = predict_conformers(loaded.model, [(np.full_like(z, 6), pos) for z, pos in written], 64)[:, 0]
+    assert np.abs(carbons - expected).max() > 1e-3
+
+    refused = run("evals/generate.py", "--checkpoint", classifier, "--no-wandb", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "is a property classifier" in refused.stderr
+    exported = tmp_path / "classifier.safetensors"
+    assert run("-m", "trainer.export", classifier, "--out", str(exported)).returncode == 0
+    again = load_for_eval(str(exported))
+    assert again.objective == "property" and again.train_half == "first"
+    assert np.allclose(predict_conformers(again.model, written, 64)[:, 0], expected)
+
+
+def test_a_run_on_half_the_train_split_plans_and_records_that_half(qm9_small, halves, tmp_path):
     plan = run("trainer/main.py", "--config", "cluster/cpu_smoke.json", "--set", f"data.url={qm9_small}",
                "--set", 'model.condition_on=["gap"]', "--set", "data.half=first", "--dry-run")
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -52,6 +93,13 @@ def test_a_run_on_half_the_train_split_plans_and_records_that_half(qm9_small, ha
     assert 'condition_on               ["gap"]' in plan.stdout
     config = json.load(open(f"{halves[0]}/config.json"))
     assert config["data"]["half"] == "second" and config["model"]["condition_on"] == ["lumo"]
+    # the checkpoint and the exported file record the half, for evaluation to draw targets from it
+    from molscale.trainer.artifacts import load_for_eval
+    assert load_for_eval(halves[0]).train_half == "second" and load_for_eval(halves[1]).train_half == "first"
+    exported = tmp_path / "conditional.safetensors"
+    assert run("-m", "trainer.export", halves[0], "--out", str(exported)).returncode == 0
+    assert json.loads(exported.with_suffix(".safetensors.json").read_text())["dataset"]["half"] == "second"
+    assert load_for_eval(str(exported)).train_half == "second"
 
 
 def test_conditional_generation_is_scored_by_the_other_halfs_predictor(qm9_small, halves, tmp_path):
@@ -62,7 +110,10 @@ def test_conditional_generation_is_scored_by_the_other_halfs_predictor(qm9_small
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "drawn" / "metrics.json").read_text())
     block, lumo = metrics["conditional"], metrics["conditional"]["properties"]["lumo"]
-    assert block["n"] == 12 and block["scorer"] == scorer and "train molecules" in block["targets"]
+    assert block["n"] == 12 and block["scorer"] == scorer
+    # targets come from the half the conditional model trained on (recorded in its checkpoint), as EDM draws them
+    second = load_manifest(qm9_small).half("train", "second").count("train")
+    assert f"pairs of {second} molecules of the second half of the train split" in block["targets"], block["targets"]
     assert metrics["source"]["condition_on"] == ["lumo"]
     test_count = load_manifest(qm9_small).count("test")
     assert lumo["unit"] == "meV" and lumo["real_molecules_n"] == test_count

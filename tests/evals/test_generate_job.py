@@ -74,6 +74,7 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     lumo = json.loads((tmp_path / "one" / "metrics.json").read_text())["property_mae"]["lumo"]
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
+    assert lumo["atom_count_mae"] > 0 and lumo["atom_count_fit"].endswith(" train")  # the model's own train split
     r3 = generate(*common[:-4], "--seed", "8", "--num-cpus", "2", "--no-wandb", "--precision", "bf16",
                   "--sampler", "dpm2m", "--steps", "10,3", "--guide", "lumo=-300", "--guide-from", "300",
                   "--scorer", tiny_checkpoint, "--out", str(tmp_path / "other"))

@@ -130,6 +130,7 @@ class DiffusionModel(nn.Module):
     """What both models share: config, schedule, property normalisation, the loss as forward()."""
 
     predicts_properties = False  # a property head on the growth branch (UniGEM)
+    generates_molecules = True  # (a property classifier, model/classifier.py, does not)
 
     def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
                  loss: LossConfig | None = None):

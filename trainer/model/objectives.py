@@ -7,3 +7,4 @@ from enum import StrEnum
 class Objective(StrEnum):
     DIFFUSION = "diffusion"        # UniGEM or EDM denoising (model.kind): generates molecules
     MOLECULEJAE = "moleculejae"    # MoleculeJAE-style pretraining of the trunk: generates nothing
+    PROPERTY = "property"          # EDM's property classifier (model/classifier.py): the conditional scorer

@@ -306,7 +306,11 @@ def predict_properties(model, batch):
 
     batch: pos [B, N, 3], node_mask [B, N] (and, for a model conditioned on other properties, their values in
     batch["props"] as a training batch holds them). Returns [B, P] in the units of batch["props"].
+    A property classifier (model/classifier.py) reads batch["atom_type"] as well and predicts in one pass.
     """
+    from molscale.trainer.model.classifier import PropertyClassifier
+    if isinstance(model, PropertyClassifier):
+        return model.predict_properties(batch)
     if not (model.predicts_properties and model.cfg.properties):
         raise ValueError("property prediction needs a UniGEM model configured with properties")
     if model.num_context and "props" not in batch:

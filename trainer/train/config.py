@@ -192,7 +192,7 @@ class RunConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     train: TrainSection = field(default_factory=TrainSection)
     storage: dict = field(default_factory=dict)   # fsspec/S3 options; never logged (to_dict redacts)
-    objective: str = str(Objective.DIFFUSION)  # model/objectives.py: diffusion (model.kind) | moleculejae
+    objective: str = str(Objective.DIFFUSION)  # model/objectives.py: diffusion (model.kind) | moleculejae | property
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # objective moleculejae
     init_from: str | None = None           # run dir or checkpoint whose matching tensors initialise the model
 
@@ -215,7 +215,8 @@ class RunConfig:
     def validate(self) -> None:
         """Every section's own checks, then the checks that span sections; raises ConfigError."""
         try:
-            for section in (self.data, self.diffusion, self.loss, self.optimizer, self.deepspeed, self.checkpoint,
+            # data (the loader's LoaderConfig) checked itself when it was built, as it does wherever it is built
+            for section in (self.diffusion, self.loss, self.optimizer, self.deepspeed, self.checkpoint,
                             self.logging, self.evaluation, self.cluster, self.train):
                 section.validate()
             self.model.validate(self.diffusion)
@@ -225,8 +226,12 @@ class RunConfig:
             raise ConfigError(str(err)) from None
         _require(self.objective in list(Objective),
                  f"objective must be one of {[str(o) for o in Objective]}, got {self.objective!r}")
-        _require(not (self.train.cuda_graphs and self.objective == Objective.MOLECULEJAE),
-                 "train.cuda_graphs covers the diffusion objective only; unset it for objective 'moleculejae'")
+        _require(not (self.train.cuda_graphs and self.objective != Objective.DIFFUSION),
+                 f"train.cuda_graphs covers the diffusion objective only; unset it for objective {self.objective!r}")
+        if self.objective == Objective.PROPERTY:
+            _require(bool(self.model.properties) and not self.model.condition_on,
+                     "objective 'property' trains a property classifier: set model.properties (at least one) and "
+                     "leave model.condition_on empty")
         if self.objective == Objective.MOLECULEJAE:
             _require(not self.model.properties,
                      "model.properties must be empty for objective 'moleculejae' (pretraining has no property head)")

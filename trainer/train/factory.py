@@ -13,6 +13,7 @@ import torch
 from molscale.datasets.errors import InputError
 from molscale.datasets.shards.manifest import Manifest
 from molscale.datasets.stream.loader import StreamingLoader
+from molscale.trainer.model.classifier import PropertyClassifier
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.model.objectives import Objective
 from molscale.trainer.model.pretraining import MoleculeJAE
@@ -44,10 +45,13 @@ def property_normalisation(cfg: RunConfig, manifest: Manifest) -> dict:
 
 
 def build_run_model(cfg: RunConfig, model_cfg: ModelConfig, prop_stats: dict | None = None) -> torch.nn.Module:
-    """The model the run's objective trains: UniGEM/EDM diffusion, or the MoleculeJAE pretraining model."""
+    """The model the run's objective trains: UniGEM/EDM diffusion, the MoleculeJAE pretraining model or the
+    property classifier."""
     if cfg.objective == Objective.MOLECULEJAE:
         return MoleculeJAE(model_cfg, cfg.pretrain, cfg.diffusion, cfg.loss)
     stats = prop_stats or {}
+    if cfg.objective == Objective.PROPERTY:
+        return PropertyClassifier(model_cfg, stats.get("mean") or None, stats.get("mad") or None)
     return build_model(model_cfg, cfg.diffusion, stats.get("mean") or None, stats.get("mad") or None, cfg.loss)
 
 

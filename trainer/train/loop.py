@@ -186,6 +186,7 @@ class Trainer:
                 "diffusion_config": dataclasses.asdict(self.cfg.diffusion), "prop_stats": self.prop_stats,
                 "objective": str(self.cfg.objective),  # a plain string: states files are read with weights_only
                 "atom_count_histogram": self.histogram, "dataset_url": redact_url(self.cfg.data.url),
+                "train_half": self.cfg.data.half,  # a conditional model's targets are drawn from its own half
                 "wandb": self.logger.identity()}  # the W&B run, so that evaluation joins its project and group
 
     def rank_state(self) -> dict:
