@@ -149,15 +149,27 @@ def model_weights(state: dict, use_ema: bool = True) -> tuple[dict, bool]:
     return weights, False
 
 
-def model_configs(state: dict) -> tuple[ModelConfig, DiffusionConfig]:
+def checked_configs(model_fields: dict, diffusion_fields: dict, where: str) -> tuple[ModelConfig, DiffusionConfig]:
+    """The model and noise-process configs of a checkpoint or exported card, checked here, where they are read
+    (a run's configs are checked when its config file is loaded; the models themselves do not check again)."""
+    try:
+        cfg, diffusion = ModelConfig(**model_fields), DiffusionConfig(**diffusion_fields)
+        diffusion.validate()
+        cfg.validate(diffusion)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: it describes a model this version does not build ({err})") from None
+    return cfg, diffusion
+
+
+def model_configs(state: dict, where: str = "checkpoint") -> tuple[ModelConfig, DiffusionConfig]:
     """The model and noise-process configs a checkpoint's states file describes (older checkpoints kept the
-    diffusion fields inside model_config)."""
+    diffusion fields inside model_config), checked."""
     model_fields = dict(state["model_config"])
     diffusion_fields = dict(state.get("diffusion_config") or {})
     for name in ("num_steps", "schedule", "precision"):
         if name in model_fields:
             diffusion_fields.setdefault(name, model_fields.pop(name))
-    return ModelConfig(**model_fields), DiffusionConfig(**diffusion_fields)
+    return checked_configs(model_fields, diffusion_fields, where)
 
 
 def load_for_eval(path: str, device: str | torch.device = "cpu", use_ema: bool = True,
@@ -183,7 +195,7 @@ def _load_run_checkpoint(path, device, use_ema, trust_pickle) -> LoadedModel:
         if key not in state:
             raise CheckpointError(f"{states} has no {key!r}: not a checkpoint written by trainer/main.py")
     objective = str(state.get("objective", Objective.DIFFUSION))
-    cfg, diffusion = model_configs(state)
+    cfg, diffusion = model_configs(state, str(folder))
     model = evaluated_model(objective, cfg, diffusion, state.get("prop_stats") or {}, folder)
     weights, used_ema = model_weights(state, use_ema)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -245,10 +257,10 @@ def load_exported(path: str, device="cpu"):
                               f"truncated?") from None
     if weights_digest(tensors) != card.get("weights_sha256"):
         raise CheckpointError(f"{path}: the weights do not match the digest in its card: the file is corrupt")
-    try:
-        cfg, diffusion = ModelConfig(**card["model_config"]), DiffusionConfig(**card["diffusion_config"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: its card does not describe a model this version builds ({err})") from None
+    if "model_config" not in card or "diffusion_config" not in card:
+        raise CheckpointError(f"{path}: its card does not describe a model this version builds (no model_config "
+                              f"or diffusion_config)")
+    cfg, diffusion = checked_configs(card["model_config"], card["diffusion_config"], path)
     objective = str(card.get("objective", Objective.DIFFUSION))
     model = evaluated_model(objective, cfg, diffusion, card.get("property_stats") or {}, path)
     try:

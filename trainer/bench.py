@@ -224,6 +224,10 @@ def main(argv=None):
     cfg = ModelConfig(kind=args.model, hidden=args.hidden, layers=args.layers, properties=properties,
                       atom_vocab=atom_vocab, chunk_cost_pairs=chunk_cost_pairs(args.chunk_cost_pairs),
                       kernel=args.kernel)
+    try:
+        cfg.validate()  # the one check of the model settings the command line gave
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     model = build_model(cfg).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     num_atoms = sample_num_atoms(histogram, args.batch, generator)

@@ -277,3 +277,16 @@ def test_a_kill_inside_a_save_on_two_ranks_resumes_exactly(qm9_small, tmp_path):
     assert {"rank0.pt", "rank1.pt", STATES} <= set(marker["files"])
     from molscale.trainer.train.checkpoints import checkpoint_problem
     assert checkpoint_problem(str(partial)) is None
+
+
+def test_a_stored_model_config_is_checked_where_it_is_read():
+    """Configs in checkpoints and exported cards are checked once, when read (the models do not check again)."""
+    from molscale.trainer.artifacts import CheckpointError, checked_configs
+    with pytest.raises(CheckpointError, match=r"runs/x: it describes a model .*model.kernel must be one"):
+        checked_configs({"kernel": "inductor", "atom_vocab": [1, 6]}, {}, "runs/x")
+    with pytest.raises(CheckpointError, match="runs/x: it describes a model .*unexpected keyword"):
+        checked_configs({"wings": 2}, {}, "runs/x")
+    with pytest.raises(CheckpointError, match="runs/x: .*schedule"):
+        checked_configs({"atom_vocab": [1, 6]}, {"schedule": "linear"}, "runs/x")
+    cfg, diffusion = checked_configs({"atom_vocab": [1, 6], "hidden": 8}, {"num_steps": 500}, "runs/x")
+    assert cfg.hidden == 8 and diffusion.num_steps == 500

@@ -135,10 +135,9 @@ class DiffusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
                  loss: LossConfig | None = None):
         super().__init__()
+        # cfg, diffusion and loss were checked where they were read (the run config, a checkpoint, a card)
         diffusion = diffusion or DiffusionConfig()
-        cfg.validate(diffusion)
         self.loss_cfg = loss or LossConfig()  # how forward() reduces the errors of a batch
-        self.loss_cfg.validate()
         if cfg.atom_vocab is None:
             raise ValueError("model.atom_vocab is not set: a run takes its dataset's vocabulary; elsewhere pass the "
                              "atomic numbers the model's atom-type channels stand for")

@@ -217,11 +217,9 @@ class MoleculeJAE(nn.Module):
         super().__init__()
         if cfg.model_class() is not UniGEM or cfg.atom_vocab is None:
             raise ValueError("MoleculeJAE pretrains a UniGEM trunk: it needs model.kind 'unigem' and an atom_vocab")
+        # cfg, pre, diffusion and loss were checked where the run config was read (RunConfig.validate)
         diffusion = diffusion or DiffusionConfig()
-        cfg.validate(diffusion)
         loss = loss or LossConfig()
-        loss.validate()
-        pre.validate(loss)
         self.cfg, self.pre = cfg, pre
         # per-molecule terms are divided by the batch's molecules, or by this fixed count (atom-pair-budget
         # batches: every molecule weighs the same whatever its batch, as in UniGEM's loss)
