@@ -152,6 +152,8 @@ def model_weights(state: dict, use_ema: bool = True) -> tuple[dict, bool]:
 def checked_configs(model_fields: dict, diffusion_fields: dict, where: str) -> tuple[ModelConfig, DiffusionConfig]:
     """The model and noise-process configs of a checkpoint or exported card, checked here, where they are read
     (a run's configs are checked when its config file is loaded; the models themselves do not check again)."""
+    # written by earlier versions: the graph layout, a benchmark setting now (any layout computes the same function)
+    model_fields = {k: v for k, v in model_fields.items() if k != "layout"}
     try:
         cfg, diffusion = ModelConfig(**model_fields), DiffusionConfig(**diffusion_fields)
         diffusion.validate()

@@ -42,8 +42,9 @@ from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model import fused_edges
 from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.egnn import KERNELS
-from molscale.trainer.model.networks import GRAPH_LAYOUTS, MODEL_CLASSES, ModelConfig, build_model
+from molscale.trainer.model.networks import MODEL_CLASSES, ModelConfig, build_model
 from molscale.trainer.model.sampling import sample, sample_num_atoms, timestep_grid
+from molscale.trainer.reference_edgelist import GRAPH_LAYOUTS
 from molscale.trainer.train.ema import EMA
 
 MALLOC_TUNED = False  # set when run as a program, see tune_glibc_malloc
@@ -165,7 +166,7 @@ def step_functions(model, batch, layout, args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-12, amsgrad=True, fused=True)
 
     def train_step():
-        model.cfg.layout = layout
+        model.graph_builder = GRAPH_LAYOUTS[layout]
         generator = torch.Generator().manual_seed(args.seed)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
@@ -174,7 +175,7 @@ def step_functions(model, batch, layout, args):
         optimizer.step()
 
     def sample_run():
-        model.cfg.layout = layout
+        model.graph_builder = GRAPH_LAYOUTS[layout]
         generator = torch.Generator().manual_seed(args.seed)
         with autocast:
             sample(model, batch["num_atoms"].cpu(), steps=args.sample_steps, generator=generator)
@@ -234,6 +235,9 @@ def main(argv=None):
     batch = make_batch(num_atoms, len(cfg.properties), len(cfg.atom_vocab), device, generator)
 
     layouts = LAYOUT_CHOICES.get(args.layout, [args.layout])
+    if args.kernel != "eager" and layouts != ["dense"]:
+        raise SystemExit(f"error: --kernel {args.kernel} runs the dense layout only (the edge-list layouts are eager "
+                         f"references); use --layout dense")
     steps = {layout: step_functions(model, batch, layout, args) for layout in layouts}
     train_s = interleaved_medians({k: v[0] for k, v in steps.items()}, device, args.warmup, args.iters)
     sample_s = interleaved_medians({k: v[1] for k, v in steps.items()}, device, 1, args.sample_iters)

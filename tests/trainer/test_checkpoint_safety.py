@@ -290,3 +290,5 @@ def test_a_stored_model_config_is_checked_where_it_is_read():
         checked_configs({"atom_vocab": [1, 6]}, {"schedule": "linear"}, "runs/x")
     cfg, diffusion = checked_configs({"atom_vocab": [1, 6], "hidden": 8}, {"num_steps": 500}, "runs/x")
     assert cfg.hidden == 8 and diffusion.num_steps == 500
+    # earlier versions stored the graph layout (now a benchmark setting): such checkpoints still load
+    assert checked_configs({"atom_vocab": [1, 6], "layout": "dense"}, {}, "runs/x")[0].atom_vocab == [1, 6]

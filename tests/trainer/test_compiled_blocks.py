@@ -93,5 +93,3 @@ def test_the_compiled_kernel_keeps_the_parameter_names():
 def test_a_bad_kernel_is_refused():
     with pytest.raises(ValueError, match="model.kernel must be one of"):
         ModelConfig(kernel="inductor", atom_vocab=[1, 6]).validate()
-    with pytest.raises(ValueError, match="model.kernel = 'compiled' needs model.layout = 'dense'"):
-        ModelConfig(kernel="compiled", layout="edge-list", atom_vocab=[1, 6]).validate()

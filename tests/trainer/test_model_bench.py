@@ -104,3 +104,14 @@ def test_the_fused_kernel_writes_no_hidden_wide_edge_tensors_when_sampling(small
     assert fused["sample_step"]["kernels"] < eager["sample_step"]["kernels"]
     assert fused["train_step"]["edge_MB"] < eager["train_step"]["edge_MB"] / 2
     assert eager["train_step"]["GFLOP"] < fused["train_step"]["GFLOP"] < 2 * eager["train_step"]["GFLOP"]
+
+
+def test_the_edge_list_layouts_are_eager_benchmark_references(small_histogram):
+    """The research code's layout lives with the benchmark: the production model has no layout setting, and the
+    bench refuses to combine the eager-only references with another kernel."""
+    import dataclasses
+
+    from molscale.trainer.model.networks import ModelConfig
+    assert "layout" not in {f.name for f in dataclasses.fields(ModelConfig)}
+    with pytest.raises(SystemExit, match="--kernel compiled runs the dense layout only"):
+        bench.main(["--device", "cpu", "--kernel", "compiled", "--layout", "both", *SMALL])

@@ -93,8 +93,9 @@ def test_reference_layouts_compute_the_same_function(kind):
     model = tiny_model(kind)
     batch = make_batch(NUM_ATOMS, seed=7)
     dense = run(model, batch["pos"], batch)
+    from molscale.trainer.reference_edgelist import GRAPH_LAYOUTS
     for layout in ("edge-list", "edge-list-real"):
-        model.cfg.layout = layout
+        model.graph_builder = GRAPH_LAYOUTS[layout]  # as trainer.bench sets it
         other = run(model, batch["pos"], batch)
         for key in dense:
             torch.testing.assert_close(other[key], dense[key], atol=1e-10, rtol=1e-9)

@@ -116,7 +116,7 @@ def chunk_cost(model, device):
     'auto' is the device's default (packing.DEFAULT_CHUNK_COST_PAIRS), and no chunks under CUDA graphs or compiled
     blocks, which specialise on the batch shape: chunks would make new shapes in nearly every step."""
     cost = model.cfg.chunk_cost_pairs
-    if model.cfg.layout != "dense":
+    if model.graph_builder is not None:  # a benchmark layout: one graph of the whole batch
         return None
     if cost != "auto":
         return cost

@@ -15,7 +15,8 @@ Numerics (docs/numerics.md): positions, differences, distances, the coordinate s
 are float32 (the dtype of `pos`; float64 in tests) and never autocast; the Linear layers run in bf16 when the
 caller enables torch.autocast. The node features h stay in the dtype of `pos` between blocks.
 
-The edge-list reference (`trainer/model/reference_edgelist.py`) runs the same parameters in the research code's layout.
+The edge-list reference (`trainer/reference_edgelist.py`, for the benchmark) runs the same parameters in the research
+code's layout.
 """
 
 import functools

@@ -5,7 +5,6 @@ trainer/model/diffusion.py); `model.denoise(...)` is the network itself, used by
 """
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -15,14 +14,8 @@ from molscale.trainer.model.branches import Branch
 from molscale.trainer.model.cuda_graphs import DenoiseGraphs
 from molscale.trainer.model.diffusion import ONE_HOT_SCALE, LossConfig
 from molscale.trainer.model.egnn import KERNELS, DenseGraph, EGNNBlock, use_kernel
-from molscale.trainer.model.reference_edgelist import EdgeGraph
 from molscale.trainer.model.schedule import DiffusionConfig
 
-GRAPH_LAYOUTS = {  # name -> builder(pos [B, N, 3], node_mask [B, N]) of the graph the blocks run on
-    "dense": DenseGraph.build,
-    "edge-list": partial(EdgeGraph.build, all_slots=True),  # reference: the research code's layout
-    "edge-list-real": partial(EdgeGraph.build, all_slots=False),  # reference without padded pairs
-}
 CHARGE_SCALE = 0.1
 
 
@@ -41,7 +34,6 @@ class ModelConfig:
     condition_on: list[str] = field(default_factory=list)
     include_charges: bool = True  # EDM: diffuse Z/10 as an extra channel
     atom_vocab: list[int] | None = None  # atomic numbers, in order; a run fills in its dataset's
-    layout: str = "dense"  # 'dense', or the reference layouts 'edge-list' / 'edge-list-real' (benchmark)
     chunk_cost_pairs: int | None | str = "auto"  # see trainer/model/packing.py; None: never split a batch
     # 'eager' | 'compiled' (each EGNN block through torch.compile) | 'fused' (the edge MLPs as Triton kernels)
     kernel: str = "eager"  # docs/numerics.md, "Compiled blocks" and "Fused edge kernels"
@@ -67,13 +59,8 @@ class ModelConfig:
         model_class = self.model_class()
         if self.layers < 1 or self.hidden < 1:
             raise ValueError("model.layers and model.hidden must be at least 1")
-        if self.layout not in GRAPH_LAYOUTS:
-            raise ValueError(f"model.layout must be one of {list(GRAPH_LAYOUTS)}, got {self.layout!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"model.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
-        if self.kernel != "eager" and self.layout != "dense":
-            raise ValueError(f"model.kernel = {self.kernel!r} needs model.layout = 'dense' (the edge-list layouts "
-                             f"are eager references), got {self.layout!r}")
         if self.atom_vocab is not None and (len(set(self.atom_vocab)) != len(self.atom_vocab) or not self.atom_vocab):
             raise ValueError(f"model.atom_vocab must be distinct atomic numbers, got {self.atom_vocab}")
         if len(set(self.condition_on)) != len(self.condition_on):
@@ -107,17 +94,18 @@ def node_inputs(channels, context, like):
     return torch.cat([channels, per_atom], dim=-1)
 
 
-def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, layout="dense", context=None):
+def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, graph_builder=None, context=None):
     """UniGEM's trunk: what the EGNN stack sees and returns, defined once for UniGEM and its pretraining.
 
     The only inputs are the noised coordinates pos_t [B, N, 3], node_mask [B, N] and the step t [B]: node features
     start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path), with a conditional
     model's normalised context [B, C] appended to every atom's input. Returns the node
-    features h [B, N, H] after `blocks` and eps [B, N, 3], the CoM-free coordinate update.
+    features h [B, N, H] after `blocks` and eps [B, N, 3], the CoM-free coordinate update. ``graph_builder``:
+    the layout the blocks run on (None: the dense one; trainer/bench.py swaps in the research code's edge list).
     """
     mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
     node_in = node_inputs(torch.cat([mask, time_channel(t, num_steps, pos_t)], dim=-1), context, pos_t) * mask
-    graph = GRAPH_LAYOUTS[layout](pos_t, node_mask)
+    graph = (graph_builder or DenseGraph.build)(pos_t, node_mask)
     h = (embed(node_in) * mask).to(pos_t.dtype)
     h, pos = graph.nodes(h), graph.nodes(pos_t)
     for block in blocks:
@@ -130,6 +118,9 @@ class DiffusionModel(nn.Module):
     """What both models share: config, schedule, property normalisation, the loss as forward()."""
 
     predicts_properties = False  # a property head on the growth branch (UniGEM)
+    # the graph layout the blocks run on: None is the dense one; the benchmark (trainer/bench.py) sets the research
+    # code's edge-list reference here to time it against the same weights
+    graph_builder = None
     generates_molecules = True  # (a property classifier, model/classifier.py, does not)
 
     def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, prop_mean=None, prop_mad=None,
@@ -226,7 +217,7 @@ class DiffusionModel(nn.Module):
         return len(self.cfg.atom_vocab)
 
     def build_graph(self, pos, node_mask):
-        return GRAPH_LAYOUTS[self.cfg.layout](pos, node_mask)
+        return (self.graph_builder or DenseGraph.build)(pos, node_mask)
 
     def run_blocks(self, blocks, h, pos, graph):
         for block in blocks:
@@ -334,7 +325,7 @@ class UniGEM(DiffusionModel):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
         branch_blocks = self.growth if branch == Branch.GROWTH else self.nucleation
         h, eps = run_trunk(self.embed, [*self.shared, *branch_blocks], pos_t, node_mask, t, self.num_steps,
-                           self.cfg.layout, context)
+                           self.graph_builder, context)
         out = {"eps": eps}
         if heads:
             if branch != Branch.GROWTH:

@@ -212,6 +212,8 @@ class MoleculeJAE(nn.Module):
     """Pretraining model: `model(batch, generator=gen)` -> {'loss', 'score_3d', 'score_2d', 'atom_type',
     'contrastive'}."""
 
+    graph_builder = None  # the trunk's graph layout, as on networks.DiffusionModel (None: dense)
+
     def __init__(self, cfg: ModelConfig, pre: PretrainConfig, diffusion: DiffusionConfig | None = None,
                  loss: LossConfig | None = None):
         super().__init__()
@@ -248,7 +250,7 @@ class MoleculeJAE(nn.Module):
     def trunk(self, pos_t, node_mask, t):
         """UniGEM's nucleation path, the same function UniGEM runs: (h [B, N, H], eps [B, N, 3])."""
         return run_trunk(self.embed, [*self.shared, *self.nucleation], pos_t, node_mask, t, self.num_steps,
-                         self.cfg.layout)
+                         self.graph_builder)
 
     # ----------------------------------------------------------------------------------------------- noise
     def bond_channels(self, batch, dtype):

@@ -1,9 +1,10 @@
-"""Edge-list reference layout of the same EGNN block (the layout of the research code), for the benchmark.
+"""Edge-list reference layout of the same EGNN block (the layout of the research code), for the benchmark
+(trainer/bench.py sets it as a model's ``graph_builder``; training and sampling never use it).
 
 Atoms are flattened to one list of nodes and the graph is a list of directed edges (row i <- col j). Each
 layer gathers h[row] and h[col], concatenates them with the edge attributes into an [E, 2H + 2] tensor, runs
 the unsplit MLP on it and scatter-adds the messages into their receiving node. It uses the parameters of
-`trainer.egnn.EGNNBlock` unchanged, so all layouts compute the same function with the same weights.
+`trainer.model.egnn.EGNNBlock` unchanged, so all layouts compute the same function with the same weights.
 
 Two edge sets:
 - all_slots=True ('edge-list', as the EDM/UniGEM research code): every padded molecule of N slots is a full
@@ -12,6 +13,7 @@ Two edge sets:
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +110,10 @@ def edgelist_block(block: EGNNBlock, h, pos, graph: EdgeGraph):
     pos = pos + segment_sum(trans, row, pos.shape[0]) / AGGREGATION_NORM
     pos = pos * graph.flat_mask
     return h, pos
+
+
+GRAPH_LAYOUTS = {  # --layout name -> builder(pos [B, N, 3], node_mask [B, N]), or None for the model's dense one
+    "dense": None,
+    "edge-list": partial(EdgeGraph.build, all_slots=True),  # reference: the research code's layout
+    "edge-list-real": partial(EdgeGraph.build, all_slots=False),  # reference without padded pairs
+}
