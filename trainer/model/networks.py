@@ -94,17 +94,12 @@ def node_inputs(channels, context, like):
     return torch.cat([channels, per_atom], dim=-1)
 
 
-def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, graph_builder=None, context=None):
-    """UniGEM's trunk: what the EGNN stack sees and returns, defined once for UniGEM and its pretraining.
-
-    The only inputs are the noised coordinates pos_t [B, N, 3], node_mask [B, N] and the step t [B]: node features
-    start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path), with a conditional
-    model's normalised context [B, C] appended to every atom's input. Returns the node
-    features h [B, N, H] after `blocks` and eps [B, N, 3], the CoM-free coordinate update. ``graph_builder``:
-    the layout the blocks run on (None: the dense one; trainer/bench.py swaps in the research code's edge list).
-    """
+def run_stack(embed, blocks, node_in, pos_t, node_mask, graph_builder=None):
+    """The EGNN stack, the one way both models (and UniGEM's pretraining) run their blocks: node features
+    embed(node_in) (node_in [B, N, F], zero at padding) and the coordinates pos_t [B, N, 3] through ``blocks`` on
+    one graph -> (node features h [B, N, H], eps [B, N, 3], the CoM-free coordinate update). ``graph_builder``: the
+    layout the blocks run on (None: the dense one; trainer/bench.py swaps in the research code's edge list)."""
     mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
-    node_in = node_inputs(torch.cat([mask, time_channel(t, num_steps, pos_t)], dim=-1), context, pos_t) * mask
     graph = (graph_builder or DenseGraph.build)(pos_t, node_mask)
     h = (embed(node_in) * mask).to(pos_t.dtype)
     h, pos = graph.nodes(h), graph.nodes(pos_t)
@@ -112,6 +107,18 @@ def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, graph_builder=None,
         h, pos = graph.run(block, h, pos)
     h, pos = graph.dense(h), graph.dense(pos)
     return h, diffusion.remove_mean(pos - pos_t, node_mask)
+
+
+def run_trunk(embed, blocks, pos_t, node_mask, t, num_steps, graph_builder=None, context=None):
+    """UniGEM's trunk: what the EGNN stack sees and returns, defined once for UniGEM and its pretraining.
+
+    The only inputs are the noised coordinates pos_t [B, N, 3], node_mask [B, N] and the step t [B]: node features
+    start from embed([mask, t/T]) (atom types are not an input of UniGEM's generation path), with a conditional
+    model's normalised context [B, C] appended to every atom's input. Returns run_stack's (h, eps).
+    """
+    mask = node_mask.to(pos_t.dtype).unsqueeze(-1)  # [B, N, 1]
+    node_in = node_inputs(torch.cat([mask, time_channel(t, num_steps, pos_t)], dim=-1), context, pos_t) * mask
+    return run_stack(embed, blocks, node_in, pos_t, node_mask, graph_builder)
 
 
 class DiffusionModel(nn.Module):
@@ -216,13 +223,6 @@ class DiffusionModel(nn.Module):
     def num_atom_types(self):
         return len(self.cfg.atom_vocab)
 
-    def build_graph(self, pos, node_mask):
-        return (self.graph_builder or DenseGraph.build)(pos, node_mask)
-
-    def run_blocks(self, blocks, h, pos, graph):
-        for block in blocks:
-            h, pos = graph.run(block, h, pos)
-        return h, pos
 
     @classmethod
     def check_config(cls, cfg: ModelConfig, diffusion: DiffusionConfig) -> None:
@@ -384,14 +384,8 @@ class EDM(DiffusionModel):
     def _denoise(self, pos_t, h_t, node_mask, t, context=None):
         mask = node_mask.to(pos_t.dtype).unsqueeze(-1)
         node_in = node_inputs(torch.cat([h_t, time_channel(t, self.num_steps, pos_t)], dim=-1), context, pos_t) * mask
-        graph = self.build_graph(pos_t, node_mask)
-        h = (self.embed(node_in) * mask).to(pos_t.dtype)
-        h, pos = self.run_blocks(self.blocks, graph.nodes(h), graph.nodes(pos_t), graph)
-        h, pos = graph.dense(h), graph.dense(pos)
-        return {
-            "eps": diffusion.remove_mean(pos - pos_t, node_mask),
-            "eps_h": self.out(h).to(pos_t.dtype) * mask,
-        }
+        h, eps = run_stack(self.embed, self.blocks, node_in, pos_t, node_mask, self.graph_builder)
+        return {"eps": eps, "eps_h": self.out(h).to(pos_t.dtype) * mask}
 
 
 MODEL_CLASSES = {"unigem": UniGEM, "edm": EDM}
