@@ -69,7 +69,7 @@ def parse_args(argv=None):
                         "diffusion steps and holding UniGEM's t_n (default: all T); every sampler adds one read-out "
                         "evaluation at t = 0. Several (--steps 1000,100,25): sample the same molecules at each K and "
                         "add the quality-against-steps table and plot to the report (outputs are the first K's)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ancestral",
                    help="ancestral (EDM's stochastic sampler; default), ddim (deterministic DDIM, eta 0) or dpm2m "
                         "(DPM-Solver++(2M), deterministic, second order, one evaluation per step); quality against "
                         "steps in BENCHMARKS.md")

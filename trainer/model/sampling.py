@@ -27,7 +27,6 @@ from molscale.trainer.model.diffusion import (
 )
 from molscale.trainer.model.packing import plan_chunks, take
 
-SAMPLERS = ("ancestral", "ddim", "dpm2m")
 # Guidance defaults, measured (BENCHMARKS.md, "Guidance"): on a CPU UniGEM guided toward a LUMO one MAD below the
 # train mean, scale 100 from t = 300 took an independent predictor's MAE to the target from 841 (unguided) to 364
 # meV; the growth phase alone (t <= t_n, where sigma_t < 0.02) with scale 10 moved it to 810.
@@ -159,7 +158,7 @@ class DPMSolver2M:
         alpha, sigma = self.schedule.host_alpha_sigma(t)
         return math.log(alpha / sigma)
 
-    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, com_free=True):
+    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
         a_t, s_t = self.schedule.host_alpha_sigma(t)
         a_s, s_s = self.schedule.host_alpha_sigma(s)
         lam_t, lam_s = self._lambda(t), self._lambda(s)
@@ -173,6 +172,29 @@ class DPMSolver2M:
         self.previous[name] = (lam_t, x_hat)
         z_s = z_t * (s_s / s_t) - direction * (a_s * math.expm1(-h))
         return _project(z_s, node_mask, com_free)
+
+
+class AncestralSampler:
+    """EDM's stochastic sampler as a stepper: one ancestral_step per latent; nothing carried between steps."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def restart(self):
+        pass
+
+    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
+        return ancestral_step(self.schedule, z_t, eps_hat, t, s, node_mask, generator, com_free)
+
+
+class DDIMSampler(AncestralSampler):
+    """Deterministic DDIM (eta = 0) as a stepper: one ddim_step per latent."""
+
+    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
+        return ddim_step(self.schedule, z_t, eps_hat, t, s, node_mask, com_free)
+
+
+SAMPLERS = {"ancestral": AncestralSampler, "ddim": DDIMSampler, "dpm2m": DPMSolver2M}  # --sampler name -> stepper
 
 
 @dataclass
@@ -271,7 +293,7 @@ def _head_gradient(model, pos, node_mask, t: int, guidance: Guidance, context):
 def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None):
     # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
     latents = model.initial_latents(node_mask, generator, dtype)
-    solver = DPMSolver2M(model.schedule) if sampler == "dpm2m" else None
+    stepper = SAMPLERS[sampler](model.schedule)
     for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
         if guidance is not None and t <= guidance.start and model.branch_of(t) == Branch.GROWTH:
             eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance, context)}
@@ -279,18 +301,10 @@ def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral",
             eps = model.predict_noise(latents, node_mask, t, final=False, context=context)
             if guidance is not None and t <= guidance.start:
                 eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, eps["pos"], guidance, context)}
-        if solver is not None and model.branch_of(t) != model.branch_of(prev_t):
-            solver.restart()  # the network changed: its earlier estimate is not a history of this one
-        stepped = {}
-        for name, z in latents.items():
-            com_free = name == "pos"
-            if sampler == "ancestral":
-                stepped[name] = ancestral_step(model.schedule, z, eps[name], t, s, node_mask, generator, com_free)
-            elif sampler == "ddim":
-                stepped[name] = ddim_step(model.schedule, z, eps[name], t, s, node_mask, com_free)
-            else:
-                stepped[name] = solver.step(name, z, eps[name], t, s, node_mask, com_free)
-        latents = stepped
+        if model.branch_of(t) != model.branch_of(prev_t):
+            stepper.restart()  # the network changed: its earlier estimate is not a history of this one
+        latents = {name: stepper.step(name, z, eps[name], t, s, node_mask, generator, com_free=name == "pos")
+                   for name, z in latents.items()}
     # final prediction at t = 0
     out = model.predict_noise(latents, node_mask, 0, final=True, context=context)
     alpha0, sigma0 = model.schedule.host_alpha_sigma(0)

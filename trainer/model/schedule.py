@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("polynomial_2", "cosine")
-
 
 @dataclass
 class DiffusionConfig:
@@ -24,7 +22,7 @@ class DiffusionConfig:
         if self.num_steps < 1:
             raise ValueError(f"diffusion.num_steps must be at least 1, got {self.num_steps}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"diffusion.schedule must be 'polynomial_2' or 'cosine', got {self.schedule!r}")
+            raise ValueError(f"diffusion.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.precision < 0.5:
             raise ValueError(f"diffusion.precision must be in (0, 0.5), got {self.precision}")
 
@@ -54,16 +52,19 @@ def cosine_alpha2(num_steps, offset=0.008, precision=1e-5):
     return (1.0 - 2.0 * precision) * alpha2 + precision
 
 
+SCHEDULES = {  # diffusion.schedule name -> alpha_t^2 table [T + 1] for (T, precision)
+    "polynomial_2": lambda num_steps, precision: polynomial_alpha2(num_steps, 2.0, precision),
+    "cosine": lambda num_steps, precision: cosine_alpha2(num_steps, precision=precision),
+}
+
+
 class NoiseSchedule:
     """alpha_t, sigma_t with alpha_t^2 + sigma_t^2 = 1, for integer t in [0, T]."""
 
     def __init__(self, num_steps=1000, kind="polynomial_2", precision=1e-5):
-        if kind == "polynomial_2":
-            alpha2 = polynomial_alpha2(num_steps, 2.0, precision)
-        elif kind == "cosine":
-            alpha2 = cosine_alpha2(num_steps, precision=precision)
-        else:
-            raise ValueError(f"unknown noise schedule {kind!r}; choose one of {SCHEDULES}")
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {kind!r}; choose one of {list(SCHEDULES)}")
+        alpha2 = SCHEDULES[kind](num_steps, precision)
         self.num_steps = num_steps
         self.kind = kind
         self.alpha2 = alpha2  # [T + 1] float64
