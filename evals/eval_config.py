@@ -83,8 +83,8 @@ def parse_targets(text: str) -> dict[str, float]:
 @dataclass(frozen=True)
 class SamplingSettings:
     """How a model's molecules are sampled (unused for molecules from a file or a split)."""
-    n_samples: int
-    batch: int
+    n_samples: int = 10_000  # EDM's evaluation draws 10,000 molecules
+    batch: int = 250
     pair_budget: int | None = None
     steps: tuple[int, ...] | None = None  # several: the quality-against-steps sweep; the first is the output's
     sampler: str = "ancestral"

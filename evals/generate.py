@@ -38,6 +38,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
+    from molscale.evals.eval_config import EvalConfig, SamplingSettings
     from molscale.trainer.model.egnn import KERNELS
     from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_ON, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
@@ -54,9 +55,9 @@ def parse_args(argv=None):
                           "metrics.json. Novelty and the distribution metrics need --reference")
     p.add_argument("--out", required=True,
                    help="output folder or URL (s3://...): metrics.json, samples.sdf, plots, report.html")
-    p.add_argument("--n-samples", type=int, default=10000,
+    p.add_argument("--n-samples", type=int, default=SamplingSettings.n_samples,
                    help="molecules to generate (default 10,000, the standard run)")
-    p.add_argument("--batch", type=int, default=250,
+    p.add_argument("--batch", type=int, default=SamplingSettings.batch,
                    help="molecules per sampling chunk (one actor call) on average (default 250): chunks are cut by "
                         "an atom-pair budget of what this many molecules of the train histogram's mean size cost "
                         "(mean N^2), so chunks of small molecules hold more and chunks of large ones fewer")
@@ -69,7 +70,7 @@ def parse_args(argv=None):
                         "diffusion steps and holding UniGEM's t_n (default: all T); every sampler adds one read-out "
                         "evaluation at t = 0. Several (--steps 1000,100,25): sample the same molecules at each K and "
                         "add the quality-against-steps table and plot to the report (outputs are the first K's)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ancestral",
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=SamplingSettings.sampler,
                    help="ancestral (EDM's stochastic sampler; default), ddim (deterministic DDIM, eta 0) or dpm2m "
                         "(DPM-Solver++(2M), deterministic, second order, one evaluation per step); quality against "
                         "steps in BENCHMARKS.md")
@@ -105,7 +106,8 @@ def parse_args(argv=None):
                         "EDM's protocol, a predictor trained on the other half of the train split (data.half); "
                         "metrics.json 'conditional' holds the MAE between targets and its predictions, with the "
                         "reference rows 'real molecules' and 'shuffled targets' on the --reference-split")
-    p.add_argument("--seed", type=int, default=0, help="the samples depend on this and nothing else")
+    p.add_argument("--seed", type=int, default=SamplingSettings.seed,
+                   help="the samples depend on this and nothing else")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a checkpoint whose states file pickles more than tensors and plain data (refused "
                         "by default: unpickling it runs code from the file). Only for files you trust, as GEOM's "
@@ -113,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "
                         "helps small chunks, where the GPU waits on the host)")
-    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default=SamplingSettings.precision,
                    help="the network's matrix products while sampling: fp32 (as the research code samples; default), "
                         "tf32 (TF32 tensor cores on GPUs) or bf16 (autocast, as bf16 training; coordinates stay "
                         "fp32). Speeds and a small CPU quality comparison in BENCHMARKS.md")
@@ -127,7 +129,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default=None,
                    help="dataset for novelty and the distribution metrics (default: the checkpoint's or --dataset's; "
                         "none with --molecules)")
-    p.add_argument("--reference-split", default="test", help="split the distribution metrics compare with")
+    p.add_argument("--reference-split", default=EvalConfig.reference_split,
+                   help="split the distribution metrics compare with")
     p.add_argument("--property", action="store_true",
                    help="also report property MAEs: with --checkpoint, the model's (UniGEM with properties) on the "
                         "--reference-split; with --dataset, the train-mean baseline on --split. Either way in "

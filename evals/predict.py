@@ -28,6 +28,7 @@ if importlib.util.find_spec("molscale") is None:  # a checkout without `pip inst
 
 
 def parse_args(argv=None):
+    from molscale.evals.eval_config import PredictConfig
     from molscale.evals.property_prediction import WEIGHTINGS
     p = argparse.ArgumentParser(
         prog="evals/predict.py",
@@ -42,9 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="CSV file to write, local or a URL (s3://...)")
     p.add_argument("--properties", default=None,
                    help="comma-separated subset of the model's properties (default: all it predicts)")
-    p.add_argument("--conformers", type=int, default=5,
+    p.add_argument("--conformers", type=int, default=PredictConfig.conformers,
                    help="SMILES only: RDKit ETKDGv3 + MMFF conformers per molecule (default 5)")
-    p.add_argument("--conformers-weighting", choices=WEIGHTINGS, default="lowest",
+    p.add_argument("--conformers-weighting", choices=WEIGHTINGS, default=PredictConfig.weighting,
                    help="SMILES only: the row's value from its conformers' predictions: 'lowest' (default) the "
                         "lowest-MMFF-energy conformer's, as a QM9 label belongs to one relaxed geometry; 'boltzmann' "
                         "weighted by MMFF energy at 298.15 K; 'equal' the plain mean. The _std column is the "
@@ -53,8 +54,9 @@ def parse_args(argv=None):
                    help="SDF records without 3D coordinates (2D drawings, as chemical databases hand them out) get "
                         "--conformers conformers embedded from their bond table, as a SMILES does; without it they "
                         "are rejected")
-    p.add_argument("--seed", type=int, default=0, help="seeds the SMILES conformers (with each record's index)")
-    p.add_argument("--chunk", type=int, default=256,
+    p.add_argument("--seed", type=int, default=PredictConfig.seed,
+                   help="seeds the SMILES conformers (with each record's index)")
+    p.add_argument("--chunk", type=int, default=PredictConfig.chunk,
                    help="records per Ray task; inputs up to this size run in this process (default 256)")
     p.add_argument("--local", action="store_true", help="never use Ray: every record in this process")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
