@@ -150,13 +150,14 @@ def check_scorer(scorer, path: str, names: list[str]) -> None:
 
 
 def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, drawn: str, scorer: str | None,
-                        reference, test_split: str, units: dict) -> dict:
+                        reference, test_split: str, units: dict, valid=None) -> dict:
     """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
     predictions for the generated molecules, and the reference rows on the real ``test_split`` molecules: the
     scorer against their true values and against those shuffled, and EDM's "#Atoms" baseline (the values
     predicted from the atom count alone; a generator whose MAE is not below it uses no more than the atom count
     of its targets)."""
-    block = {"targets": drawn, "n": len(molecules), "scorer": scorer, "properties": {}}
+    valid = np.ones(len(molecules), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    block = {"targets": drawn, "n": len(molecules), "n_valid": int(valid.sum()), "scorer": scorer, "properties": {}}
     if scorer is None:
         log.warning("no --scorer: the conditional MAE needs a property predictor trained on the other half of the "
                     "train split; metrics.json 'conditional' lists the targets only")
@@ -172,7 +173,9 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
         row = {"unit": units.get(name, ""), "target_mean": float(targets[:, j].mean()),
                "target_std": float(targets[:, j].std())}
         if predicted is not None:
-            row["mae"] = float(np.abs(predicted[:, j] - targets[:, j]).mean())
+            errors = np.abs(predicted[:, j] - targets[:, j])
+            row["mae"] = float(errors.mean())
+            row["mae_valid"] = float(errors[valid].mean()) if valid.any() else None  # the RDKit-valid ones
             row["prediction_mean"] = float(predicted[:, j].mean())
             row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
                                              if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)

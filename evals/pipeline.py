@@ -378,16 +378,20 @@ class Scores:
     steps_curve: list | None
 
 
-def _guidance_metrics(ray, config: EvalConfig, guide: GuideRequest, molecules, cap_fraction) -> dict:
+def _guidance_metrics(ray, config: EvalConfig, guide: GuideRequest, molecules, valid, cap_fraction) -> dict:
     """How close the generated molecules come to the guidance target: by the guiding model's own head and, with
-    --scorer, by an independent model (the guiding head grades its own samples and is biased toward them)."""
+    --scorer, by an independent model (the guiding head grades its own samples and is biased toward them); each
+    over all molecules and over the valid ones alone (``valid``: one bool per molecule; null when none is)."""
     from molscale.evals.conditional import predict_molecules
     checkpoints = {"self": config.checkpoint, **({"scorer": config.scorer} if config.scorer else {})}
+    valid = np.asarray(valid, dtype=bool)
     row = {"property": guide.property, "target": guide.target, "scale": guide.scale, "start": guide.start,
-           "on": guide.on, "cap_fraction": cap_fraction, "scorer": config.scorer}
+           "on": guide.on, "cap_fraction": cap_fraction, "scorer": config.scorer, "n_valid": int(valid.sum())}
     for key, checkpoint in checkpoints.items():
         values = predict_molecules(ray, checkpoint, [guide.property], molecules)[:, 0]
-        row[f"{key}_mae"], row[f"{key}_mean"] = float(np.abs(values - guide.target).mean()), float(values.mean())
+        errors = np.abs(values - guide.target)
+        row[f"{key}_mae"], row[f"{key}_mean"] = float(errors.mean()), float(values.mean())
+        row[f"{key}_mae_valid"] = float(errors[valid].mean()) if valid.any() else None
     return row
 
 
@@ -413,8 +417,9 @@ def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
         train_smiles = ray_get(ray, ref_smiles_task) if "train" in reference.splits else None
     metrics = compute_metrics(stats, train_smiles, ref_hist)
     if inputs.guide:
-        metrics["guidance"] = _guidance_metrics(ray, config, inputs.guide, got.molecules, got.cap_fraction)
-        for key in ("self_mae", "scorer_mae", "cap_fraction"):
+        metrics["guidance"] = _guidance_metrics(ray, config, inputs.guide, got.molecules, stats["valid"],
+                                                got.cap_fraction)
+        for key in ("self_mae", "scorer_mae", "scorer_mae_valid", "cap_fraction"):
             if metrics["guidance"].get(key) is not None:
                 metrics[f"guidance_{key}"] = metrics["guidance"][key]
     if got.condition is not None:
@@ -422,9 +427,10 @@ def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
         units = {n: reference.data.get("properties", {}).get(n, {}).get("unit", "") if reference else ""
                  for n in names}
         metrics["conditional"] = conditional_metrics(ray, names, got.condition[1], got.molecules, got.condition[2],
-                                                     config.scorer, reference, config.reference_split, units)
+                                                     config.scorer, reference, config.reference_split, units,
+                                                     valid=stats["valid"])
         for name, row in metrics["conditional"]["properties"].items():
-            for key in ("mae", "real_molecules_mae", "shuffled_targets_mae", "atom_count_mae"):
+            for key in ("mae", "mae_valid", "real_molecules_mae", "shuffled_targets_mae", "atom_count_mae"):
                 if key in row:
                     metrics[f"conditional_{key}_{name}"] = row[key]
     steps_curve = None

@@ -80,12 +80,14 @@ def molecule_stats(molecules, all_single: bool = False, distribution: bool = Tru
 
     molecules: anything ``as_molecule_list`` accepts. Returns counts (COUNT_KEYS), ``atom_clusters`` (the
     statistics.ClusterSums of stable atoms per molecule, behind atom stability's standard error), ``valid_smiles``
-    (one entry per valid molecule, in input order) and ``histograms`` (see distribution.py; None when
-    ``distribution`` is False).
+    (one entry per valid molecule, in input order), ``valid`` (one bool per molecule, in input order: the
+    property rows are also reported over the valid molecules alone) and ``histograms`` (see distribution.py; None
+    when ``distribution`` is False).
     """
     counts = dict.fromkeys(COUNT_KEYS, 0)
     clusters = ClusterSums()
     valid_smiles: list[str] = []
+    valid: list[bool] = []
     accumulator = DistributionAccumulator() if distribution else None
     for z, pos in as_molecule_list(molecules):
         result = analyse_molecule(z, pos, all_single=all_single)
@@ -95,24 +97,26 @@ def molecule_stats(molecules, all_single: bool = False, distribution: bool = Tru
         counts["n_stable_atoms"] += stable
         clusters.add(stable, len(z))
         counts["n_stable_molecules"] += int(result.molecule_stable)
+        valid.append(bool(result.valid))
         if result.valid:
             counts["n_valid"] += 1
             valid_smiles.append(result.smiles)
         if accumulator is not None:
             accumulator.add(np.asarray(z, dtype=np.int64), pos, result.dist, result.order, result.kind,
                             result.valence)
-    return {**counts, "atom_clusters": clusters, "valid_smiles": valid_smiles,
+    return {**counts, "atom_clusters": clusters, "valid_smiles": valid_smiles, "valid": valid,
             "histograms": accumulator.histograms() if accumulator is not None else None}
 
 
 def merge_stats(parts: list[dict]) -> dict:
     """Sum of ``molecule_stats`` results (SMILES lists concatenated in the order given)."""
     merged = dict.fromkeys(COUNT_KEYS, 0)
-    merged["valid_smiles"] = []
+    merged["valid_smiles"], merged["valid"] = [], []
     for part in parts:
         for key in COUNT_KEYS:
             merged[key] += part[key]
         merged["valid_smiles"].extend(part["valid_smiles"])
+        merged["valid"].extend(part["valid"])
     merged["atom_clusters"] = sum((part["atom_clusters"] for part in parts), ClusterSums())
     hists = [p["histograms"] for p in parts if p.get("histograms") is not None]
     merged["histograms"] = merge_histograms(hists) if hists else None

@@ -90,6 +90,9 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert source["guide"] == ["lumo", -300.0, 100.0, 300, "noisy"]  # the default scale and reading
     assert guidance["on"] == "noisy" and 0 <= guidance["cap_fraction"] <= 1
     assert other["guidance_cap_fraction"] == guidance["cap_fraction"]
+    # the same rows over the RDKit-valid molecules alone (null when none is valid)
+    assert guidance["n_valid"] == round(other["validity"] * other["n_samples"])
+    assert (guidance["scorer_mae_valid"] is None) == (guidance["n_valid"] == 0)
     # the sweep: a row per K, the first one the outputs' own
     curve = other["steps_curve"]
     assert [(row["steps"], row["network_evaluations"]) for row in curve] == [(10, 11), (3, 4)]

@@ -95,8 +95,13 @@ def test_chunks_merge_to_the_single_pass_result():
     ref = reference_statistics(molecules[:3])
     whole = evaluate(molecules, train_smiles={"CCO"}, reference_stats=ref)
     parts = [molecule_stats(molecules[i:i + 3]) for i in range(0, len(molecules), 3)]
-    merged = compute_metrics(merge_stats(parts), train_smiles={"CCO"}, reference_stats=ref)
+    merged_stats = merge_stats(parts)
+    merged = compute_metrics(merged_stats, train_smiles={"CCO"}, reference_stats=ref)
     assert merged == pytest.approx(whole)
+    # one validity flag per molecule, in input order across chunks (property rows over the valid ones read it)
+    single = molecule_stats(molecules)
+    assert merged_stats["valid"] == single["valid"] and len(single["valid"]) == len(molecules)
+    assert sum(single["valid"]) == single["n_valid"] and single["valid"][-1] and not all(single["valid"])
     assert set(DIST_KEYS) <= set(merged) and merged["n_samples"] == len(molecules)
 
 
