@@ -11,7 +11,9 @@ it a lower bound, but it is the scorer's own error on real molecules, not a boun
 "Naive" (``shuffled_targets_mae``: the same predictions against true values shuffled across molecules, what
 molecules that ignore their target would score) and "#Atoms" (``atom_count_mae``: the train mean per atom count
 against the true test values, computed without the scorer, so it cannot be compared with the generated row,
-which carries the scorer's error).
+which carries the scorer's error). ``--unconditional-baseline`` adds the row that can be compared: an
+unconditional model's molecules for the same atom counts, scored by the same scorer against the same targets
+(``unconditional_mae``).
 
 Targets: EDM draws (atom count, property value) pairs from the conditional model's training data (its
 DistributionProperty, a histogram of the property per atom count); drawing whole pairs of real train molecules
@@ -150,7 +152,7 @@ def check_scorer(scorer, path: str, names: list[str]) -> None:
 
 
 def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, drawn: str, scorer: str | None,
-                        reference, test_split: str, units: dict, valid=None) -> dict:
+                        reference, test_split: str, units: dict, valid=None, baseline=None) -> dict:
     """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
     predictions for the generated molecules, and the reference rows on the real ``test_split`` molecules: the
     scorer against their true values and against those shuffled, and EDM's "#Atoms" baseline (the values
@@ -162,6 +164,9 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
         log.warning("no --scorer: the conditional MAE needs a property predictor trained on the other half of the "
                     "train split; metrics.json 'conditional' lists the targets only")
     predicted = predict_molecules(ray, scorer, names, molecules) if scorer else None
+    # an unconditional model's molecules for the same atom counts, scored against the same targets: the #Atoms
+    # row passed through the same scorer, so that it carries the scorer's error as the generated row does
+    unconditional = predict_molecules(ray, scorer, names, baseline) if scorer and baseline is not None else None
     real_pred, real_truth = (split_predictions(ray, reference, test_split, names, scorer)
                              if scorer and reference is not None else (None, None))
     shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(len(real_truth)) if real_truth is not None else None
@@ -176,6 +181,8 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
             errors = np.abs(predicted[:, j] - targets[:, j])
             row["mae"] = float(errors.mean())
             row["mae_valid"] = float(errors[valid].mean()) if valid.any() else None  # the RDKit-valid ones
+        if unconditional is not None:
+            row["unconditional_mae"] = float(np.abs(unconditional[:, j] - targets[:, j]).mean())
             row["prediction_mean"] = float(predicted[:, j].mean())
             row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
                                              if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)

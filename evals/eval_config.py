@@ -114,6 +114,7 @@ class EvalConfig:
     guide: GuideRequest | None = None
     targets: dict[str, float] | None = None  # --target: a conditional model's fixed targets
     scorer: str | None = None
+    unconditional_baseline: str | None = None  # an unconditional model sampled for the same atom counts
     reference: str | None = None
     reference_split: str = "test"
     property_mae: bool = False  # --property
@@ -132,6 +133,9 @@ class EvalConfig:
         if self.scorer is not None and not sampled:
             raise InputError("--scorer predicts the guided or conditioned property of sampled molecules; it needs "
                              "--checkpoint")
+        if self.unconditional_baseline is not None and (not sampled or self.scorer is None):
+            raise InputError("--unconditional-baseline is scored by --scorer against a conditional checkpoint's "
+                             "targets; it needs --checkpoint and --scorer")
         if self.property_mae and isinstance(self.source, FromFile):
             raise InputError("--property needs a model (--checkpoint) or property labels (--dataset); "
                              "--molecules has neither")

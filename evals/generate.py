@@ -106,6 +106,12 @@ def parse_args(argv=None):
                         "EDM's protocol, a predictor trained on the other half of the train split (data.half); "
                         "metrics.json 'conditional' holds the MAE between targets and its predictions, with the "
                         "reference rows 'real molecules' and 'shuffled targets' on the --reference-split")
+    p.add_argument("--unconditional-baseline", default=None, metavar="CHECKPOINT",
+                   help="with a conditional checkpoint and --scorer: also sample this unconditional model for the "
+                        "same atom counts (same seed and sampler) and score it against the same targets with the "
+                        "same scorer (metrics.json conditional 'unconditional_mae'): the like-for-like version of "
+                        "EDM's #Atoms row, what the atom counts alone give once the scorer's own error is in both "
+                        "rows")
     p.add_argument("--seed", type=int, default=SamplingSettings.seed,
                    help="the samples depend on this and nothing else")
     p.add_argument("--trust-pickle", action="store_true",
@@ -162,7 +168,8 @@ def eval_config(args):
              if args.guide is not None else None)
     return EvalConfig(source=source, out=args.out, sampling=sampling, guide=guide,
                       targets=parse_targets(args.target) if args.target is not None else None,
-                      scorer=args.scorer, reference=args.reference, reference_split=args.reference_split,
+                      scorer=args.scorer, unconditional_baseline=args.unconditional_baseline,
+                      reference=args.reference, reference_split=args.reference_split,
                       property_mae=args.property, num_cpus=args.num_cpus, wandb=not args.no_wandb,
                       wandb_project=args.wandb_project)
 

@@ -213,6 +213,17 @@ def _resolve_model(config: EvalConfig, inputs: Inputs) -> None:
         if sorted(config.targets) != sorted(conditioned):
             raise InputError(f"--target names {sorted(config.targets)}, but the model is conditioned on "
                              f"{conditioned}")
+    if config.unconditional_baseline is not None:
+        if not conditioned:
+            raise InputError("--unconditional-baseline compares a conditional checkpoint (model.condition_on) with "
+                             "an unconditional one; this checkpoint is not conditioned")
+        baseline = load_for_eval(config.unconditional_baseline).model
+        if not baseline.generates_molecules or baseline.num_context:
+            raise InputError(f"--unconditional-baseline {config.unconditional_baseline} must be an unconditional "
+                             f"generative model (model.condition_on empty)")
+        if list(baseline.cfg.atom_vocab) != list(model.cfg.atom_vocab):
+            raise InputError(f"--unconditional-baseline {config.unconditional_baseline} has the atom vocabulary "
+                             f"{list(baseline.cfg.atom_vocab)}, not the checkpoint's {list(model.cfg.atom_vocab)}")
     if config.scorer is not None:
         if not (guide or conditioned):
             raise InputError("--scorer predicts the guided or conditioned property; it needs --guide or a "
@@ -308,6 +319,7 @@ class Molecules:
     sample_seconds: float | None = None  # the first step count's sampling time
     condition: tuple | None = None       # a conditional model's (atom counts, targets [n, C], description)
     cap_fraction: float | None = None    # guidance: the fraction of guided pushes that were capped
+    baseline: list | None = None         # --unconditional-baseline: its molecules for the same atom counts
 
 
 def _sampling_workers(ray, requested: int | None) -> int:
@@ -355,6 +367,9 @@ def _sample(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
             kernel=",".join(run.kernels),  # as the samplers ran it (fused falls back to eager off GPUs)
             chunks_per_node=run.chunks_per_node, sampling_chunks=plan_summary(run.plan, budget, settings.batch),
             sampling_seconds=round(seconds, 2), molecules_per_s=round(settings.n_samples / seconds, 2))
+    if config.unconditional_baseline is not None:  # the same atom counts, seed and sampler; no targets
+        result.baseline = sample_over_ray(ray, config.unconditional_baseline, settings, sweep[0], budget, workers,
+                                          histogram, None, (condition[0], None)).molecules
     return result
 
 
@@ -428,9 +443,10 @@ def score(ray, config: EvalConfig, inputs: Inputs, got: Molecules) -> Scores:
                  for n in names}
         metrics["conditional"] = conditional_metrics(ray, names, got.condition[1], got.molecules, got.condition[2],
                                                      config.scorer, reference, config.reference_split, units,
-                                                     valid=stats["valid"])
+                                                     valid=stats["valid"], baseline=got.baseline)
         for name, row in metrics["conditional"]["properties"].items():
-            for key in ("mae", "mae_valid", "real_molecules_mae", "shuffled_targets_mae", "atom_count_mae"):
+            for key in ("mae", "mae_valid", "unconditional_mae", "real_molecules_mae", "shuffled_targets_mae",
+                        "atom_count_mae"):
                 if key in row:
                     metrics[f"conditional_{key}_{name}"] = row[key]
     steps_curve = None

@@ -50,7 +50,8 @@ def classifier(qm9_small, tmp_path_factory):
     return str(root / "run")
 
 
-def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halves, classifier, tmp_path):
+def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halves, classifier, tiny_checkpoint,
+                                                                           tmp_path):
     from molscale.evals.property_prediction import predict_conformers
     from molscale.trainer.artifacts import load_for_eval
     from molscale.trainer.model.classifier import PropertyClassifier
@@ -59,11 +60,15 @@ def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halve
     loaded = load_for_eval(classifier)
     assert isinstance(loaded.model, PropertyClassifier) and loaded.objective == "property"
     r = run("evals/generate.py", "--checkpoint", conditional, "--n-samples", "12", "--batch", "6", "--steps", "5",
-            "--seed", "3", "--num-cpus", "2", "--no-wandb", "--scorer", classifier, "--out", str(tmp_path / "o"))
+            "--seed", "3", "--num-cpus", "2", "--no-wandb", "--scorer", classifier,
+            "--unconditional-baseline", tiny_checkpoint, "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     lumo = metrics["conditional"]["properties"]["lumo"]
     assert metrics["conditional"]["scorer"] == classifier and lumo["real_molecules_mae"] > 0
+    # the #Atoms row through the same scorer: an unconditional model's molecules for the same atom counts
+    assert lumo["unconditional_mae"] > 0 and metrics["conditional_unconditional_mae_lumo"] == lumo["unconditional_mae"]
+    assert lumo["unconditional_mae"] != lumo["mae"]
     # the row is the classifier's reading of the generated atoms and positions, as written to samples.sdf
     written = [(np.array(z), np.array(pos, dtype=np.float32))
                for _, z, pos in read_sdf_coords(tmp_path / "o" / "samples.sdf")]
@@ -75,6 +80,12 @@ def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halve
 
     refused = run("evals/generate.py", "--checkpoint", classifier, "--no-wandb", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "is a property classifier" in refused.stderr
+    for args, message in ((["--scorer", classifier, "--unconditional-baseline", conditional],
+                           "must be an unconditional generative model"),
+                          (["--unconditional-baseline", tiny_checkpoint], "it needs --checkpoint and --scorer")):
+        refused = run("evals/generate.py", "--checkpoint", conditional, *args, "--no-wandb", "--out",
+                      str(tmp_path / "x"))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
     exported = tmp_path / "classifier.safetensors"
     assert run("-m", "trainer.export", classifier, "--out", str(exported)).returncode == 0
     again = load_for_eval(str(exported))
