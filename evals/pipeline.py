@@ -351,21 +351,21 @@ def _sample(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
     result = Molecules(molecules=[], condition=condition)
     for steps in sweep:
         began = time.perf_counter()
-        run = sample_over_ray(ray, config.checkpoint, settings, steps, budget, workers, histogram, inputs.guide,
-                              condition[:2] if condition else None)
+        sampled = sample_over_ray(ray, config.checkpoint, settings, steps, budget, workers, histogram,
+                                  inputs.guide, condition[:2] if condition else None)
         seconds = time.perf_counter() - began
         if steps != sweep[0]:
-            result.swept.append((steps, run.molecules, seconds))
+            result.swept.append((steps, sampled.molecules, seconds))
             continue
-        result.molecules, result.sample_seconds, result.cap_fraction = run.molecules, seconds, \
-            run.guidance_cap_fraction
+        result.molecules, result.sample_seconds, result.cap_fraction = sampled.molecules, seconds, \
+            sampled.guidance_cap_fraction
         inputs.source.update(
             guide=list(dataclasses.astuple(inputs.guide)) if inputs.guide else None,
             condition_on=inputs.conditioned or None, n_samples=settings.n_samples, seed=settings.seed,
             sampler=settings.sampler, steps=steps, network_evaluations=steps + 1, workers=workers,
             precision=settings.precision, cuda_graphs=settings.cuda_graphs,
-            kernel=",".join(run.kernels),  # as the samplers ran it (fused falls back to eager off GPUs)
-            chunks_per_node=run.chunks_per_node, sampling_chunks=plan_summary(run.plan, budget, settings.batch),
+            kernel=",".join(sampled.kernels),  # as the samplers ran it (fused falls back to eager off GPUs)
+            chunks_per_node=sampled.chunks_per_node, sampling_chunks=plan_summary(sampled.plan, budget, settings.batch),
             sampling_seconds=round(seconds, 2), molecules_per_s=round(settings.n_samples / seconds, 2))
     if config.unconditional_baseline is not None:  # the same atom counts, seed and sampler; no targets
         result.baseline = sample_over_ray(ray, config.unconditional_baseline, settings, sweep[0], budget, workers,
