@@ -102,16 +102,17 @@ def predict_molecules(ray, checkpoint: str, names: list[str], molecules) -> np.n
 
 
 def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: str | None = None):
-    """(predictions [n, P] or None without ``checkpoint``, true values [n, P]) over a split, in dataset units;
-    one Ray task per shard, each loading the checkpoint once."""
+    """(predictions [n, P] or None without ``checkpoint``, true values [n, P], atom counts [n]) over a split, in
+    dataset units; one Ray task per shard, each loading the checkpoint once."""
 
     @ray.remote(num_cpus=1)
     def shard_predictions(index: int):
         from molscale.datasets.stream.split_reader import iter_split_samples
         samples = list(iter_split_samples(manifest, split, shards=[index]))
         truth = np.asarray([[s["props"][n] for n in names] for s in samples], dtype=np.float64).reshape(-1, len(names))
+        counts = np.asarray([len(s["z"]) for s in samples], dtype=np.int64)
         if checkpoint is None:
-            return None, truth
+            return None, truth, counts
         import torch
 
         from molscale.datasets.stream.loader import collate, vocab_lookup
@@ -127,13 +128,14 @@ def split_predictions(ray, manifest, split: str, names: list[str], checkpoint: s
             batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
                      for k, v in collate(samples[i:i + PREDICT_BATCH], vocab_index, read, False).items()}
             out.append(predict_properties(model, batch)[:, columns].double().numpy())
-        return (np.concatenate(out) if out else np.zeros((0, len(names)))), truth
+        return (np.concatenate(out) if out else np.zeros((0, len(names)))), truth, counts
 
     parts = ray_get(ray, [shard_predictions.remote(i) for i in range(len(manifest.shards(split)))])
     truth = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(names)))
+    counts = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     if checkpoint is None:
-        return None, truth
-    return np.concatenate([p[0] for p in parts]), truth
+        return None, truth, counts
+    return np.concatenate([p[0] for p in parts]), truth, counts
 
 
 def check_scorer(scorer, path: str, names: list[str]) -> None:
@@ -156,8 +158,9 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
     """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
     predictions for the generated molecules, and the reference rows on the real ``test_split`` molecules: the
     scorer against their true values and against those shuffled, and EDM's "#Atoms" baseline (the values
-    predicted from the atom count alone; a generator whose MAE is not below it uses no more than the atom count
-    of its targets)."""
+    predicted from the atom count alone, without the scorer, so not comparable with the generated MAE); with
+    ``baseline`` (an unconditional model's molecules for the same atom counts) the comparable row,
+    ``unconditional_mae``; ``valid`` (one bool per molecule) adds ``mae_valid``."""
     valid = np.ones(len(molecules), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     block = {"targets": drawn, "n": len(molecules), "n_valid": int(valid.sum()), "scorer": scorer, "properties": {}}
     if scorer is None:
@@ -167,8 +170,8 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
     # an unconditional model's molecules for the same atom counts, scored against the same targets: the #Atoms
     # row passed through the same scorer, so that it carries the scorer's error as the generated row does
     unconditional = predict_molecules(ray, scorer, names, baseline) if scorer and baseline is not None else None
-    real_pred, real_truth = (split_predictions(ray, reference, test_split, names, scorer)
-                             if scorer and reference is not None else (None, None))
+    real_pred, real_truth, _ = (split_predictions(ray, reference, test_split, names, scorer)
+                                if scorer and reference is not None else (None, None, None))
     shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(len(real_truth)) if real_truth is not None else None
     by_count = None
     if reference is not None:
@@ -181,11 +184,11 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
             errors = np.abs(predicted[:, j] - targets[:, j])
             row["mae"] = float(errors.mean())
             row["mae_valid"] = float(errors[valid].mean()) if valid.any() else None  # the RDKit-valid ones
-        if unconditional is not None:
-            row["unconditional_mae"] = float(np.abs(unconditional[:, j] - targets[:, j]).mean())
             row["prediction_mean"] = float(predicted[:, j].mean())
             row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
                                              if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)
+        if unconditional is not None:
+            row["unconditional_mae"] = float(np.abs(unconditional[:, j] - targets[:, j]).mean())
         if by_count is not None and len(by_count[1]):
             row["atom_count_mae"] = float(np.abs(by_count[0][:, j] - by_count[1][:, j]).mean())
         if real_pred is not None:

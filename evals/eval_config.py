@@ -55,29 +55,27 @@ class GuideRequest:
 
     @classmethod
     def parse(cls, text: str, scale: float, start: int | None, on: str) -> GuideRequest:
-        name, sep, value = text.partition("=")
-        try:
-            target = float(value) if sep and name.strip() else None
-        except ValueError:
-            target = None
-        if target is None:
+        pair = _name_value(text)
+        if pair is None:
             raise InputError(f"--guide {text}: give PROPERTY=VALUE, such as lumo=-500")
-        return cls(name.strip(), target, scale, start, on)
+        return cls(*pair, scale, start, on)
+
+
+def _name_value(text: str) -> tuple[str, float] | None:
+    """'lumo=-500' -> ('lumo', -500.0); None for anything else."""
+    name, sep, value = text.partition("=")
+    try:
+        return (name.strip(), float(value)) if sep and name.strip() else None
+    except ValueError:
+        return None
 
 
 def parse_targets(text: str) -> dict[str, float]:
     """``--target p=V[,q=W]`` -> {p: V, ...}; whether the names are the model's is checked with the model."""
-    values = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            number = float(value) if sep and name.strip() else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise InputError(f"--target {text!r}: give PROPERTY=VALUE pairs such as lumo=-0.05")
-        values[name.strip()] = number
-    return values
+    pairs = [_name_value(part) for part in text.split(",")]
+    if None in pairs:
+        raise InputError(f"--target {text!r}: give PROPERTY=VALUE pairs such as lumo=-0.05")
+    return dict(pairs)
 
 
 @dataclass(frozen=True)

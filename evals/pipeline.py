@@ -82,14 +82,13 @@ def _property_mae(ray, manifest, split: str, names: list[str], checkpoint: str |
     """
     from molscale.evals.conditional import atom_count_predictions, split_pairs, split_predictions
     means = np.asarray([manifest.property_stats()[n]["mean"] for n in names], dtype=np.float64)
-    predictions, truth = split_predictions(ray, manifest, split, names, checkpoint)
+    predictions, truth, counts = split_predictions(ray, manifest, split, names, checkpoint)
     count = len(truth)
     if not count:
         raise InputError(f"--property: split {split!r} of {manifest.shown_url} holds no molecules")
     baseline = np.abs(truth - means).mean(0)
     fit = fit if fit is not None else manifest
-    counts, values = split_pairs(ray, manifest, split, names)
-    by_count = np.abs(atom_count_predictions(*split_pairs(ray, fit, "train", names), counts) - values).mean(0)
+    by_count = np.abs(atom_count_predictions(*split_pairs(ray, fit, "train", names), counts) - truth).mean(0)
     model = np.abs(predictions - truth).mean(0) if checkpoint is not None else None
     units = manifest.data.get("properties", {})
     half = fit.split("train").get("half")

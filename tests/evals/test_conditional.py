@@ -130,6 +130,7 @@ def test_conditional_generation_is_scored_by_the_other_halfs_predictor(qm9_small
     assert lumo["unit"] == "meV" and lumo["real_molecules_n"] == test_count
     assert lumo["mae"] > 0 and lumo["real_molecules_mae"] > 0 and lumo["shuffled_targets_mae"] > 0
     assert lumo["atom_count_mae"] > 0
+    assert "prediction_mean" in lumo and "unconditional_mae" not in lumo  # no --unconditional-baseline here
     assert block["n_valid"] == round(metrics["validity"] * 12)
     assert (lumo["mae_valid"] is None) == (block["n_valid"] == 0)  # the scorer's MAE over the valid molecules
     assert lumo["target_std"] > 0  # targets of real molecules, not one value
