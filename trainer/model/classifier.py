@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from molscale.trainer.model.diffusion import one_hot
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, use_kernel
-from molscale.trainer.model.networks import ModelConfig, mlp
+from molscale.trainer.model.networks import ModelConfig, mlp, property_normalisation
 
 
 class PropertyClassifier(nn.Module):
@@ -37,13 +37,7 @@ class PropertyClassifier(nn.Module):
             raise ValueError("a property classifier regresses model.properties (at least one) and is conditioned on "
                              "nothing (model.condition_on empty)")
         self.cfg = cfg
-        n_props = len(cfg.properties)
-        mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
-        mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
-        if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
-            raise ValueError(f"property normalisation needs {n_props} means and positive MADs")
-        self.register_buffer("prop_mean", mean.float())
-        self.register_buffer("prop_mad", mad.float())
+        self.prop_mean, self.prop_mad = property_normalisation(prop_mean, prop_mad, cfg.properties)
         hidden = cfg.hidden
         self.embed = nn.Linear(len(cfg.atom_vocab), hidden)  # one-hot atom type -> h
         self.blocks = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.layers))
@@ -54,7 +48,7 @@ class PropertyClassifier(nn.Module):
                 if name.startswith("coord_"):
                     parameter.requires_grad_(False)
         self.node_head = mlp(hidden, hidden, hidden)
-        self.graph_head = mlp(hidden, hidden, n_props)
+        self.graph_head = mlp(hidden, hidden, len(cfg.properties))
         use_kernel(self, cfg.kernel)
 
     def describe(self) -> str:
@@ -62,7 +56,8 @@ class PropertyClassifier(nn.Module):
                 f"positions -> {', '.join(self.cfg.properties)}")
 
     def prop_normalisation(self, like: torch.Tensor):
-        return self.prop_mean.to(like.dtype), self.prop_mad.to(like.dtype)
+        """(mean, mad) [P] on the device and in the dtype of ``like``."""
+        return self.prop_mean.to(like.device, like.dtype), self.prop_mad.to(like.device, like.dtype)
 
     def normalised(self, pos, atom_type, node_mask) -> torch.Tensor:
         """[B, P] normalised predictions for clean molecules: pos [B, N, 3], atom_type [B, N] (indices into

@@ -94,6 +94,17 @@ def node_inputs(channels, context, like):
     return torch.cat([channels, per_atom], dim=-1)
 
 
+def property_normalisation(prop_mean, prop_mad, columns: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, mad) [P] of the property ``columns`` (None: 0 and 1), checked. Plain float64 tensors, not buffers:
+    never rounded by model.to(bf16); they come from the dataset manifest."""
+    n_props = len(columns)
+    mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
+    mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
+    if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
+        raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties {columns}")
+    return mean.double(), mad.double()
+
+
 def run_stack(embed, blocks, node_in, pos_t, node_mask, graph_builder=None):
     """The EGNN stack, the one way both models (and UniGEM's pretraining) run their blocks: node features
     embed(node_in) (node_in [B, N, F], zero at padding) and the coordinates pos_t [B, N, 3] through ``blocks`` on
@@ -142,14 +153,7 @@ class DiffusionModel(nn.Module):
         self.cfg, self.diffusion = cfg, diffusion
         self.num_steps = diffusion.num_steps
         self.schedule = diffusion.schedule_tables()
-        n_props = len(cfg.property_columns)
-        mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
-        mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
-        if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
-            raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties "
-                             f"{cfg.property_columns}")
-        # plain float64 tensors, not buffers: never rounded by model.to(bf16); they come from the dataset manifest
-        self.prop_mean, self.prop_mad = mean.double(), mad.double()
+        self.prop_mean, self.prop_mad = property_normalisation(prop_mean, prop_mad, cfg.property_columns)
         self._prop_on_device = {}  # (device, dtype) -> (mean, mad): copied to the device once, not every step
         self.cuda_graphs: DenoiseGraphs | None = None  # set by use_cuda_graphs()
 
