@@ -20,12 +20,13 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
    and compilation happen there);
 4. sampling: the network's sampling speed in this process (no Ray, no RDKit): --samples molecules drawn from the
-   dataset's histogram, sampled with 20 denoising steps (21 network evaluations) by the first training path's
-   checkpoint (a fresh recipe model if there is none), eager and fused, bf16 autocast as `generate --precision
-   bf16`; the time scaled to the paper's 1,000 steps (x 1001 / 21); and how far the fused samples drawn in fp32
-   (TF32 off) land from the eager ones with the same seed (per molecule, the largest coordinate difference:
-   median, 99th percentile, largest), beside the same for eager TF32 against eager fp32 as the yardstick: a
-   trajectory amplifies any rounding difference, so only the comparison of the two says something;
+   dataset's histogram, sampled with 20 denoising steps (21 network evaluations; 4 steps with --quick) by the
+   first training path's checkpoint (a fresh recipe model if there is none), eager and fused, bf16 autocast as
+   `generate --precision bf16`; the time scaled to the paper's 1,000 steps (x 1001 / 21); and how far the fused
+   samples drawn in fp32 (TF32 off) land from the eager ones with the same seed (per molecule, the largest
+   coordinate difference: median, 99th percentile, largest), beside the same for eager TF32 against eager fp32
+   as the yardstick: a trajectory amplifies any rounding difference, so only the comparison of the two says
+   something;
 5. generate: `evals/generate.py` end to end on that checkpoint (Ray, the EDM metrics), eager and fused.
 
 `--parts` picks and orders the parts; `--bench-runs` and `--train-paths` pick the runs inside bench and train
@@ -62,6 +63,7 @@ FORWARD_TILE_CANDIDATES = [(8, 16, 32, 8), (4, 8, 32, 8), (16, 8, 64, 8), (8, 16
 ONCHIP_CANDIDATES = [(4, 4, 32, 4)]
 SAMPLING_CHUNK = 10000  # molecules in tune's forward-alone measurement
 SAMPLE_STEPS = 20
+QUICK_SAMPLE_STEPS = 4  # the rehearsal: Triton's interpreter makes every fused evaluation cost seconds
 PAPER_STEPS = 1000
 
 
@@ -286,7 +288,8 @@ def sampling(args) -> dict:
                                         atom_vocab=list(manifest.atom_vocab))).to(args.device)
         source = f"a fresh {layers} x {hidden} model ({type(err).__name__}: {str(err)[:120]})"
     model.eval()
-    out = {"model": source, "molecules": args.samples, "evaluations": SAMPLE_STEPS + 1}
+    steps = sample_steps(args)
+    out = {"model": source, "molecules": args.samples, "evaluations": steps + 1}
     samples = {}
     for kernel, precision in (("eager", "bf16"), ("fused", "bf16"), ("eager", "fp32"), ("fused", "fp32"),
                               ("eager", "tf32")):
@@ -299,13 +302,13 @@ def sampling(args) -> dict:
                 sample(model, counts[:64], steps=2, generator=torch.Generator(args.device).manual_seed(1))  # warm
                 _synchronize(args.device)
                 began = time.perf_counter()
-                result = sample(model, counts, steps=SAMPLE_STEPS,
+                result = sample(model, counts, steps=steps,
                                 generator=torch.Generator(args.device).manual_seed(2))
                 _synchronize(args.device)
             seconds = time.perf_counter() - began
             samples[name] = result["pos"].float()
             out[name] = {"sampling_seconds": round(seconds, 3),
-                         "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
+                         "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (steps + 1), 1),
                          "finite": bool(torch.isfinite(result["pos"]).all())}
         except Exception as err:  # one path failing is a result; the others still run
             out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
@@ -315,6 +318,10 @@ def sampling(args) -> dict:
         if a in samples and b in samples:
             out[label] = _per_molecule_difference(samples[a], samples[b])
     return out
+
+
+def sample_steps(args) -> int:
+    return QUICK_SAMPLE_STEPS if args.quick else SAMPLE_STEPS
 
 
 def _per_molecule_difference(a, b) -> dict:
@@ -332,20 +339,20 @@ def _synchronize(device: str) -> None:
 
 
 def generate(args) -> dict:
-    run_dir = _sampled_run(args)
+    run_dir, steps = _sampled_run(args), sample_steps(args)
     out = {}
     for kernel in ("eager", "fused"):
         eval_dir = os.path.join(args.out, f"eval-{kernel}")
         cmd = [sys.executable, "evals/generate.py", "--checkpoint", run_dir, "--n-samples", str(args.samples),
-               "--steps", str(SAMPLE_STEPS), "--no-wandb", "--out", eval_dir, "--kernel", kernel]
+               "--steps", str(steps), "--no-wandb", "--out", eval_dir, "--kernel", kernel]
         code = run(cmd, args, 900, f"sampling-{kernel}")
         if code != 0:
             out[kernel] = {"exit_code": code}
             continue
         metrics = json.load(open(os.path.join(eval_dir, "metrics.json")))
         seconds = metrics["source"]["sampling_seconds"]
-        out[kernel] = {"molecules": args.samples, "evaluations": SAMPLE_STEPS + 1, "sampling_seconds": seconds,
-                       "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (SAMPLE_STEPS + 1), 1),
+        out[kernel] = {"molecules": args.samples, "evaluations": steps + 1, "sampling_seconds": seconds,
+                       "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (steps + 1), 1),
                        "workers": metrics["source"].get("workers"),
                        "validity": metrics.get("validity"), "atom_stability": metrics.get("atom_stability")}
     return out
