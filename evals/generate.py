@@ -40,7 +40,7 @@ def _steps_list(text: str) -> list[int]:
 def parse_args(argv=None):
     from molscale.evals.eval_config import EvalConfig, SamplingSettings
     from molscale.trainer.model.egnn import KERNELS
-    from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_ON, GUIDE_SCALE, SAMPLERS
+    from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_ON, GUIDE_ON_DEFAULT, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
         prog="evals/generate.py",
         description="Generate molecules from a trained checkpoint over a Ray cluster and compute the EDM-protocol "
@@ -86,12 +86,13 @@ def parse_args(argv=None):
                         f"clean; with noisy, steps above t_n read the growth branch outside the times it was trained "
                         f"on and cost one more network evaluation each; the growth phase alone moves the molecules "
                         f"little)")
-    p.add_argument("--guide-on", choices=GUIDE_ON, default="noisy",
-                   help="where guidance reads the property head: 'noisy' at the noisy coordinates x_t (default, as "
-                        "before this option; the head was trained for t <= t_n only), or 'clean' at the clean "
-                        "molecule the network predicts from x_t, with the head at t = 0 where it was trained, as the "
-                        "released UniGEM guides (default --guide-from 100 then). metrics.json 'guidance' reports "
-                        "how often the push was capped (cap_fraction)")
+    p.add_argument("--guide-on", choices=GUIDE_ON, default=GUIDE_ON_DEFAULT,
+                   help="where guidance reads the property head: 'clean' (default) at the clean molecule the "
+                        "network predicts from x_t, with the head at t = 0 where it was trained, as the released "
+                        "UniGEM guides (default --guide-from 100), or 'noisy' at the noisy coordinates x_t (the "
+                        "head was trained for t <= t_n only; default --guide-from 300). Measured against each other "
+                        "in BENCHMARKS.md: not separable in quality, 'clean' faster. metrics.json 'guidance' "
+                        "reports how often the push was capped (cap_fraction)")
     p.add_argument("--target", metavar="PROPERTY=VALUE", default=None,
                    help="a conditional checkpoint (model.condition_on): give every molecule this target (dataset "
                         "units; atom counts from the train histogram). Default: (atom count, value) pairs of real "

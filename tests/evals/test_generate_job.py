@@ -87,8 +87,8 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     guidance = other["guidance"]
     assert (guidance["property"], guidance["target"], guidance["start"]) == ("lumo", -300.0, 300)
     assert guidance["self_mae"] > 0 and guidance["scorer_mae"] == pytest.approx(guidance["self_mae"])  # same model
-    assert source["guide"] == ["lumo", -300.0, 100.0, 300, "noisy"]  # the default scale and reading
-    assert guidance["on"] == "noisy" and 0 <= guidance["cap_fraction"] <= 1
+    assert source["guide"] == ["lumo", -300.0, 100.0, 300, "clean"]  # the default scale and reading
+    assert guidance["on"] == "clean" and 0 <= guidance["cap_fraction"] <= 1
     assert other["guidance_cap_fraction"] == guidance["cap_fraction"]
     # the same rows over the RDKit-valid molecules alone (null when none is valid)
     assert guidance["n_valid"] == round(other["validity"] * other["n_samples"])

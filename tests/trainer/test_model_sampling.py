@@ -243,15 +243,16 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
     gaps = []
     for scale in (10.0, 100.0):  # guiding from t = 300 on (at higher noise, large scales make the steps unstable)
         guided = sample(model, num_atoms, steps=50, generator=torch.Generator().manual_seed(0),
-                        guidance=guidance_for(model, "gap", target, scale=scale, start=300))
+                        guidance=guidance_for(model, "gap", target, scale=scale, start=300, on="noisy"))
         gaps.append(float((r2(guided["pos"], guided["node_mask"]) - target).abs().mean()))
         assert (guided["pos"].sum(1) / 6).abs().max() < 1e-9  # CoM-free
     unguided_gap = float((plain_r2 - target).abs().mean())
     assert unguided_gap > gaps[0] > gaps[1] and gaps[1] < 0.75 * unguided_gap
     # the head read on the predicted clean molecule at t = 0 (the released UniGEM's way) pulls the same way
     # (its default range, t <= 100, moves the molecules less: sigma_t is small there)
-    clean = guidance_for(model, "gap", target, scale=100.0, on="clean")
-    assert clean.start == 100
+    clean = guidance_for(model, "gap", target, scale=100.0)  # the default reading: clean, from t = 100
+    assert (clean.on, clean.start) == ("clean", 100)
+    assert guidance_for(model, "gap", target, scale=100.0, on="noisy").start == 300
     clean_gaps = []
     for guidance in (clean, guidance_for(model, "gap", target, scale=100.0, start=300, on="clean")):
         guided = sample(model, num_atoms, steps=50, generator=torch.Generator().manual_seed(0), guidance=guidance)
@@ -262,7 +263,8 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
     # the growth phase only (t <= t_n, 10 of the 1000 steps, where sigma_t < 0.02): a small pull, in the same
     # direction
     late = sample(model, num_atoms, steps=1000, generator=torch.Generator().manual_seed(0),
-                  guidance=guidance_for(model, "gap", target, scale=100.0, start=model.cfg.t_nucleation))
+                  guidance=guidance_for(model, "gap", target, scale=100.0, start=model.cfg.t_nucleation,
+                                        on="noisy"))
     unguided = sample(model, num_atoms, steps=1000, generator=torch.Generator().manual_seed(0))
     late_gap = float((r2(late["pos"], late["node_mask"]) - target).abs().mean())
     assert late_gap < float((r2(unguided["pos"], unguided["node_mask"]) - target).abs().mean())
@@ -273,7 +275,7 @@ def test_guided_estimate_is_equivariant_and_com_free():
     from molscale.trainer.model.sampling import guidance_for, guided_eps
     from tests.trainer.model_helpers import random_orthogonal
     model = tiny_model("unigem", hidden=16, layers=3, dtype=torch.float64)
-    guide = guidance_for(model, "gap", 4.0, scale=5.0, start=model.num_steps)
+    guide = guidance_for(model, "gap", 4.0, scale=5.0, start=model.num_steps, on="noisy")
     node_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
     pos = remove_mean(torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
                       node_mask)
