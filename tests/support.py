@@ -62,6 +62,17 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+# A Ray node's component ports: Ray's fixed defaults would collide with any other Ray node on the machine (a
+# second test node, a build's or a user's), and Ray refuses two components on one port
+RAY_NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                       "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+
+
+def port_args(flags, ports) -> list[str]:
+    """['--flag', 'port', ...] for each flag and its port (from free_ports)."""
+    return [arg for flag, port in zip(flags, ports, strict=True) for arg in (flag, str(port))]
+
+
 # launch()'s run settings, ahead of a test's own --set values
 LAUNCH_STEPS = 30
 LAUNCH_SETTINGS = [f"train.max_steps={LAUNCH_STEPS}", "checkpoint.every_steps=10", "logging.progress_bar=false",

@@ -15,13 +15,14 @@ from collections import defaultdict
 
 from molscale.evals.protocol.statistics import across_seeds, paired_difference
 
-# metrics.json keys per row; lower is better for the MAEs
-COLUMNS = (("scorer_mae", "scorer's MAE to the target, all molecules"),
-           ("scorer_mae_valid", "scorer's MAE, valid molecules"),
-           ("self_mae", "guiding head's own MAE"),
-           ("validity", "validity"),
-           ("atom_stability", "atom stability"),
-           ("cap_fraction", "fraction of guided steps capped"))
+# (metrics.json key, column label, decimals); lower is better for the MAEs
+COLUMNS = (("scorer_mae", "scorer's MAE to the target, all molecules", 1),
+           ("scorer_mae_valid", "scorer's MAE, valid molecules", 1),
+           ("self_mae", "guiding head's own MAE", 1),
+           ("validity", "validity", 3),
+           ("atom_stability", "atom stability", 3),
+           ("cap_fraction", "fraction of guided steps capped", 3))
+PAIRED = [c for c in COLUMNS if c[0] != "cap_fraction"]  # the unguided arm has no cap
 
 
 def read(folder):
@@ -42,37 +43,33 @@ def main(folders):
         arm, cell, values = read(folder)
         arms[arm][cell] = values
     names = [a for a in ("unguided", "noisy", "clean") if a in arms]
-    print("| arm | cells | " + " | ".join(label for _, label in COLUMNS) + " |")
+    print("| arm | cells | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     for arm in names:
         cells = arms[arm]
         texts = []
-        for key, _ in COLUMNS:
+        for key, _, digits in COLUMNS:
             got = [v[key] for v in cells.values() if v[key] is not None]
-            texts.append(across_seeds(got).text(3 if key not in ("scorer_mae", "scorer_mae_valid", "self_mae")
-                                                else 1) if len(got) > 1 else "-")
+            texts.append(across_seeds(got).text(digits) if len(got) > 1 else "-")
         print(f"| {arm} | {len(cells)} | " + " | ".join(texts) + " |")
     print()
     print("Paired differences over shared cells (first arm minus second), mean +- standard deviation, "
           "95% t interval:")
     print()
-    print("| arms | " + " | ".join(label for key, label in COLUMNS if key != "cap_fraction") + " |")
-    print("|---" * len(COLUMNS) + "|")
+    print("| arms | " + " | ".join(label for _, label, _ in PAIRED) + " |")
+    print("|---" * (len(PAIRED) + 1) + "|")
     for a, b in (("clean", "noisy"), ("noisy", "unguided"), ("clean", "unguided")):
         if a not in arms or b not in arms:
             continue
         shared = sorted(set(arms[a]) & set(arms[b]))
         texts = []
-        for key, _ in COLUMNS:
-            if key == "cap_fraction":
-                continue
+        for key, _, digits in PAIRED:
             pairs = [(arms[a][c][key], arms[b][c][key]) for c in shared
                      if arms[a][c][key] is not None and arms[b][c][key] is not None]
             if len(pairs) < 2:
                 texts.append("-")
                 continue
             d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
-            digits = 3 if key in ("validity", "atom_stability") else 1
             texts.append(d.text(digits) + ("" if d.separable_from_zero else ", not separable"))
         print(f"| {a} - {b} | " + " | ".join(texts) + " |")
     print()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT, cpu_env, free_ports, generate, read_sdf_coords
+from tests.support import RAY_NODE_PORT_FLAGS, ROOT, cpu_env, free_ports, generate, port_args, read_sdf_coords
 
 
 def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_path):
@@ -146,17 +146,13 @@ def test_data_row_of_a_real_split(qm9_small, tmp_path):
 def test_ray_job_submit_against_a_local_cluster(tiny_checkpoint, tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     ray = os.path.join(bin_dir, "ray")
-    # Ray's fixed default ports would collide with any other Ray on this machine (a build's or a user's) and the
-    # job agent would not start; every port distinct, or Ray refuses two components on one
-    component_flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                       "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
-                       "--object-manager-port")
+    component_flags = (*RAY_NODE_PORT_FLAGS, "--ray-client-server-port")  # else the job agent may not start
     gcs, dash, *component_ports = free_ports(2 + len(component_flags))
     # a throwaway loopback cluster: no token auth between our own ray CLI calls
     env = cpu_env(PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE="disabled")
     start = subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--port", str(gcs),
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                            *[arg for flag, port in zip(component_flags, component_ports) for arg in (flag, str(port))],
+                            *port_args(component_flags, component_ports),
                             "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     try:

@@ -15,28 +15,23 @@ import time
 import psutil
 import pytest
 
-from tests.support import ROOT, cpu_env, free_ports, read_sdf_coords
+from tests.support import RAY_NODE_PORT_FLAGS, ROOT, cpu_env, free_ports, port_args, read_sdf_coords
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 CLUSTER_ENV = cpu_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                    RAY_AUTH_MODE="disabled")
-PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-
-
-def ports(flags, numbers):
-    # Ray's fixed default ports would collide between the two nodes of one machine
-    return [arg for flag, port in zip(flags, numbers) for arg in (flag, str(port))]
+HEAD_PORT_FLAGS = (*RAY_NODE_PORT_FLAGS, "--ray-client-server-port")
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    gcs, dashboard, *rest = free_ports(2 + 2 * len(PORT_FLAGS) + 1)  # all distinct: both nodes share the machine
+    # all distinct: both nodes share the machine
+    gcs, dashboard, *rest = free_ports(2 + len(HEAD_PORT_FLAGS) + len(RAY_NODE_PORT_FLAGS))
     head = [RAY, "start", "--head", "--num-cpus", "1", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--disable-usage-stats",
-            *ports((*PORT_FLAGS, "--ray-client-server-port"), rest[:len(PORT_FLAGS) + 1])]
+            *port_args(HEAD_PORT_FLAGS, rest[:len(HEAD_PORT_FLAGS)])]
     second = [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-              "--disable-usage-stats", *ports(PORT_FLAGS, rest[len(PORT_FLAGS) + 1:])]
+              "--disable-usage-stats", *port_args(RAY_NODE_PORT_FLAGS, rest[len(HEAD_PORT_FLAGS):])]
     try:
         for cmd in (head, second):
             r = subprocess.run(cmd, capture_output=True, text=True, env=CLUSTER_ENV, timeout=180)
