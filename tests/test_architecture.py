@@ -379,6 +379,31 @@ def test_modules_import_tests_only_from_helper_modules():
         "\n".join(bad)
 
 
+def mirror_mismatches(root: Path) -> list[str]:
+    """Test folders without a package of the same path, and (sub)packages without a test folder."""
+    def folders(base: Path, marker: str) -> set[str]:
+        return {str(p.parent.relative_to(root)) for d in SOURCE_DIRS if (base / d).is_dir()
+                for p in (base / d).rglob(marker) if "__pycache__" not in p.parts}
+    packages = folders(root, "__init__.py")
+    tests = {p.removeprefix("tests/") for p in folders(root / "tests", "test_*.py")}
+    return [f"tests/{t}: no package {t}" for t in sorted(tests - packages)] + \
+        [f"{p}: no test folder tests/{p}" for p in sorted(packages - tests)]
+
+
+def test_test_folders_mirror_the_packages():
+    """tests/<package>/<subpackage>/ holds the tests of <package>/<subpackage>/, one folder per package."""
+    assert not mirror_mismatches(ROOT), "\n".join(mirror_mismatches(ROOT))
+
+
+def test_mirror_check_finds_both_kinds_of_mismatch(tmp_path):
+    for rel in ("trainer/__init__.py", "trainer/model/__init__.py", "trainer/train/__init__.py",
+                "tests/trainer/test_a.py", "tests/trainer/model/test_b.py", "tests/trainer/loop/test_c.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    assert mirror_mismatches(tmp_path) == ["tests/trainer/loop: no package trainer/loop",
+                                           "trainer/train: no test folder tests/trainer/train"]
+
+
 def test_no_bare_top_level_imports():
     """``import datasets`` / ``from trainer...`` / ``import evals`` appear nowhere in the code or the tests."""
     files = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ occurs (about ten); graphs are captured lazily, each in a few network evaluation
 - Without gradients (sampling, validation, property prediction): a forward-only graph; those share one memory
   pool, and outputs are copied out of the graph's buffers before the next replay can overwrite them.
 
-Requirements the network meets (tests/trainer/test_host_syncs.py): no host syncs and no randomness inside
+Requirements the network meets (tests/trainer/model/test_host_syncs.py): no host syncs and no randomness inside
 `denoise`. Autocast runs inside the graphs with its weight cache off, which graph capture needs.
 """
 

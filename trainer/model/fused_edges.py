@@ -21,7 +21,7 @@ W_2's rows per program and keeps that block's sum in registers.
 
 The arithmetic is float32 (float64 when the inputs are float64, as in the tests); the matrix products take
 W_2's dtype (bf16 under autocast, as the eager Linear would). Correctness is tested on the CPU under Triton's
-interpreter (TRITON_INTERPRET=1) against the eager block (tests/trainer/test_fused_edges.py).
+interpreter (TRITON_INTERPRET=1) against the eager block (tests/trainer/model/test_fused_edges.py).
 """
 
 import contextlib

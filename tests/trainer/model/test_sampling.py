@@ -14,7 +14,7 @@ from molscale.trainer.model.sampling import (
     sample_num_atoms,
     timestep_grid,
 )
-from tests.trainer.model_helpers import make_batch, tiny_model
+from tests.trainer.helpers import make_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -273,7 +273,7 @@ def test_guidance_pulls_samples_toward_the_target_of_an_exact_model():
 def test_guided_estimate_is_equivariant_and_com_free():
     from molscale.trainer.model.diffusion import remove_mean
     from molscale.trainer.model.sampling import guidance_for, guided_eps
-    from tests.trainer.model_helpers import random_orthogonal
+    from tests.trainer.helpers import random_orthogonal
     model = tiny_model("unigem", hidden=16, layers=3, dtype=torch.float64)
     guide = guidance_for(model, "gap", 4.0, scale=5.0, start=model.num_steps, on="noisy")
     node_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])

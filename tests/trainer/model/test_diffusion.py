@@ -8,7 +8,7 @@ from molscale.trainer.model.diffusion import (
     draw_unigem_t,
     remove_mean,
 )
-from tests.trainer.model_helpers import make_batch, tiny_model
+from tests.trainer.helpers import make_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,8 +9,7 @@ from molscale.evals.protocol.bond_tables import (
 )
 from molscale.evals.protocol.metrics import analyse_molecule, evaluate
 from molscale.evals.protocol.stability import bond_order_matrix, molecule_stability
-
-from .helpers import embedded, kekule_benzene, pair, star
+from tests.evals.helpers import embedded, kekule_benzene, pair, star
 
 
 def test_tables_are_symmetric_and_match_facts():

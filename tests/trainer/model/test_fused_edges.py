@@ -14,7 +14,7 @@ import torch
 from molscale.trainer.model import egnn, fused_edges
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, use_kernel
 from molscale.trainer.model.networks import ModelConfig
-from tests.trainer.model_helpers import make_batch, outputs, outputs_and_grads, random_orthogonal, tiny_model
+from tests.trainer.helpers import make_batch, outputs, outputs_and_grads, random_orthogonal, tiny_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(fused_edges.triton is None, reason="triton is not installed"),

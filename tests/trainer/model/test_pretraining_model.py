@@ -18,7 +18,7 @@ from molscale.trainer.model.pretraining import (
     trunk_state_dict,
 )
 from molscale.trainer.train.config import ConfigError, load_config
-from tests.trainer.model_helpers import make_batch, random_orthogonal
+from tests.trainer.helpers import make_batch, random_orthogonal
 
 QM9_VOCAB = [1, 6, 7, 8, 9]
 

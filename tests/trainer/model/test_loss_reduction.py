@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from molscale.trainer.model.diffusion import LossConfig, com_free_noise
-from tests.trainer.model_helpers import make_batch, tiny_model
+from tests.trainer.helpers import make_batch, tiny_model
 
 SIZES = [9, 4, 17, 12, 6, 15, 3, 11, 8, 14, 5, 13, 7, 16]  # 14 molecules, 3 to 17 atoms
 T_N = 10

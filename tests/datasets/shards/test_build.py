@@ -71,7 +71,8 @@ def test_small_build_contents(qm9_small):
     assert stats["mad"] == pytest.approx(np.abs(lumo - lumo.mean()).mean())
     no_bonds = sum(1 for _, s in samples.values() if s["bonds"] is None)
     assert m.data["notes"]["no_bonds"]["total"] == no_bonds
-    # the first 600 hold 6 strained polycyclics that only the Hueckel fallback perceives (tests/datasets/test_bonds.py)
+    # the first 600 hold 6 strained polycyclics that only the Hueckel fallback perceives
+    # (tests/datasets/chemistry/test_bonds.py)
     assert m.data["notes"]["bonds_by_hueckel"]["total"] == 6 and no_bonds == 0
 
 

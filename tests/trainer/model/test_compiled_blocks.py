@@ -12,7 +12,7 @@ import torch
 from molscale.trainer.model import egnn
 from molscale.trainer.model.egnn import use_kernel
 from molscale.trainer.model.networks import ModelConfig
-from tests.trainer.model_helpers import make_batch, outputs, outputs_and_grads, tiny_model
+from tests.trainer.helpers import make_batch, outputs, outputs_and_grads, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

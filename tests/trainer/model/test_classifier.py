@@ -12,7 +12,7 @@ from molscale.trainer.model.networks import ModelConfig
 from molscale.trainer.model.objectives import Objective
 from molscale.trainer.model.sampling import predict_properties
 from molscale.trainer.train.config import ConfigError, load_config
-from tests.trainer.model_helpers import make_batch, random_orthogonal
+from tests.trainer.helpers import make_batch, random_orthogonal
 
 MEAN, MAD = [1.0, -2.0], [3.0, 0.5]
 

@@ -18,8 +18,7 @@ from molscale.evals.protocol.metrics import (
     reference_statistics,
 )
 from molscale.evals.protocol.molecules import as_molecule_list, from_padded
-
-from .helpers import embedded, kekule_benzene, star
+from tests.evals.helpers import embedded, kekule_benzene, star
 
 DIST_KEYS = ("atom_type_tv", "bond_type_tv", "valency_w1", "bond_length_w1", "bond_angle_w1")
 

@@ -1,5 +1,5 @@
 """CUDA graphs of the network (trainer/model/cuda_graphs.py): the same loss, gradients and samples as eager
-execution. The GPU tests run where a CUDA device is present (`pytest tests/trainer/test_cuda_graphs.py` on a GPU
+execution. The GPU tests run where a CUDA device is present (`pytest tests/trainer/model/test_cuda_graphs.py` on a GPU
 machine); the CPU tests check what holds everywhere."""
 
 import copy

@@ -5,7 +5,7 @@ import torch
 
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock
 from molscale.trainer.model.networks import UniGEM
-from tests.trainer.model_helpers import make_batch, random_orthogonal, tiny_model
+from tests.trainer.helpers import make_batch, random_orthogonal, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,8 +11,7 @@ from molscale.evals.protocol.metrics import (
     molecule_stats,
     reference_statistics,
 )
-
-from .helpers import embedded, kekule_benzene, star
+from tests.evals.helpers import embedded, kekule_benzene, star
 
 
 def with_hydrogens(smiles):

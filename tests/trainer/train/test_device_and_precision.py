@@ -17,7 +17,7 @@ import torch
 
 from molscale.trainer.train.config import RunConfig
 from tests.support import ROOT, cpu_env
-from tests.trainer.model_helpers import make_batch, tiny_model
+from tests.trainer.helpers import make_batch, tiny_model
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from molscale.datasets.shards.manifest import ManifestError, load_manifest
 from molscale.datasets.stream.loader import LoaderConfig, StreamingLoader
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.model.sampling import predict_properties, sample
-
-from .model_helpers import make_batch, random_orthogonal
+from tests.trainer.helpers import make_batch, random_orthogonal
 
 
 def conditional_model(kind="unigem", properties=("mu",), seed=0):

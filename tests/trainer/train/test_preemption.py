@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from tests.support import finish, launch, log_tail, metrics
+from tests.support import ROOT, finish, launch, log_tail, metrics
 
 STEPS = 16
 SETTINGS = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "evaluation.every_steps=0",
@@ -100,7 +100,7 @@ def test_sigterm_to_every_process_saves_and_resumes_exactly(reference_with_worke
     assert {r["step"]: r["loss"] for r in rows} == reference_with_workers
 
 
-SBATCH = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "slurm_geom_64gpu.sbatch")
+SBATCH = str(ROOT / "cluster" / "slurm_geom_64gpu.sbatch")
 FAKE_RANK = """
 import os, signal, sys, time
 rank = sys.argv[1].removeprefix("--local_rank=")
