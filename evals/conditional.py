@@ -153,6 +153,11 @@ def check_scorer(scorer, path: str, names: list[str]) -> None:
                          f"an unconditional property predictor")
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two columns; None where either is constant (undefined there)."""
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else None
+
+
 def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, drawn: str, scorer: str | None,
                         reference, test_split: str, units: dict, valid=None, baseline=None) -> dict:
     """metrics.json "conditional": per conditioning property, the MAE between targets and the scorer's
@@ -185,10 +190,12 @@ def conditional_metrics(ray, names: list[str], targets: np.ndarray, molecules, d
             row["mae"] = float(errors.mean())
             row["mae_valid"] = float(errors[valid].mean()) if valid.any() else None  # the RDKit-valid ones
             row["prediction_mean"] = float(predicted[:, j].mean())
-            row["target_prediction_corr"] = (float(np.corrcoef(predicted[:, j], targets[:, j])[0, 1])
-                                             if targets[:, j].std() > 0 and predicted[:, j].std() > 0 else None)
+            row["target_prediction_corr"] = correlation(predicted[:, j], targets[:, j])
         if unconditional is not None:
             row["unconditional_mae"] = float(np.abs(unconditional[:, j] - targets[:, j]).mean())
+            # the atom counts alone tie what is generated to the targets: the level against which the conditional
+            # model's target_prediction_corr reads
+            row["unconditional_target_prediction_corr"] = correlation(unconditional[:, j], targets[:, j])
         if by_count is not None and len(by_count[1]):
             row["atom_count_mae"] = float(np.abs(by_count[0][:, j] - by_count[1][:, j]).mean())
         if real_pred is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from molscale.datasets.shards.manifest import load_manifest
-from molscale.evals.conditional import atom_count_predictions
+from molscale.evals.conditional import atom_count_predictions, correlation
 from tests.support import ROOT, cpu_env
 
 
@@ -69,6 +69,8 @@ def test_a_classifier_scores_the_conditional_samples_with_their_atom_types(halve
     # the #Atoms row through the same scorer: an unconditional model's molecules for the same atom counts
     assert lumo["unconditional_mae"] > 0 and metrics["conditional_unconditional_mae_lumo"] == lumo["unconditional_mae"]
     assert lumo["unconditional_mae"] != lumo["mae"]
+    corr = lumo["unconditional_target_prediction_corr"]  # the atom-count level of the generated row's correlation
+    assert corr is None or -1.0 <= corr <= 1.0
     # the row is the classifier's reading of the generated atoms and positions, as written to samples.sdf
     written = [(np.array(z), np.array(pos, dtype=np.float32))
                for _, z, pos in read_sdf_coords(tmp_path / "o" / "samples.sdf")]
@@ -166,3 +168,11 @@ def test_the_atom_count_baseline_predicts_the_train_mean_of_each_size():
     got = atom_count_predictions(train_counts, train_values, np.array([9, 5, 7]))
     # size 7 is not in the train split: the overall train mean
     np.testing.assert_allclose(got[:, 0], [20.0, 2.0, 12.8])
+
+
+def test_correlation_is_pearsons_and_undefined_for_a_constant_column():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    assert correlation(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert correlation(a, 2 * a + 1) == pytest.approx(1.0) and correlation(a, -a) == pytest.approx(-1.0)
+    assert correlation(a, np.full(50, 3.0)) is None and correlation(np.zeros(50), b) is None

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from molscale.trainer.model.diffusion import one_hot
 from molscale.trainer.model.egnn import DenseGraph, EGNNBlock, use_kernel
-from molscale.trainer.model.networks import ModelConfig, mlp, property_normalisation
+from molscale.trainer.model.networks import ModelConfig, PropertyScale, mlp
 
 
 class PropertyClassifier(nn.Module):
@@ -37,7 +37,7 @@ class PropertyClassifier(nn.Module):
             raise ValueError("a property classifier regresses model.properties (at least one) and is conditioned on "
                              "nothing (model.condition_on empty)")
         self.cfg = cfg
-        self.prop_mean, self.prop_mad = property_normalisation(prop_mean, prop_mad, cfg.properties)
+        self.prop_scale = PropertyScale(prop_mean, prop_mad, cfg.properties)
         hidden = cfg.hidden
         self.embed = nn.Linear(len(cfg.atom_vocab), hidden)  # one-hot atom type -> h
         self.blocks = nn.ModuleList(EGNNBlock(hidden) for _ in range(cfg.layers))
@@ -57,7 +57,7 @@ class PropertyClassifier(nn.Module):
 
     def prop_normalisation(self, like: torch.Tensor):
         """(mean, mad) [P] on the device and in the dtype of ``like``."""
-        return self.prop_mean.to(like.device, like.dtype), self.prop_mad.to(like.device, like.dtype)
+        return self.prop_scale.on(like)
 
     def normalised(self, pos, atom_type, node_mask) -> torch.Tensor:
         """[B, P] normalised predictions for clean molecules: pos [B, N, 3], atom_type [B, N] (indices into

@@ -94,15 +94,25 @@ def node_inputs(channels, context, like):
     return torch.cat([channels, per_atom], dim=-1)
 
 
-def property_normalisation(prop_mean, prop_mad, columns: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, mad) [P] of the property ``columns`` (None: 0 and 1), checked. Plain float64 tensors, not buffers:
-    never rounded by model.to(bf16); they come from the dataset manifest."""
-    n_props = len(columns)
-    mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
-    mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
-    if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
-        raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties {columns}")
-    return mean.double(), mad.double()
+class PropertyScale:
+    """(mean, mad) [P] of the property ``columns`` (None: 0 and 1), checked, from the dataset manifest. Kept as
+    float64 CPU tensors, not buffers, so that model.to(bf16) never rounds them; ``on(like)`` hands them out on
+    ``like``'s device and dtype, copied there once per (device, dtype) rather than every step."""
+
+    def __init__(self, prop_mean, prop_mad, columns: list[str]):
+        n_props = len(columns)
+        mean = torch.zeros(n_props) if prop_mean is None else torch.as_tensor(prop_mean, dtype=torch.float64)
+        mad = torch.ones(n_props) if prop_mad is None else torch.as_tensor(prop_mad, dtype=torch.float64)
+        if mean.shape != (n_props,) or mad.shape != (n_props,) or bool((mad <= 0).any()):
+            raise ValueError(f"prop_mean / prop_mad need {n_props} values (MAD > 0) for properties {columns}")
+        self.mean, self.mad = mean.double(), mad.double()
+        self._copies: dict = {}  # (device, dtype) -> (mean, mad)
+
+    def on(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._copies:
+            self._copies[key] = (self.mean.to(like), self.mad.to(like))
+        return self._copies[key]
 
 
 def run_stack(embed, blocks, node_in, pos_t, node_mask, graph_builder=None):
@@ -153,8 +163,7 @@ class DiffusionModel(nn.Module):
         self.cfg, self.diffusion = cfg, diffusion
         self.num_steps = diffusion.num_steps
         self.schedule = diffusion.schedule_tables()
-        self.prop_mean, self.prop_mad = property_normalisation(prop_mean, prop_mad, cfg.property_columns)
-        self._prop_on_device = {}  # (device, dtype) -> (mean, mad): copied to the device once, not every step
+        self.prop_scale = PropertyScale(prop_mean, prop_mad, cfg.property_columns)  # regressed, then conditioning
         self.cuda_graphs: DenoiseGraphs | None = None  # set by use_cuda_graphs()
 
     def use_cuda_graphs(self, enabled: bool = True) -> None:
@@ -186,15 +195,8 @@ class DiffusionModel(nn.Module):
 
     def prop_normalisation(self, like):
         """(mean, mad) [P] of the regressed properties on the device and in the dtype of ``like``."""
-        mean, mad = self._normalisation(like)
+        mean, mad = self.prop_scale.on(like)
         return mean[: len(self.cfg.properties)], mad[: len(self.cfg.properties)]
-
-    def _normalisation(self, like):
-        # (mean, mad) of every property column (regressed, then conditioning), cached per (device, dtype)
-        key = (like.device, like.dtype)
-        if key not in self._prop_on_device:
-            self._prop_on_device[key] = (self.prop_mean.to(like), self.prop_mad.to(like))
-        return self._prop_on_device[key]
 
     @property
     def num_context(self) -> int:
@@ -205,7 +207,7 @@ class DiffusionModel(nn.Module):
         normalised context [B, C]."""
         if not self.num_context:
             raise ValueError("this model is not conditioned on any property (model.condition_on is empty)")
-        mean, mad = self._normalisation(values)
+        mean, mad = self.prop_scale.on(values)
         p = len(self.cfg.properties)
         return (values - mean[p:]) / mad[p:]
 

@@ -77,3 +77,13 @@ def test_the_config_asks_for_properties_and_nothing_to_condition_on():
     assert cfg.objective == Objective.PROPERTY and cfg.data.half == "first"
     with pytest.raises(ValueError, match="conditioned on nothing"):
         classifier(condition_on=["mu"])
+
+
+def test_the_normalisation_is_copied_once_per_device_and_dtype_and_stays_float64_at_rest():
+    model = classifier().to(torch.bfloat16)  # model.to(dtype) must not round the dataset's statistics
+    assert model.prop_scale.mean.dtype == torch.float64
+    x32, x64 = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)
+    first = model.prop_normalisation(x32)
+    assert model.prop_normalisation(x32)[0] is first[0] and model.prop_normalisation(x32)[1] is first[1]
+    assert first[0].dtype == torch.float32 and model.prop_normalisation(x64)[0].dtype == torch.float64
+    torch.testing.assert_close(model.prop_normalisation(x64)[1], torch.as_tensor(MAD, dtype=torch.float64))
