@@ -1,0 +1,122 @@
+"""Two arms of seed-paired training runs, compared at every validation and on a final evaluation, with the
+project's statistics helper (evals/protocol/statistics.py: mean, standard deviation, Student-t interval of the
+paired differences). Prints markdown tables for BENCHMARKS.md.
+
+    python docs/figures/arms.py --metric valid/eps --metric valid/mae_lumo --onset valid/mae_lumo=749.3 \
+        --final lumo/metrics.json:mae_lumo \
+        "from scratch=runs/a-s0,runs/a-s1,runs/a-s2" "pretrained=runs/b0-s0+runs/b1-s0,runs/b0-s1+runs/b1-s1,..."
+
+Each arm lists one entry per seed, in the same seed order in both arms (a seed orders the data alike in both,
+so the arms are compared seed by seed). An entry may join runs with "+" (say, two pretraining seeds fine-tuned
+with the same seed): their values are averaged into that seed's one value, and listed on their own in the
+onset table. --onset METRIC=LEVEL reports, per run, the first validation step where METRIC falls below LEVEL
+(for a property MAE: the step where the model leaves the atom-count plateau). --final FILE:KEY reads KEY from
+each run's FILE (a metrics.json written after training); runs without it are left out of that table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from molscale.evals.protocol.statistics import across_seeds, paired_difference
+
+
+def validations(run_dir: str) -> dict[int, dict]:
+    """step -> the validation record of that step (metrics.jsonl rows holding valid/loss)."""
+    rows = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "valid/loss" in r:
+                rows[r["step"]] = r
+    return rows
+
+
+def parse_arm(text: str) -> tuple[str, list[list[str]]]:
+    label, entries = text.split("=", 1)
+    return label, [entry.split("+") for entry in entries.split(",")]
+
+
+def summary(values, digits: int) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f} (n = 1)" if values else "-"
+    s = across_seeds(values)
+    return f"{s.mean:.{digits}f} +- {s.std:.{digits}f}"
+
+
+def difference(a, b, digits: int) -> str:
+    if len(a) < 2 or len(a) != len(b):
+        return "-"
+    d = paired_difference(a, b)
+    verdict = "" if d.separable_from_zero else ", not separable"
+    return f"{d.mean:.{digits}f} ({d.confidence:.0%} CI {d.low:.{digits}f} to {d.high:.{digits}f}{verdict})"
+
+
+def seed_values(entries, value_of) -> list[float] | None:
+    """One value per seed (the mean over an entry's joined runs), or None where a run lacks it."""
+    out = []
+    for runs in entries:
+        got = [value_of(run) for run in runs]
+        if any(v is None for v in got):
+            return None
+        out.append(float(np.mean(got)))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("arms", nargs=2, metavar="LABEL=RUN[+RUN],...")
+    p.add_argument("--metric", action="append", default=[], help="validation value to tabulate (repeatable)")
+    p.add_argument("--onset", default=None, metavar="METRIC=LEVEL")
+    p.add_argument("--final", default=None, metavar="FILE:KEY")
+    p.add_argument("--digits", type=int, default=4)
+    args = p.parse_args(argv)
+    (la, a), (lb, b) = (parse_arm(t) for t in args.arms)
+    if len(a) != len(b):
+        raise SystemExit(f"the arms pair seed by seed: {la} has {len(a)} seeds, {lb} {len(b)}")
+    runs = {run for entries in (a, b) for runs in entries for run in runs}
+    vals = {run: validations(run) for run in runs}
+    steps = sorted(set.intersection(*(set(v) for v in vals.values())))
+    for metric in args.metric:
+        print(f"\n{metric}: mean +- standard deviation over seeds; {la} - {lb} paired by seed\n")
+        print(f"| step | {la} | {lb} | {la} - {lb} |\n|---|---|---|---|")
+        for step in steps:
+            va = seed_values(a, lambda r: vals[r][step].get(metric))
+            vb = seed_values(b, lambda r: vals[r][step].get(metric))
+            if va is None or vb is None:
+                continue
+            print(f"| {step} | {summary(va, args.digits)} | {summary(vb, args.digits)} | "
+                  f"{difference(va, vb, args.digits)} |")
+    if args.onset:
+        metric, level = args.onset.rsplit("=", 1)
+        print(f"\nonset: the first validation step where {metric} < {level} (of the steps every run reached, "
+              f"last {steps[-1] if steps else '-'}); '-' where it never did\n")
+        for label, entries in ((la, a), (lb, b)):
+            cells = []
+            for runs in entries:
+                for run in runs:
+                    below = [s for s in steps if vals[run][s].get(metric, float("inf")) < float(level)]
+                    cells.append(f"{os.path.basename(run)} {below[0] if below else '-'}")
+            print(f"- {label}: " + ", ".join(cells))
+    if args.final:
+        path, key = args.final.rsplit(":", 1)
+
+        def final(run):
+            f = os.path.join(run, path)
+            return json.load(open(f)).get(key) if os.path.exists(f) else None
+        fa, fb = seed_values(a, final), seed_values(b, final)
+        print(f"\n{key} from each run's {path}\n")
+        for label, entries, values in ((la, a, fa), (lb, b, fb)):
+            each = ", ".join(f"{final(r):.{args.digits}f}" if final(r) is not None else "-"
+                             for runs in entries for r in runs)
+            print(f"- {label}: {summary(values, args.digits) if values else '-'} [{each}]")
+        if fa and fb:
+            print(f"- {la} - {lb}: {difference(fa, fb, args.digits)}")
+
+
+if __name__ == "__main__":
+    main()
