@@ -27,7 +27,17 @@ class S3Server:
 
     def start(self):
         import logging
+        import socket
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        # moto's start() waits forever when its thread cannot bind; say why instead (a forked child that
+        # outlived its test still holds the listening socket of the server it was forked beside)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as err:
+                raise RuntimeError(f"S3 test server: port {self.port} is held by another process ({err}); "
+                                   "a leaked DataLoader worker (StreamingLoader.close) is the usual cause") from err
         self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
 

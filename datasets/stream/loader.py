@@ -366,6 +366,15 @@ class StreamingLoader:
                 generator=torch.Generator().manual_seed(self.reading.seed))
         return self._dataloader
 
+    def close(self) -> None:
+        """Stop the worker processes now. They persist across epochs and otherwise stop only when the loader is
+        garbage-collected; a forked worker holds copies of the parent's open files and sockets until then.
+        Iterating again afterwards starts new workers."""
+        iterator = self._dataloader._iterator if self._dataloader is not None else None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what DataLoader itself calls when its iterator is deleted
+        self._dataloader = None
+
     def __iter__(self):
         workers = self.cfg.num_workers
         self._position[0] = self.epoch

@@ -1,3 +1,4 @@
+import gc
 import os
 import shutil
 import subprocess
@@ -104,6 +105,9 @@ def test_workers_persist_across_epochs_and_each_epoch_equals_a_fresh_loaders(qm9
     second, _ = epoch_keys(loader)
     assert [w.pid for w in loader._dataloader._iterator._workers] == workers  # the same processes
     assert all(psutil.pid_exists(pid) for pid in workers)
+    loader.close()  # stops them now, not when the loader is garbage-collected
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in workers)
     fresh = StreamingLoader(cfg, seed=3, rank=0, world_size=1)
     fresh.load_state_dict({**fresh.state_dict(), "epoch": 1})
     assert second == epoch_keys(fresh)[0]  # the epoch the workers were told, not the one they started in
@@ -122,16 +126,22 @@ def test_worker_streams_rotate_to_continue_the_round_robin():
 def test_workers_leave_sigterm_and_sigint_to_their_rank(qm9_small):
     """A preemption signals every process, DataLoader workers included: they must keep serving their rank."""
     cfg = LoaderConfig(url=qm9_small, batch_size=16, num_workers=2)
-    reference, _ = epoch_keys(StreamingLoader(cfg, rank=0, world_size=1))
-    it = iter(StreamingLoader(cfg, rank=0, world_size=1))
-    seen = [next(it)["keys"]]
-    workers = [p for p in psutil.Process().children() if p.name() == "pt_data_worker"]
-    assert len(workers) == 2
-    for sig in ("TERM", "INT"):  # sent by another process, as by SLURM or a launcher
-        subprocess.run(["kill", f"-{sig}", *(str(p.pid) for p in workers)], check=True)
-    time.sleep(0.5)
-    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
-    assert seen + [batch["keys"] for batch in it] == reference
+    first = StreamingLoader(cfg, rank=0, world_size=1)
+    reference, _ = epoch_keys(first)
+    first.close()
+    loader = StreamingLoader(cfg, rank=0, world_size=1)
+    try:  # a failed assertion keeps this frame alive: close() keeps its workers from outliving the test
+        it = iter(loader)
+        seen = [next(it)["keys"]]
+        workers = [psutil.Process(w.pid) for w in loader._dataloader._iterator._workers]
+        assert len(workers) == 2
+        for sig in ("TERM", "INT"):  # sent by another process, as by SLURM or a launcher
+            subprocess.run(["kill", f"-{sig}", *(str(p.pid) for p in workers)], check=True)
+        time.sleep(0.5)
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+        assert seen + [batch["keys"] for batch in it] == reference
+    finally:
+        loader.close()
 
 
 def test_a_rank_that_fails_mid_epoch_still_stops_its_workers_and_exits(qm9_small):
@@ -195,6 +205,7 @@ def test_unknown_split_and_property_are_clear_errors(qm9_small):
 
 def test_s3_outage_mid_stream_loses_and_repeats_nothing(qm9_small, s3):
     from molscale.datasets.sources.qm9 import build_qm9
+    gc.collect()  # earlier tests' unreachable loaders stop their forked workers, which hold the server's socket
     url = "s3://test-bucket/qm9-outage"
     build_qm9(url, limit=600, shard_size=40, workers=1, progress=False)
     cfg = LoaderConfig(url=url, batch_size=8, shuffle_buffer=1, retries=8)
