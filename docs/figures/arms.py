@@ -41,6 +41,10 @@ def parse_arm(text: str) -> tuple[str, list[list[str]]]:
     return label, [entry.split("+") for entry in entries.split(",")]
 
 
+def decimals(chosen: int | None, values) -> int:
+    return chosen if chosen is not None else (1 if np.abs(values).mean() >= 10 else 4)
+
+
 def summary(values, digits: int) -> str:
     if len(values) < 2:
         return f"{values[0]:.{digits}f} (n = 1)" if values else "-"
@@ -73,7 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--metric", action="append", default=[], help="validation value to tabulate (repeatable)")
     p.add_argument("--onset", default=None, metavar="METRIC=LEVEL")
     p.add_argument("--final", default=None, metavar="FILE:KEY")
-    p.add_argument("--digits", type=int, default=4)
+    p.add_argument("--digits", type=int, default=None,
+                   help="decimals (default: 1 for values of 10 or more, as meV MAEs; 4 below, as losses)")
     args = p.parse_args(argv)
     (la, a), (lb, b) = (parse_arm(t) for t in args.arms)
     if len(a) != len(b):
@@ -89,8 +94,8 @@ def main(argv=None) -> None:
             vb = seed_values(b, lambda r: vals[r][step].get(metric))
             if va is None or vb is None:
                 continue
-            print(f"| {step} | {summary(va, args.digits)} | {summary(vb, args.digits)} | "
-                  f"{difference(va, vb, args.digits)} |")
+            d = decimals(args.digits, va)
+            print(f"| {step} | {summary(va, d)} | {summary(vb, d)} | {difference(va, vb, d)} |")
     if args.onset:
         metric, level = args.onset.rsplit("=", 1)
         print(f"\nonset: the first validation step where {metric} < {level} (of the steps every run reached, "
@@ -111,11 +116,12 @@ def main(argv=None) -> None:
         fa, fb = seed_values(a, final), seed_values(b, final)
         print(f"\n{key} from each run's {path}\n")
         for label, entries, values in ((la, a, fa), (lb, b, fb)):
-            each = ", ".join(f"{final(r):.{args.digits}f}" if final(r) is not None else "-"
-                             for runs in entries for r in runs)
-            print(f"- {label}: {summary(values, args.digits) if values else '-'} [{each}]")
+            each = [final(r) for runs in entries for r in runs]
+            d = decimals(args.digits, [v for v in each if v is not None] or [0.0])
+            cells = ", ".join(f"{v:.{d}f}" if v is not None else "-" for v in each)
+            print(f"- {label}: {summary(values, d) if values else '-'} [{cells}]")
         if fa and fb:
-            print(f"- {la} - {lb}: {difference(fa, fb, args.digits)}")
+            print(f"- {la} - {lb}: {difference(fa, fb, decimals(args.digits, fa))}")
 
 
 if __name__ == "__main__":
