@@ -36,6 +36,14 @@ def validations(run_dir: str) -> dict[int, dict]:
     return rows
 
 
+def final_value(path: str, key: str) -> float | None:
+    """KEY of the JSON file at PATH, or None where the file (or the key) is missing."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get(key)
+
+
 def parse_arm(text: str) -> tuple[str, list[list[str]]]:
     label, entries = text.split("=", 1)
     return label, [entry.split("+") for entry in entries.split(",")]
@@ -83,8 +91,8 @@ def main(argv=None) -> None:
     (la, a), (lb, b) = (parse_arm(t) for t in args.arms)
     if len(a) != len(b):
         raise SystemExit(f"the arms pair seed by seed: {la} has {len(a)} seeds, {lb} {len(b)}")
-    runs = {run for entries in (a, b) for runs in entries for run in runs}
-    vals = {run: validations(run) for run in runs}
+    all_runs = {run for entries in (a, b) for runs in entries for run in runs}
+    vals = {run: validations(run) for run in all_runs}
     steps = sorted(set.intersection(*(set(v) for v in vals.values())))
     for metric in args.metric:
         print(f"\n{metric}: mean +- standard deviation over seeds; {la} - {lb} paired by seed\n")
@@ -109,14 +117,11 @@ def main(argv=None) -> None:
             print(f"- {label}: " + ", ".join(cells))
     if args.final:
         path, key = args.final.rsplit(":", 1)
-
-        def final(run):
-            f = os.path.join(run, path)
-            return json.load(open(f)).get(key) if os.path.exists(f) else None
-        fa, fb = seed_values(a, final), seed_values(b, final)
+        finals = {run: final_value(os.path.join(run, path), key) for run in all_runs}  # each file read once
+        fa, fb = seed_values(a, finals.get), seed_values(b, finals.get)
         print(f"\n{key} from each run's {path}\n")
         for label, entries, values in ((la, a, fa), (lb, b, fb)):
-            each = [final(r) for runs in entries for r in runs]
+            each = [finals[r] for runs in entries for r in runs]
             d = decimals(args.digits, [v for v in each if v is not None] or [0.0])
             cells = ", ".join(f"{v:.{d}f}" if v is not None else "-" for v in each)
             print(f"- {label}: {summary(values, d) if values else '-'} [{cells}]")

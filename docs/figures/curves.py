@@ -13,19 +13,15 @@ import os
 import sys
 
 import numpy as np
+from arms import validations as by_step  # this folder: scripts run as python docs/figures/NAME.py
 
 
 def validations(run_dir: str) -> dict[int, dict]:
+    """molecules seen -> the validation record there (arms.validations keys the same records by step)."""
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     per_step = cfg["data"]["batch_size"] * cfg["deepspeed"]["gradient_accumulation_steps"]
-    rows = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "valid/loss" in r:
-                rows[r["step"] * per_step] = r
-    return rows
+    return {step * per_step: r for step, r in by_step(run_dir).items()}
 
 
 def main(out_png: str, arms: list[str], metric: str = "valid/loss") -> None:
