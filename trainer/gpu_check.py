@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -241,6 +242,7 @@ def train(args) -> dict:
     quick = ["model.layers=2", "model.hidden=16", "data.batch_size=8", "data.num_workers=0"] if args.quick else []
     for name, overrides in _train_paths(args):
         run_dir = os.path.join(args.out, f"train-{name}")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a measurement starts afresh (the trainer refuses old checkpoints)
         sets = [f"data.url={args.data}", "logging.every_steps=" + ("2" if args.quick else "20"),
                 "logging.progress_bar=false", "logging.wandb.enabled=false", "checkpoint.every_steps=1000000",
                 "evaluation.every_steps=0", *overrides, *quick]

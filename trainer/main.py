@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=None, help="where checkpoints and logs go (default: train.run_dir)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from the newest complete checkpoint in the run dir, if any; "
-                        "or a checkpoint/run folder")
+                        "or a checkpoint/run folder. Without it a run dir that holds checkpoints is refused")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (default: train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
@@ -78,6 +78,13 @@ def run(args) -> int:
     if args.dry_run:
         from molscale.trainer.train.dry_run import print_plan
         return print_plan(cfg, manifest, note)
+    if not args.resume:  # before config.json is written over
+        from molscale.trainer.train.checkpoints import refuse_fresh_start_over_checkpoints
+        try:
+            refuse_fresh_start_over_checkpoints(cfg.train.run_dir)
+        except MolscaleError as err:
+            err.all_ranks = True
+            raise
 
     from molscale.trainer.train.distributed import init_distributed, lost_rank_error
     init_distributed(cfg.train.collective_timeout_minutes)

@@ -40,6 +40,17 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
         generated = report["generate"][kernel]
         assert generated["molecules"] == 12 and generated["evaluations"] == 5 and 0 <= generated["validity"] <= 1
 
+    # run again into the same folder (make gpu-check twice): each training path starts afresh, its numbers alone
+    r = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--device", "cpu", "--quick", "--data", qm9_small,
+                        "--out", str(out), "--train-seconds", "4", "--parts", "train"],
+                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    again = json.loads((out / "gpu_check.json").read_text())["train"]
+    for name, result in again.items():
+        assert result["exit_code"] == 0 and result["steps"] > 0, (name, result)
+        steps = [json.loads(line)["step"] for line in (out / f"train-{name}" / "metrics.jsonl").open()]
+        assert steps == sorted(set(steps)), name  # not the first run's rows followed by the second's
+
 
 def test_gpu_check_refuses_a_missing_dataset_and_unknown_parts(tmp_path):
     from molscale.trainer import gpu_check

@@ -176,9 +176,20 @@ def tags_newest_first(run_dir: str) -> list[str]:
     return list(reversed(tags))
 
 
+def refuse_fresh_start_over_checkpoints(run_dir: str) -> None:
+    """A start without --resume in a run directory that holds a complete checkpoint would log over the run's
+    metrics and, from its first save on, rotate the checkpoints out: refused, with what to do instead."""
+    tags = complete_tags(run_dir)
+    if tags:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (newest {tags[-1]}): pass --resume auto to "
+                              "continue that run, or give another --run-dir to start a new one")
+
+
 def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     """(checkpoint root, tag) to resume from, or None to start fresh.
 
+    No ``resume``: None, and a run directory that already holds a complete checkpoint is refused (starting
+    again from step 0 there would append to its metrics and, from the first save on, rotate its checkpoints out).
     ``auto``: the tag in RUN_DIR/latest when complete, else the newest complete one, else None.
     A path: a checkpoint folder (RUN_DIR/stepNNNNNNNN) or a run folder (its newest complete tag).
     The files are checked against the digests recorded at completion: with ``auto`` or a run folder a damaged
@@ -186,6 +197,7 @@ def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     checkpoint folder given by path is refused.
     """
     if not resume:
+        refuse_fresh_start_over_checkpoints(run_dir)
         return None
     if resume == "auto":
         tags = tags_newest_first(run_dir)

@@ -74,10 +74,12 @@ class RunLogger:
         if wandb_cfg.enabled:
             self.state = _load_state(run_dir, rows)  # before the truncation below (legacy runs need every row)
             self.wandb = self._start_wandb(config, wandb_cfg)
-        if resume_step is not None and rows:
-            # A killed run may have logged steps past its last checkpoint; they are redone now.
+        if rows:
+            # A killed run may have logged steps past its last checkpoint (every step, if it saved none); they are
+            # redone now.
+            last_kept = resume_step if resume_step is not None else -1
             with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step)
+                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= last_kept)
         self.file = open(self.path, "a", buffering=1)
 
     def _start_wandb(self, config, wandb_cfg):

@@ -224,6 +224,35 @@ def test_checkpoints_without_digests_are_accepted_with_a_log_line(run, tmp_path,
     assert any("before checkpoints recorded digests" in r.getMessage() for r in caplog.records)
 
 
+def test_a_start_without_resume_over_checkpoints_is_refused_and_changes_nothing(run, qm9_small, tmp_path):
+    """Without --resume the trainer would start again from step 0 in that directory: refused before it writes."""
+    run_dir = copy_run(run, tmp_path)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    rc, out = train(run_dir, qm9_small, "--set", "train.seed=7")  # another config: config.json must survive
+    assert rc == 2, out[-3000:]
+    assert "Traceback" not in out
+    [line] = error_lines(out)
+    assert str(run_dir) in line and "step00000004" in line and "--resume auto" in line, line
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_fresh_start_beside_only_an_unfinished_checkpoint_begins_new_metrics(run, qm9_small, tmp_path):
+    """A run killed before its first completed save left rows and a folder without its marker: the next start
+    (with or without --resume auto: there is nothing to continue) redoes every step and logs each once."""
+    from molscale.trainer.train.checkpoints import find_resume
+    run_dir = copy_run(run, tmp_path)
+    shutil.rmtree(run_dir / "step00000004")
+    (run_dir / "step00000002" / "complete").unlink()  # as if killed inside the first save
+    (run_dir / "latest").unlink()
+    assert find_resume(str(run_dir), None) is None and find_resume(str(run_dir), "auto") is None
+    rc, out = train(run_dir, qm9_small, max_steps=2)
+    assert rc == 0, out[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}) and rows[-1]["step"] == 2
+    reference = {r["step"]: r["loss"] for r in metrics(run) if r["step"] <= 2}
+    assert {r["step"]: r["loss"] for r in rows} == reference
+
+
 # --- a kill inside a save on 2 DeepSpeed ranks -----------------------------------------------------------------
 
 STEPS = 8
