@@ -10,8 +10,10 @@ Each arm lists one entry per seed, in the same seed order in both arms (a seed o
 so the arms are compared seed by seed). An entry may join runs with "+" (say, two pretraining seeds fine-tuned
 with the same seed): their values are averaged into that seed's one value, and listed on their own in the
 onset table. --onset METRIC=LEVEL reports, per run, the first validation step where METRIC falls below LEVEL
-(for a property MAE: the step where the model leaves the atom-count plateau). --final FILE:KEY reads KEY from
-each run's FILE (a metrics.json written after training); runs without it are left out of that table.
+(for a property MAE: the step where the model leaves the atom-count plateau). --final FILE:KEY (repeatable)
+reads KEY from each run's FILE (a metrics.json written after training); runs without it are left out of that
+table. An entry may also be an evaluation folder (evals/generate.py --out): "--final metrics.json:validity"
+compares two sampling settings of the same checkpoints, paired by (checkpoint, seed).
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from molscale.evals.protocol.statistics import across_seeds, paired_difference
 
 
 def validations(run_dir: str) -> dict[int, dict]:
-    """step -> the validation record of that step (metrics.jsonl rows holding valid/loss)."""
+    """step -> the validation record of that step (metrics.jsonl rows holding valid/loss); none for a folder
+    without metrics.jsonl (an evaluation's output, compared by --final only)."""
     rows = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
         for line in f:
             r = json.loads(line)
             if "valid/loss" in r:
@@ -36,12 +42,12 @@ def validations(run_dir: str) -> dict[int, dict]:
     return rows
 
 
-def final_value(path: str, key: str) -> float | None:
-    """KEY of the JSON file at PATH, or None where the file (or the key) is missing."""
+def read_json(path: str) -> dict:
+    """The JSON object at PATH, or {} where the file is missing."""
     if not os.path.exists(path):
-        return None
+        return {}
     with open(path) as f:
-        return json.load(f).get(key)
+        return json.load(f)
 
 
 def parse_arm(text: str) -> tuple[str, list[list[str]]]:
@@ -84,7 +90,8 @@ def main(argv=None) -> None:
     p.add_argument("arms", nargs=2, metavar="LABEL=RUN[+RUN],...")
     p.add_argument("--metric", action="append", default=[], help="validation value to tabulate (repeatable)")
     p.add_argument("--onset", default=None, metavar="METRIC=LEVEL")
-    p.add_argument("--final", default=None, metavar="FILE:KEY")
+    p.add_argument("--final", action="append", default=[], metavar="FILE:KEY",
+                   help="a value of each run's final FILE (JSON) to compare (repeatable)")
     p.add_argument("--digits", type=int, default=None,
                    help="decimals (default: 1 for values of 10 or more, as meV MAEs; 4 below, as losses)")
     args = p.parse_args(argv)
@@ -94,6 +101,7 @@ def main(argv=None) -> None:
     all_runs = {run for entries in (a, b) for runs in entries for run in runs}
     vals = {run: validations(run) for run in all_runs}
     steps = sorted(set.intersection(*(set(v) for v in vals.values())))
+    files = {}  # each file read once
     for metric in args.metric:
         print(f"\n{metric}: mean +- standard deviation over seeds; {la} - {lb} paired by seed\n")
         print(f"| step | {la} | {lb} | {la} - {lb} |\n|---|---|---|---|")
@@ -115,9 +123,12 @@ def main(argv=None) -> None:
                     below = [s for s in steps if vals[run][s].get(metric, float("inf")) < float(level)]
                     cells.append(f"{os.path.basename(run)} {below[0] if below else '-'}")
             print(f"- {label}: " + ", ".join(cells))
-    if args.final:
-        path, key = args.final.rsplit(":", 1)
-        finals = {run: final_value(os.path.join(run, path), key) for run in all_runs}  # each file read once
+    for final in args.final:
+        path, key = final.rsplit(":", 1)
+        for run in all_runs:
+            if (run, path) not in files:
+                files[run, path] = read_json(os.path.join(run, path))
+        finals = {run: files[run, path].get(key) for run in all_runs}
         fa, fb = seed_values(a, finals.get), seed_values(b, finals.get)
         print(f"\n{key} from each run's {path}\n")
         for label, entries, values in ((la, a, fa), (lb, b, fb)):
