@@ -3,7 +3,8 @@
     python docs/figures/guidance.py EVAL_DIR [EVAL_DIR ...]
 
 Each EVAL_DIR is an `evals/generate.py --guide ... --scorer ...` folder. A folder's arm is read from its
-metrics.json: "unguided" (--guide-scale 0), else the guidance reading ("noisy" or "clean"). A cell is one
+metrics.json: "unguided" (--guide-scale 0), else the guidance reading ("noisy" or "clean"), followed by the
+scale (", scale 30") where the folders hold more than one guidance scale. A cell is one
 (checkpoint, sampling seed, target); arms are compared only on the cells they share, by the paired differences
 over cells with a Student t interval (evals/protocol/statistics.py). Markdown on stdout.
 """
@@ -26,23 +27,31 @@ PAIRED = [c for c in COLUMNS if c[0] != "cap_fraction"]  # the unguided arm has 
 
 
 def read(folder):
+    """(reading, scale, cell, values) of one evaluation folder; reading is "unguided" at scale 0."""
     with open(os.path.join(folder, "metrics.json")) as f:
         m = json.load(f)
     g = m["guidance"]
-    arm = "unguided" if g["scale"] == 0 else g["on"]
+    reading = "unguided" if g["scale"] == 0 else g["on"]
     cell = (m["source"]["checkpoint"], m["source"]["seed"], g["target"])
     values = {"scorer_mae": g["scorer_mae"], "scorer_mae_valid": g["scorer_mae_valid"], "self_mae": g["self_mae"],
               "validity": m["validity"], "atom_stability": m["atom_stability"],
               "cap_fraction": g["cap_fraction"] if g["scale"] else None}
-    return arm, cell, values
+    return reading, g["scale"], cell, values
+
+
+def arm_order(arm):
+    reading, _, scale = arm.partition(", scale ")
+    return ("unguided", "noisy", "clean").index(reading), float(scale or 0)
 
 
 def main(folders):
+    read_all = [read(folder) for folder in folders]
+    several_scales = len({scale for reading, scale, _, _ in read_all if reading != "unguided"}) > 1
     arms = defaultdict(dict)  # arm -> cell -> values
-    for folder in folders:
-        arm, cell, values = read(folder)
+    for reading, scale, cell, values in read_all:
+        arm = f"{reading}, scale {scale:g}" if several_scales and reading != "unguided" else reading
         arms[arm][cell] = values
-    names = [a for a in ("unguided", "noisy", "clean") if a in arms]
+    names = sorted(arms, key=arm_order)
     print("| arm | cells | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     for arm in names:
@@ -58,7 +67,10 @@ def main(folders):
     print()
     print("| arms | " + " | ".join(label for _, label, _ in PAIRED) + " |")
     print("|---" * (len(PAIRED) + 1) + "|")
-    for a, b in (("clean", "noisy"), ("noisy", "unguided"), ("clean", "unguided")):
+    guided = [n for n in names if n != "unguided"]
+    # each guided arm against every guided arm before it, then each against the unguided control
+    pairs = [(a, b) for i, a in enumerate(guided) for b in guided[:i]] + [(a, "unguided") for a in guided]
+    for a, b in pairs:
         if a not in arms or b not in arms:
             continue
         shared = sorted(set(arms[a]) & set(arms[b]))
