@@ -78,21 +78,12 @@ def run(args) -> int:
     if args.dry_run:
         from molscale.trainer.train.dry_run import print_plan
         return print_plan(cfg, manifest, note)
-    if not args.resume:  # before config.json is written over
-        from molscale.trainer.train.checkpoints import refuse_fresh_start_over_checkpoints
-        try:
-            refuse_fresh_start_over_checkpoints(cfg.train.run_dir)
-        except MolscaleError as err:
-            err.all_ranks = True
-            raise
 
     from molscale.trainer.train.distributed import init_distributed, lost_rank_error
     init_distributed(cfg.train.collective_timeout_minutes)
     import torch.distributed as dist
 
-    from molscale.trainer.train.loop import Trainer, write_config
-    if dist.get_rank() == 0:
-        write_config(cfg, cfg.train.run_dir)
+    from molscale.trainer.train.loop import Trainer
     try:
         trainer = Trainer(cfg, cfg.train.run_dir, manifest, resume=args.resume)
         code = trainer.train(cfg.train.max_steps)

@@ -176,15 +176,6 @@ def tags_newest_first(run_dir: str) -> list[str]:
     return list(reversed(tags))
 
 
-def refuse_fresh_start_over_checkpoints(run_dir: str) -> None:
-    """A start without --resume in a run directory that holds a complete checkpoint would log over the run's
-    metrics and, from its first save on, rotate the checkpoints out: refused, with what to do instead."""
-    tags = complete_tags(run_dir)
-    if tags:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (newest {tags[-1]}): pass --resume auto to "
-                              "continue that run, or give another --run-dir to start a new one")
-
-
 def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     """(checkpoint root, tag) to resume from, or None to start fresh.
 
@@ -197,7 +188,10 @@ def find_resume(run_dir: str, resume: str | None) -> tuple[str, str] | None:
     checkpoint folder given by path is refused.
     """
     if not resume:
-        refuse_fresh_start_over_checkpoints(run_dir)
+        tags = complete_tags(run_dir)
+        if tags:
+            raise CheckpointError(f"{run_dir} already holds checkpoints (newest {tags[-1]}): pass --resume auto to "
+                                  "continue that run, or give another --run-dir to start a new one")
         return None
     if resume == "auto":
         tags = tags_newest_first(run_dir)

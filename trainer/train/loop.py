@@ -107,6 +107,8 @@ class Trainer:
         except MolscaleError as err:
             problem = err
         raise_if_any_rank_failed(problem)
+        if self.rank == 0:  # only once the inputs passed: a refused start leaves the run directory as it was
+            write_config(cfg, run_dir)
 
         o = cfg.optimizer
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
