@@ -10,12 +10,14 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    training and sampling molecules/s, kernels, host syncs, edge-shaped bytes and FLOPs per step, and (eager) the
    real trainer's step beside the model's;
 2. equality: the compiled and the fused EGNN blocks against the eager ones on the GPU, in fp32 without TF32 (max abs
-   difference of the loss and of the parameter gradients, relative to their largest value);
+   difference of the loss and of the parameter gradients, relative to their largest value), and the whole training
+   step captured as CUDA graphs against the same step run eagerly (weights and EMA after 9 steps of two Trainers);
    tune: the fused kernels' tiles (pairs per program, feature chunk, warps) and the two ways of reducing W_2's
    gradient, by GPU kernel time of one block's forward and backward at the recipe's size and of a forward alone
    at a sampling chunk's (set them with MOLSCALE_FUSED_TILES, MOLSCALE_FUSED_FORWARD_TILES, MOLSCALE_FUSED_WGRAD);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
-   (eager with CUDA graphs in bf16 and in TF32, compiled blocks in bf16, fused kernels with CUDA graphs in bf16),
+   (the network as CUDA graphs, and the whole step as one graph per batch shape, each in bf16 and in TF32; the
+   whole step with fused kernels; compiled blocks in bf16; fused kernels with the network's graphs in bf16),
    stopped by SIGTERM (which saves a
    checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
    and compilation happen there);
@@ -51,9 +53,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (name, run-config overrides) of the training paths, the first of which is sampled from
+# (graphs-: the network as CUDA graphs; step-: the whole training step as one graph per batch shape)
 TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
+               ("step-bf16", ["train.cuda_graphs=\"step\"", "deepspeed.bf16=true"]),
+               ("step-fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=\"step\"", "deepspeed.bf16=true"]),
                ("compiled-bf16", ["model.kernel=\"compiled\"", "train.cuda_graphs=false", "deepspeed.bf16=true"]),
                ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"]),
+               ("step-tf32", ["train.cuda_graphs=\"step\"", "deepspeed.bf16=false"]),
                ("fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=true", "deepspeed.bf16=true"])]
 # the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps), the defaults first
 # (model/fused_edges.py); each choice compiles its kernels (a few seconds each). Training tiles run a block's
@@ -174,7 +180,59 @@ def equality(args) -> dict:
             "loss_rel_diff": float((loss_k - loss_e).abs() / loss_e.abs().clamp_min(1e-12)),
             "grad_rel_diff": max(float((k - e).abs().max() / e.abs().max().clamp_min(1e-12))
                                  for k, e in zip(grads_k, grads_e))}
+    results["whole_step"] = whole_step_equality(args)
     return results
+
+
+WHOLE_STEP_BATCHES, WHOLE_STEP_VISITS = 3, 3  # each shape: an eager warm-up, a capture and replay, a replay
+
+
+def whole_step_equality(args) -> dict:
+    """``train.cuda_graphs: "step"`` captured as CUDA graphs against the same step body run eagerly: two real
+    Trainers (small model, fp32, TF32 off, the same seed) train on the same 3 batches visited 3 times; relative max
+    difference of the weights and of the EMA, and the logged losses. The graphs draw the same noise (the default
+    generator's offsets advance as in eager steps), so they should agree to float32 rounding. On the CPU both run
+    eagerly (a rehearsal of the plumbing)."""
+    import itertools
+    import tempfile
+
+    import torch
+
+    from molscale.datasets.shards.manifest import load_manifest
+    from molscale.trainer.bench import _environ_restored
+    from molscale.trainer.train.config import load_config
+    from molscale.trainer.train.distributed import end_process_group, init_distributed
+    from molscale.trainer.train.loop import Trainer
+    torch.backends.cuda.matmul.allow_tf32 = False
+    manifest = load_manifest(args.data)
+    cfg = load_config(None, [f"data.url={args.data}", "data.num_workers=0", "data.batch_size=16", "model.layers=3",
+                             "model.hidden=32", 'model.properties=["lumo"]', 'train.cuda_graphs="step"',
+                             "optimizer.ema_decay=0.99", "logging.wandb.enabled=false", "logging.progress_bar=false"])
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp, _environ_restored():
+        if args.device == "cpu":
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        init_distributed(cfg.train.collective_timeout_minutes)
+        try:
+            for name in ("graphs", "eager"):
+                trainer = Trainer(cfg, os.path.join(tmp, name), manifest)
+                trainer.step_graphs.capture = name == "graphs" and trainer.device.type == "cuda"
+                batches = list(itertools.islice(trainer._batches(), WHOLE_STEP_BATCHES))
+                for i in range(WHOLE_STEP_BATCHES * WHOLE_STEP_VISITS):
+                    trainer.train_step(iter([dict(batches[i % WHOLE_STEP_BATCHES])]))
+                record = trainer.read_record()
+                runs[name] = ([p.detach().clone() for p in trainer.model.parameters()],
+                              [v.clone() for v in trainer.ema.shadow.values()], record["loss"],
+                              trainer.step_graphs.summary())
+        finally:
+            end_process_group()
+    (weights_g, ema_g, loss_g, graphs), (weights_e, ema_e, loss_e, _) = runs["graphs"], runs["eager"]
+
+    def rel(a, b):
+        return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
+    return {"steps": WHOLE_STEP_BATCHES * WHOLE_STEP_VISITS, "graphs": graphs,
+            "weight_rel_diff": rel(weights_g, weights_e), "ema_rel_diff": rel(ema_g, ema_e),
+            "loss_graphs_eager": [loss_g, loss_e]}
 
 
 def tune(args) -> dict:
@@ -246,8 +304,8 @@ def train(args) -> dict:
         sets = [f"data.url={args.data}", "logging.every_steps=" + ("2" if args.quick else "20"),
                 "logging.progress_bar=false", "logging.wandb.enabled=false", "checkpoint.every_steps=1000000",
                 "evaluation.every_steps=0", *overrides, *quick]
-        if args.device == "cpu":
-            sets = [s for s in sets if not s.startswith(("train.cuda_graphs", "deepspeed.bf16"))]
+        if args.device == "cpu":  # the whole-step path stays: on the CPU it runs its step body eagerly
+            sets = [s for s in sets if not s.startswith(("train.cuda_graphs=true", "deepspeed.bf16"))]
         cmd = [sys.executable, "trainer/main.py", "--config", args.config, "--run-dir", run_dir]
         for s in sets:
             cmd += ["--set", s]

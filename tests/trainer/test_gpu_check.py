@@ -22,11 +22,16 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     for kernel in ("compiled", "fused"):  # fused: Triton's interpreter (tests/conftest.py)
         equal = report["equality"][kernel]
         assert equal["grad_rel_diff"] < 1e-5 and equal["loss_rel_diff"] < 1e-5, kernel
+    whole = report["equality"]["whole_step"]  # on the CPU both Trainers run the step body eagerly: the plumbing
+    assert whole["steps"] == 9 and whole["graphs"]["shapes"] == 3 and whole["weight_rel_diff"] == 0.0
     assert report["tune"] == {"skipped": "tiles are a GPU setting"}
     eager = report["train"]["graphs-bf16"]
     assert eager["exit_code"] == 0 and eager["steps"] > 0 and eager["median_molecules_per_s"] > 0
-    assert set(report["train"]) == {"graphs-bf16", "compiled-bf16", "graphs-tf32", "fused-bf16"}
-    assert report["train"]["fused-bf16"]["exit_code"] == 0 and report["train"]["fused-bf16"]["steps"] > 0
+    assert set(report["train"]) == {"graphs-bf16", "step-bf16", "step-fused-bf16", "compiled-bf16", "graphs-tf32",
+                                     "step-tf32", "fused-bf16"}
+    for name in ("fused-bf16", "step-bf16", "step-fused-bf16"):  # step: the whole-step body, eagerly on the CPU
+        assert report["train"][name]["exit_code"] == 0 and report["train"][name]["steps"] > 0, name
+    assert 'cuda_graphs": "step"' in (out / "train-step-bf16" / "config.json").read_text()
     sampled = report["sampling"]  # in this process: the first training path's checkpoint
     assert sampled["model"].endswith("train-graphs-bf16") and sampled["evaluations"] == 5  # --quick: 4 steps
     for name in ("eager-bf16", "fused-bf16", "eager-fp32", "fused-fp32", "eager-tf32"):

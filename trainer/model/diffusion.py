@@ -114,10 +114,11 @@ def draw_unigem_t(batch_size, t_nucleation, num_steps, generator=None, device="c
 def chunk_cost(model, device):
     """Per-chunk cost for plan_chunks, or None for no size chunks (always so for the edge-list layouts).
     'auto' is the device's default (packing.DEFAULT_CHUNK_COST_PAIRS), and no chunks under CUDA graphs or compiled
-    blocks, which specialise on the batch shape: chunks would make new shapes in nearly every step."""
+    blocks, which specialise on the batch shape: chunks would make new shapes in nearly every step. Never with
+    ``model.fixed_shapes`` (a CUDA graph of the whole training step, which cannot plan on the host either)."""
     cost = model.cfg.chunk_cost_pairs
-    if model.graph_builder is not None:  # a benchmark layout: one graph of the whole batch
-        return None
+    if model.graph_builder is not None or getattr(model, "fixed_shapes", False):
+        return None  # (graph_builder: a benchmark layout, one graph of the whole batch)
     if cost != "auto":
         return cost
     if getattr(model, "cuda_graphs", None) is not None or model.cfg.kernel == "compiled":

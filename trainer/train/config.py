@@ -170,9 +170,19 @@ class TrainSection:
     run_dir: str = "runs/default"
     max_nonfinite_in_row: int = 10         # consecutive NaN/inf losses before the run stops
     collective_timeout_minutes: float = 10.0  # a rank waiting this long for the others gives up (not 30: PyTorch's)
-    cuda_graphs: bool = False              # CUDA runs: the network as CUDA graphs per batch shape (docs/numerics.md)
+    # CUDA runs (docs/numerics.md): false; true or "network": the network as CUDA graphs per batch shape; "step":
+    # the whole training step (forward, backward, clipping, optimizer, EMA) as one graph per batch shape
+    cuda_graphs: bool | str = False
+
+    @property
+    def graph_scope(self) -> str:
+        """What train.cuda_graphs replays as CUDA graphs: 'off', 'network' or 'step'."""
+        return {False: "off", True: "network"}.get(self.cuda_graphs, self.cuda_graphs)
 
     def validate(self) -> None:
+        _require(self.cuda_graphs in (False, True, "network", "step"),
+                 f"train.cuda_graphs must be false, true (the same as \"network\") or \"step\", "
+                 f"got {self.cuda_graphs!r}")
         _require(self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}")
         _require(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be at least 1")
         _require(self.collective_timeout_minutes > 0, "train.collective_timeout_minutes must be positive")
@@ -228,6 +238,10 @@ class RunConfig:
                  f"objective must be one of {[str(o) for o in Objective]}, got {self.objective!r}")
         _require(not (self.train.cuda_graphs and self.objective != Objective.DIFFUSION),
                  f"train.cuda_graphs covers the diffusion objective only; unset it for objective {self.objective!r}")
+        _require(self.train.graph_scope != "step" or self.deepspeed.zero_stage == 0,
+                 "train.cuda_graphs \"step\" needs deepspeed.zero_stage 0 (the graph runs the optimizer on the "
+                 "gradients in p.grad, which ZeRO keeps partitioned in its own buffers); use true for the network's "
+                 "graphs")
         if self.objective == Objective.PROPERTY:
             _require(bool(self.model.properties) and not self.model.condition_on,
                      "objective 'property' trains a property classifier: set model.properties (at least one) and "

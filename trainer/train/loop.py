@@ -30,6 +30,7 @@ from molscale.trainer.train.distributed import accelerator, raise_if_any_rank_fa
 from molscale.trainer.train.ema import EMA
 from molscale.trainer.train.factory import build_run_model, make_loader, property_normalisation, resolved_model_config
 from molscale.trainer.train.run_log import NullLogger, RunLogger
+from molscale.trainer.train.step_graph import StepGraphs
 from molscale.trainer.train.step_ledger import StepLedger
 
 log = logging.getLogger("trainer")
@@ -110,14 +111,22 @@ class Trainer:
         if self.rank == 0:  # only once the inputs passed: a refused start leaves the run directory as it was
             write_config(cfg, run_dir)
 
+        scope = cfg.train.graph_scope
+        # the whole step as one graph needs DeepSpeed's step out of the way: one rank (step_graph.py)
+        self.whole_step = scope == "step" and self.world_size == 1
+        if scope == "step" and not self.whole_step and self.rank == 0:
+            log.info("train.cuda_graphs \"step\" runs at world size 1; with %d ranks DeepSpeed's step (and its "
+                     "all-reduce) stays eager and the network runs as CUDA graphs", self.world_size)
         o = cfg.optimizer
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # MoleculeJAE freezes a few
         self.lr = o.scaled_lr(cfg.global_batch(self.world_size))
         # fused: one kernel per step for all parameters, step counters on the device (the default foreach
         # implementation reads every parameter's step counter on the host), and it takes the skip decision as
         # found_inf (StepLedger.decide_skip) without a host read; the same update rule, amsgrad included
+        # (capturable: what a CUDA graph of the whole step needs, with the lr a device tensor; the same arithmetic)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=o.weight_decay,
-                                           amsgrad=o.amsgrad, betas=tuple(o.betas), fused=True)
+                                           amsgrad=o.amsgrad, betas=tuple(o.betas), fused=True,
+                                           capturable=self.whole_step)
         optimizer = self.optimizer
         # DeepSpeed steps the scheduler with every optimizer step and keeps its state in the checkpoints
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(o.warmup_steps)) \
@@ -129,14 +138,19 @@ class Trainer:
             # DeepSpeed's backward all-reduces the gradients at any world size: at one rank a concatenation of
             # every gradient, a collective with no peer and a copy back per parameter, for nothing
             self.engine.enable_backward_allreduce = False
-        if cfg.train.cuda_graphs:
-            if self.device.type == "cuda":
+        if scope != "off":
+            if self.device.type == "cuda" and not self.whole_step:
                 self.model.use_cuda_graphs()
-            else:
+            elif self.device.type != "cuda":
                 log.info("train.cuda_graphs applies to CUDA devices; this run is on %s and runs eagerly", self.device)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
         self.clipper = AdaptiveClipper(o.clip_history, device=self.device)
         self.ledger = StepLedger(self.device, cfg.train.max_nonfinite_in_row)
+        self.step_graphs = None
+        if self.whole_step:
+            self.model.fixed_shapes = True  # no size chunks inside a step: a graph holds one shape
+            self._stop_flag = torch.zeros((), device=self.device)  # the SIGTERM request as the graph reads it
+            self.step_graphs = StepGraphs(self._device_step, capture=self.device.type == "cuda")
         self.host_reads = 0
         self.step = 0
         self.stop_requested = False  # every rank's decision, from the all-reduce
@@ -149,6 +163,8 @@ class Trainer:
             except MolscaleError as err:  # e.g. a data-loader position saved with another world size
                 problem = err
             raise_if_any_rank_failed(problem)
+        if self.whole_step:
+            self._lr_on_device()
         self.logger = RunLogger(run_dir, cfg.to_dict(), cfg.logging.wandb, self.step if self.resume_from else None) \
             if self.rank == 0 else NullLogger()
 
@@ -178,6 +194,27 @@ class Trainer:
         # Validation reads the first batches of the split every time: it restarts from this state.
         self._valid_start = self.valid_loader.state_dict() if self.valid_loader else None
         return model
+
+    def _lr_on_device(self) -> None:
+        """The lr as a device tensor that the schedule fills in place (a graph reads it on every replay), and the
+        optimizer capturable, also after a checkpoint of another run restored its own groups. The schedule keeps
+        float base rates, so that it never reads the tensor back."""
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device) \
+                if not torch.is_tensor(lr) else lr.to(device=self.device, dtype=torch.float32)
+            group["capturable"] = True
+        self._constant_lr = float(self.optimizer.param_groups[0]["lr"])  # without a schedule (read once, here)
+
+    def _scheduled_lr(self) -> float:
+        """The lr of the coming optimizer step, on the host without reading the device."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not torch.is_tensor(lr):
+            return lr
+        schedule = self.engine.lr_scheduler
+        if schedule is None:
+            return self._constant_lr
+        return schedule.base_lrs[0] * schedule.lr_lambdas[0](schedule.last_epoch)  # LambdaLR.get_lr's rule
 
     # --- state -------------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -246,10 +283,21 @@ class Trainer:
     def train_step(self, batches) -> None:
         """One optimizer step (gradient accumulation included) with nothing read on the host: the skip, clipping,
         EMA and stop decisions are made on the device (step_ledger.py). A skipped step still counts as a step."""
+        self._step_lr = self._scheduled_lr()  # the rate this step uses (the schedule moves on after it)
+        if self.whole_step:
+            self._whole_train_step(batches)
+        else:
+            self._engine_train_step(batches)
+        self.step += 1
+        if self.world_size == 1 and self._sigterm:
+            self.stop_requested = True  # this rank's own signal: no other rank to agree with
+
+    def _engine_train_step(self, batches) -> None:
+        """The step through DeepSpeed's engine (forward, backward, step), its network eager or as CUDA graphs."""
         ga = self.cfg.deepspeed.gradient_accumulation_steps
         adaptive = self.cfg.optimizer.clip == "adaptive"
-        nonfinite_ranks = stop = step_losses = threshold = grad_norm = skip = None
-        self._step_lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule moves on in engine.step)
+        totals = (None, None, None)
+        threshold = grad_norm = skip = None
         molecules, wait = 0, 0.0
         for _ in range(ga):
             t0 = time.perf_counter()
@@ -260,25 +308,13 @@ class Trainer:
             if self.cfg.loss.reduction == "reference" and self.world_size > 1:
                 batch["reference_atoms"] = self._global_largest_molecule(batch)
             losses = self.engine(batch)
-            names = sorted(losses)
-            values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
-            # One vector carries the non-finite flag, the stop request and the loss terms; with several ranks one
-            # all-reduce makes them every rank's, so that every rank takes the same decisions in the same step.
-            # new_full passes the host flag as a kernel argument: no copy.
-            packed = torch.cat([(~torch.isfinite(values)).any().to(values.dtype).reshape(1),
-                                values.new_full((1,), float(self._sigterm)),
-                                torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
-            if self.world_size > 1:
-                dist.all_reduce(packed)
-            nonfinite_ranks = packed[0] if nonfinite_ranks is None else nonfinite_ranks + packed[0]
-            stop = packed[1] if stop is None else torch.maximum(stop, packed[1])
-            micro_losses = packed[2:] / (self.world_size * ga)
-            step_losses = micro_losses if step_losses is None else step_losses + micro_losses
+            names, packed = self._pack(losses, float(self._sigterm))
+            totals = self._add_micro(totals, packed, ga)
             # a non-finite loss still runs its backward: whether to apply the update is decided on the device
             self.engine.backward(losses["loss"])
             if self.engine.is_gradient_accumulation_boundary():
                 threshold, grad_norm = self._clip(adaptive)
-                skip = self.ledger.decide_skip(nonfinite_ranks, grad_norm)
+                skip = self.ledger.decide_skip(totals[0], grad_norm)
                 self.optimizer.found_inf = skip  # the fused optimizer applies nothing where it is 1
                 for _ in range(self.cfg.optimizer.steps_per_batch - 1):
                     # the released code's repeated optim.step() on the same (clipped, averaged) gradients;
@@ -288,15 +324,91 @@ class Trainer:
         if grad_norm is None:  # ZeRO: DeepSpeed's optimizer computed the norm in its step
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, device=self.device)
+        self._after_update(names, totals, skip, grad_norm, threshold, adaptive)
+        self.ledger.count(molecules, wait)
+
+    def _whole_train_step(self, batches) -> None:
+        """The step as one CUDA graph per batch shape (step_graph.py): the batches are copied into the graph's
+        buffers, the graph replays ``_device_step``, and the host then advances what DeepSpeed's step would."""
+        ga = self.cfg.deepspeed.gradient_accumulation_steps
+        micro, molecules, wait = [], 0, 0.0
+        for _ in range(ga):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            molecules += int(batch["num_atoms"].shape[0])
+            micro.append(self._to_device(batch))
+            wait += time.perf_counter() - t0
+        if self._sigterm:
+            self._stop_flag.fill_(1.0)
+        self.step_graphs.run(micro)
+        self._engine_bookkeeping(ga)
+        self.ledger.count(molecules, wait)
+
+    def _device_step(self, micro: list[dict]) -> None:
+        """One whole training step's device work, what step_graph.py captures: the same arithmetic as
+        ``_engine_train_step`` with DeepSpeed's forward, backward and step written out (world size 1, ZeRO 0:
+        the loss scaled by 1/accumulation, the optimizer's steps, the gradients zeroed in place)."""
+        ga, adaptive = len(micro), self.cfg.optimizer.clip == "adaptive"
+        totals = (None, None, None)
+        for batch in micro:
+            with self._autocast():
+                losses = self.model(batch)
+            names, packed = self._pack(losses, self._stop_flag)
+            totals = self._add_micro(totals, packed, ga)
+            (losses["loss"] / ga).backward()
+        threshold, grad_norm = self._clip(adaptive)
+        skip = self.ledger.decide_skip(totals[0], grad_norm)
+        self.optimizer.found_inf = skip
+        for _ in range(self.cfg.optimizer.steps_per_batch):
+            self.optimizer.step()
+        torch._foreach_zero_([p.grad for p in self.trainable if p.grad is not None])
+        self._after_update(names, totals, skip, grad_norm, threshold, adaptive)
+
+    def _autocast(self):
+        """bf16 autocast as DeepSpeed's forward applies it (``deepspeed.bf16``), else nothing."""
+        if not self.cfg.deepspeed.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(accelerator().device_name(), dtype=torch.bfloat16)
+
+    def _pack(self, losses: dict, stop_flag) -> tuple[list[str], torch.Tensor]:
+        """(term names, one vector [non-finite flag, stop request, loss terms]): with several ranks one all-reduce
+        makes them every rank's, so that every rank takes the same decisions in the same step. ``stop_flag``: the
+        host's flag (passed as a kernel argument: no copy) or a device scalar."""
+        names = sorted(losses)
+        values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
+        stop = values.new_full((1,), stop_flag) if isinstance(stop_flag, float) else \
+            stop_flag.reshape(1).to(values.dtype)
+        packed = torch.cat([(~torch.isfinite(values)).any().to(values.dtype).reshape(1), stop,
+                            torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
+        if self.world_size > 1:
+            dist.all_reduce(packed)
+        return names, packed
+
+    def _add_micro(self, totals: tuple, packed: torch.Tensor, ga: int) -> tuple:
+        """(non-finite ranks, stop, loss terms) of the step so far, with one more micro-batch's ``packed``."""
+        nonfinite, stop, step_losses = totals
+        micro_losses = packed[2:] / (self.world_size * ga)
+        return (packed[0] if nonfinite is None else nonfinite + packed[0],
+                packed[1] if stop is None else torch.maximum(stop, packed[1]),
+                micro_losses if step_losses is None else step_losses + micro_losses)
+
+    def _after_update(self, names, totals, skip, grad_norm, threshold, adaptive) -> None:
+        """The clipping history, the EMA and the ledger, after the update (each leaves a skipped step out)."""
+        _, stop, step_losses = totals
         if adaptive and grad_norm is not None:
             self.clipper.push(grad_norm, threshold, take=skip == 0)
         if self.ema:
             self.ema.update(self.model, skip)
-        self.ledger.record(names, step_losses, skip, stop, grad_norm, threshold if adaptive else None,
-                           molecules, wait)
-        self.step += 1
-        if self.world_size == 1 and self._sigterm:
-            self.stop_requested = True  # this rank's own signal: no other rank to agree with
+        self.ledger.record(names, step_losses, skip, stop, grad_norm, threshold if adaptive else None)
+
+    def _engine_bookkeeping(self, ga: int) -> None:
+        """What ``engine.step`` advances on the host, for a step it did not run: the lr schedule and the
+        engine's step and sample counters (kept in DeepSpeed's checkpoints)."""
+        if self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()
+        self.engine.global_steps += 1
+        self.engine.global_samples += self.engine.train_batch_size()
+        self.engine.micro_steps += ga
 
     def read_record(self) -> dict:
         """The record of the steps since the last read (one host read), and the decisions only the host can act
@@ -429,6 +541,11 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            if self.step_graphs is not None and self.rank == 0:
+                g = self.step_graphs.summary()
+                log.info("train.cuda_graphs \"step\": %d batch shapes, %d captured as graphs%s", g["shapes"],
+                         g["graphs"], " (not on CUDA: each step ran eagerly)" if not self.step_graphs.capture else
+                         f" (capture failed: {g['capture_failed']})" if g["capture_failed"] else "")
 
     def _on_sigterm(self, signum, frame):
         # With several ranks only a step's all-reduce turns this into a stop, which every rank reads at the same

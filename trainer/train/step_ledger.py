@@ -34,14 +34,19 @@ class StepLedger:
         self.limit_reached = torch.zeros((), **zeros)
         self.stop = torch.zeros((), **zeros)
         self.names: list[str] = []
-        self._start_interval()
-
-    def _start_interval(self) -> None:
-        zeros = dict(dtype=torch.float64, device=self.device)
-        self.loss_sums = None  # [terms], set by the first step of the interval (the model names the terms)
+        self.loss_sums = None  # [terms], made by the first step recorded (the model names the terms)
         self.good_steps = torch.zeros((), **zeros)
         self.last_norm = torch.full((), float("nan"), **zeros)
         self.last_threshold = torch.full((), float("nan"), **zeros)
+        self._start_interval()
+
+    def _start_interval(self) -> None:
+        # reset in place: a CUDA graph of the whole step (step_graph.py) writes to these very tensors
+        if self.loss_sums is not None:
+            self.loss_sums.zero_()
+        self.good_steps.zero_()
+        self.last_norm.fill_(float("nan"))
+        self.last_threshold.fill_(float("nan"))
         self.steps = self.molecules = 0
         self.data_wait_s = 0.0
         self.started = time.perf_counter()
@@ -63,9 +68,9 @@ class StepLedger:
         return torch.maximum(bad, self.limit_reached).float()
 
     def record(self, names: list[str], step_losses: torch.Tensor, skip: torch.Tensor, stop: torch.Tensor,
-               grad_norm: torch.Tensor | None, threshold: torch.Tensor | None, molecules: int, wait_s: float) -> None:
-        """Add one step: its loss terms (averaged over ranks and micro-batches, non-finite ones zeroed) count
-        only if the step was not skipped."""
+               grad_norm: torch.Tensor | None, threshold: torch.Tensor | None) -> None:
+        """Add one step on the device: its loss terms (averaged over ranks and micro-batches, non-finite ones
+        zeroed) count only if the step was not skipped. ``count`` adds what the host knows of it."""
         if self.loss_sums is None:
             self.names = names
             self.loss_sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
@@ -77,6 +82,9 @@ class StepLedger:
             self.last_norm.copy_(grad_norm.double())
         if threshold is not None:
             self.last_threshold.copy_(threshold.double())
+
+    def count(self, molecules: int, wait_s: float) -> None:
+        """Add one step's host side: its molecules and the time spent waiting for its data."""
         self.steps += 1
         self.molecules += molecules
         self.data_wait_s += wait_s

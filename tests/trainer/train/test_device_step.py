@@ -44,8 +44,7 @@ def world_of_one():
         os.environ.update(saved)
 
 
-@pytest.fixture
-def trainer(world_of_one, qm9_small, tmp_path):
+def make_trainer(qm9_small, run_dir, *overrides, resume=None):
     from molscale.datasets.shards.manifest import load_manifest
     from molscale.trainer.train.config import load_config
     from molscale.trainer.train.loop import Trainer
@@ -54,9 +53,17 @@ def trainer(world_of_one, qm9_small, tmp_path):
                              'model.properties=["lumo"]', "model.chunk_cost_pairs=null", f"optimizer.lr={LR}",
                              f"optimizer.clip_history={HISTORY}", f"optimizer.ema_decay={EMA_DECAY}",
                              f"optimizer.steps_per_batch={STEPS_PER_BATCH}", "train.max_nonfinite_in_row=3",
-                             "logging.wandb.enabled=false", "logging.progress_bar=false"])
-    os.makedirs(tmp_path / "run")
-    return Trainer(cfg, str(tmp_path / "run"), load_manifest(qm9_small))
+                             "logging.wandb.enabled=false", "logging.progress_bar=false", *overrides])
+    os.makedirs(run_dir, exist_ok=True)
+    return Trainer(cfg, str(run_dir), load_manifest(qm9_small), resume=resume)
+
+
+# engine: DeepSpeed's forward, backward and step; step: the whole step as step_graph.py captures it on a GPU (here
+# the same body on the same static buffers, run eagerly)
+@pytest.fixture(params=["engine", "step"])
+def trainer(request, world_of_one, qm9_small, tmp_path):
+    graphs = '"step"' if request.param == "step" else "false"
+    return make_trainer(qm9_small, tmp_path / "run", f"train.cuda_graphs={graphs}")
 
 
 def planted_batches(trainer, count=12):
@@ -99,9 +106,10 @@ def host_reference(model, batches):
 
 def test_device_decisions_match_the_host_loop(trainer):
     batches = planted_batches(trainer)
+    batches = batches + [dict(b) for b in batches]  # every shape twice: the step path's second visit replays
     reference = copy.deepcopy(trainer.model)
     decisions, ref_shadow = host_reference(reference, batches)
-    assert [d[0] for d in decisions].count(True) == 2 and any(d[1] for d in decisions), "nothing was planted"
+    assert [d[0] for d in decisions].count(True) == 4 and any(d[1] for d in decisions), "nothing was planted"
 
     got = []
     for i, batch in enumerate(batches):
@@ -118,7 +126,10 @@ def test_device_decisions_match_the_host_loop(trainer):
     for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(trainer.ema.shadow[name], ref_shadow[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert trainer.step == len(batches) and record["nonfinite_skipped"] == 2
+    assert trainer.step == len(batches) and record["nonfinite_skipped"] == 4
+    if trainer.whole_step:
+        assert trainer.step_graphs.summary() == {"shapes": len({trainer.step_graphs.key([b]) for b in batches}),
+                                                 "graphs": 0, "capture_failed": None}
 
 
 def test_the_limit_of_skips_in_a_row_freezes_the_weights_and_stops_at_the_next_read(trainer):
@@ -184,3 +195,80 @@ def test_the_real_step_makes_about_as_many_operator_calls_as_the_model_alone(tra
             optimizer.step()
             optimizer.zero_grad()
     assert real.calls <= 1.1 * alone.calls, (real.calls, alone.calls)
+
+
+def persistent_tensors(trainer) -> dict:
+    """Every tensor a CUDA graph of the whole step writes or reads across replays, by name: (the tensor, its
+    address). Holding the tensors keeps a replaced one's memory from being handed out again at the same address."""
+    t = trainer
+    named = {f"param {n}": p for n, p in t.model.named_parameters()}
+    named.update({f"grad {n}": p.grad for n, p in t.model.named_parameters() if p.grad is not None})
+    named.update({f"optimizer {i} {k}": v for i, p in enumerate(t.trainable)
+                  for k, v in t.optimizer.state[p].items()})
+    named["lr"] = t.optimizer.param_groups[0]["lr"]
+    named.update({f"ema {n}": v for n, v in t.ema.shadow.items()})
+    named.update({f"clipper {k}": getattr(t.clipper, k) for k in ("norms", "filled", "next")})
+    named.update({f"ledger {k}": getattr(t.ledger, k) for k in ("nonfinite_total", "nonfinite_in_row", "limit_reached",
+                                                                "stop", "loss_sums", "good_steps", "last_norm",
+                                                                "last_threshold")})
+    named["stop flag"] = t._stop_flag
+    named.update({f"static {i} {k}": v for i, shape in enumerate(t.step_graphs.shapes.values())
+                  for b in shape.static for k, v in b.items()})
+    return {name: (v, v.data_ptr()) for name, v in named.items()}
+
+
+def test_the_whole_step_writes_every_persistent_tensor_in_place(world_of_one, qm9_small, tmp_path):
+    """A graph replays the addresses it was captured with: nothing the step keeps may be reallocated by a later
+    step, a read of the record, a validation-free checkpoint or the lr schedule; the schedule's rate reaches the
+    optimizer through its tensor, and SIGTERM through the device flag."""
+    trainer = make_trainer(qm9_small, tmp_path / "run", 'train.cuda_graphs="step"', "optimizer.warmup_steps=5")
+    assert torch.is_tensor(trainer.optimizer.param_groups[0]["lr"]) and trainer.optimizer.param_groups[0]["capturable"]
+    batches = planted_batches(trainer, 3)
+    for batch in batches:  # first visits: every shape's warm-up step allocates what it needs
+        trainer.train_step(iter([dict(batch)]))
+    trainer.read_record()
+    assert all(p.grad is not None for p in trainer.trainable)  # zeroed in place, never dropped
+    before = persistent_tensors(trainer)
+    lrs = []
+    for batch in batches:  # second visits: the path a replay takes
+        trainer.train_step(iter([dict(batch)]))
+        lrs.append(trainer._step_lr)
+    record = trainer.read_record()
+    trainer.save()
+    after = persistent_tensors(trainer)
+    assert sorted(after) == sorted(before)
+    moved = [name for name, (v, ptr) in after.items() if v is not before[name][0] or ptr != before[name][1]]
+    assert not moved, moved[:5]
+    # the warmup schedule (5 steps): step k (from 0) uses LR * (k + 1) / 5; the optimizer holds the next rate
+    assert lrs == pytest.approx([LR * 4 / 5, LR, LR]) and record["lr"] == pytest.approx(LR)
+    assert float(trainer.optimizer.param_groups[0]["lr"]) == pytest.approx(LR)
+    assert (trainer.engine.global_steps, trainer.engine.global_samples) == (6, 6 * 8)
+    trainer._sigterm = True
+    trainer.train_step(iter([dict(batches[0])]))
+    assert trainer.stop_requested and float(trainer._stop_flag) == 1.0
+    trainer.read_record()
+    assert trainer.ledger.read_flags["stop"]
+
+
+def test_the_whole_step_resumes_exactly(world_of_one, qm9_small, tmp_path):
+    """Interrupted after 3 steps and resumed (the lr becomes a device tensor again after the optimizer's state
+    is loaded), the run ends with the weights of the uninterrupted one."""
+    settings = ('train.cuda_graphs="step"', "optimizer.warmup_steps=4")
+    whole = make_trainer(qm9_small, tmp_path / "whole", *settings)
+    batches = whole._batches()
+    for _ in range(6):
+        whole.train_step(batches)
+    first = make_trainer(qm9_small, tmp_path / "cut", *settings)
+    batches = first._batches()
+    for _ in range(3):
+        first.train_step(batches)
+    first.save()
+    resumed = make_trainer(qm9_small, tmp_path / "cut", *settings, resume="auto")
+    assert resumed.step == 3 and torch.is_tensor(resumed.optimizer.param_groups[0]["lr"])
+    batches = resumed._batches()
+    for _ in range(3):
+        resumed.train_step(batches)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    for name, v in whole.ema.shadow.items():
+        assert torch.equal(v, resumed.ema.shadow[name]), name
