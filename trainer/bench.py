@@ -2,7 +2,7 @@
 
     python -m trainer.bench [--json] [--device cpu|cuda] [--model unigem|edm] [--layers 9] [--hidden 256]
                             [--batch 64] [--dtype fp32|bf16] [--layout dense|edge-list|edge-list-real|both|all]
-                            [--kernel eager|compiled|fused] [--manifest DATASET [--engine]]
+                            [--kernel eager|compiled|fused] [--manifest DATASET [--engine [--graphs off|network|step]]]
 
 Atom counts are drawn from the QM9 train histogram (or, with --manifest, from that dataset's train split and
 atom vocabulary) with a fixed seed; timings are medians over timed
@@ -17,6 +17,9 @@ is at least one kernel launch on a GPU).
 `--engine` (with `--manifest`) also times the trainer's own step on the same batch, interleaved with the
 model-only step: a real Trainer (trainer/train/loop.py) with its DeepSpeed engine, clipping, EMA and the loop's
 reads of the device, built from the run-config defaults (the paper's recipe) and that dataset's manifest.
+`--graphs` sets that Trainer's train.cuda_graphs: the network as CUDA graphs, or the whole step as one graph
+(on a GPU the real step's operator counts are then what the host still launches per step: the batch copies and the
+lr; on a CPU the step runs eagerly either way).
 """
 
 import argparse
@@ -206,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--engine", action="store_true",
                         help="also time the trainer's real step (DeepSpeed engine, clipping, EMA, host reads); "
                              "needs --manifest")
+    parser.add_argument("--graphs", choices=["off", "network", "step"], default="off",
+                        help="with --engine: the Trainer's train.cuda_graphs (network: the network as CUDA graphs; "
+                             "step: the whole training step as one graph; CUDA only)")
     parser.add_argument("--kernel", choices=list(KERNELS), default="eager",
                         help="the EGNN blocks eager, through torch.compile, or with the fused Triton edge kernels "
                              "(model.kernel; fused needs a CUDA device, or TRITON_INTERPRET=1 for counts on a CPU); "
@@ -324,6 +330,7 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
                  f"model.chunk_cost_pairs={json.dumps(chunk_cost_pairs(args.chunk_cost_pairs))}",
                  f"model.kernel={json.dumps(args.kernel)}",
                  f"deepspeed.bf16={json.dumps(args.dtype == 'bf16')}", "logging.wandb.enabled=false",
+                 "train.cuda_graphs=" + json.dumps({"off": False, "network": True}.get(args.graphs, args.graphs)),
                  "logging.progress_bar=false", f"train.seed={args.seed}"]
     cfg = load_config(None, overrides)
     init_distributed(cfg.train.collective_timeout_minutes)
@@ -339,7 +346,8 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
         return (f"Trainer.train_step: DeepSpeed {trainer.engine.__class__.__name__} ZeRO-{ds.zero_stage} on "
                 f"{trainer.device}, {'bf16 autocast' if ds.bf16 else 'fp32'}, AdamW amsgrad="
                 f"{opt.amsgrad}{fused}, clipping {opt.clip}, EMA {opt.ema_decay}, steps_per_batch "
-                f"{opt.steps_per_batch}, {trainer.host_reads} host reads per step")
+                f"{opt.steps_per_batch}, {trainer.host_reads} host reads per step, train.cuda_graphs "
+                f"{cfg.train.graph_scope}")
     return step, describe
 
 

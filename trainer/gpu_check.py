@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/qm9", help="a built QM9 dataset (python -m datasets build qm9)")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
     p.add_argument("--config", default="cluster/qm9_1gpu.json", help="the training recipe")
-    p.add_argument("--train-seconds", type=float, default=45.0, help="training time per path before SIGTERM")
+    p.add_argument("--train-seconds", type=float, default=45.0,
+                   help="training time per path, from its first logged step, before SIGTERM")
     p.add_argument("--samples", type=int, default=10000, help="molecules to sample")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, in the order given: {','.join(PARTS)} (sampling and "
@@ -108,11 +109,20 @@ def env_for(args) -> dict:
     return env
 
 
-def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float | None = None) -> int:
+def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float | None = None,
+        clock_starts_at: str | None = None) -> int:
     """Run ``cmd`` with output to OUT/<log_name>.log; SIGTERM after ``stop_after`` seconds (a graceful stop),
-    killed at ``timeout``. Returns the exit code (124 when killed)."""
+    counted from when the file ``clock_starts_at`` has content (a run's first metrics line: its SIGTERM handler is set
+    by then, and start-up is not training time) if given; killed at ``timeout``. Returns the exit code (124 when
+    killed)."""
     with open(os.path.join(args.out, f"{log_name}.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(args), cwd=ROOT)
+        if stop_after is not None and clock_starts_at is not None:
+            waited = 0.0
+            while not _has_content(clock_starts_at) and proc.poll() is None and waited < timeout - stop_after:
+                time.sleep(0.2)
+                waited += 0.2
+            timeout -= waited
         try:
             return proc.wait(timeout=stop_after if stop_after is not None else timeout)
         except subprocess.TimeoutExpired:
@@ -127,6 +137,10 @@ def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float |
             proc.kill()
             proc.wait()
             return 124
+
+
+def _has_content(path: str) -> bool:
+    return os.path.exists(path) and os.path.getsize(path) > 0
 
 
 def bench(args) -> dict:
@@ -310,7 +324,8 @@ def train(args) -> dict:
         for s in sets:
             cmd += ["--set", s]
         began = time.perf_counter()
-        code = run(cmd, args, args.train_seconds + 120, f"train-{name}", stop_after=args.train_seconds)
+        code = run(cmd, args, args.train_seconds + 120, f"train-{name}", stop_after=args.train_seconds,
+                   clock_starts_at=os.path.join(run_dir, "metrics.jsonl"))
         rows = _rows(os.path.join(run_dir, "metrics.jsonl"))
         speeds = [r["molecules_per_s"] for r in rows[2:]] or [r["molecules_per_s"] for r in rows]
         out[name] = {"exit_code": code, "wall_s": round(time.perf_counter() - began, 1),

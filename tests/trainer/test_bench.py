@@ -61,12 +61,13 @@ def test_operator_counts_grow_with_size_chunks_and_match_the_parameter_count(sma
     assert chunked["sample_step"] > whole["sample_step"] > 0
 
 
-def test_bench_times_the_trainers_real_step_and_names_its_parts(qm9_small, capsys, monkeypatch):
+@pytest.mark.parametrize("graphs", ["off", "step"])  # step: on the CPU the whole-step body, run eagerly
+def test_bench_times_the_trainers_real_step_and_names_its_parts(qm9_small, capsys, monkeypatch, graphs):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     # the paper's 9 blocks (thin ones): the loop's own work is a fixed number of kernels, the network's grows with
     # the blocks; whole batches (size chunks read atom counts on the host, which on the CPU is not a device read)
     bench.main(["--json", "--device", "cpu", "--manifest", qm9_small, "--engine", *SMALL, "--layers", "9",
-                "--chunk-cost-pairs", "none"])
+                "--chunk-cost-pairs", "none", "--graphs", graphs])
     report = json.loads(capsys.readouterr().out)
     engine = report["engine"]
     assert engine["train_step_ms"] > 0 and engine["model_only_step_ms"] > 0
@@ -77,7 +78,8 @@ def test_bench_times_the_trainers_real_step_and_names_its_parts(qm9_small, capsy
     assert model_only["kernels"] < engine["counts"]["kernels"] <= 1.1 * model_only["kernels"]
     assert engine["counts"]["syncs"] == 0 and model_only["GFLOP"] > 0
     assert engine["counts"]["GFLOP"] == pytest.approx(model_only["GFLOP"], rel=0.01)
-    for part in ("DeepSpeed", "ZeRO-0", "clipping adaptive", "EMA 0.9999", "0 host reads per step"):
+    for part in ("DeepSpeed", "ZeRO-0", "clipping adaptive", "EMA 0.9999", "0 host reads per step",
+                 f"train.cuda_graphs {graphs}"):
         assert part in engine["parts"], part
 
 

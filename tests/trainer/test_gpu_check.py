@@ -47,7 +47,8 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
 
     # run again into the same folder (make gpu-check twice): each training path starts afresh, its numbers alone
     r = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--device", "cpu", "--quick", "--data", qm9_small,
-                        "--out", str(out), "--train-seconds", "4", "--parts", "train"],
+                        "--out", str(out), "--train-seconds", "4", "--parts", "train",
+                        "--train-paths", "graphs-bf16,step-bf16"],
                        capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     again = json.loads((out / "gpu_check.json").read_text())["train"]

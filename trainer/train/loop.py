@@ -347,7 +347,7 @@ class Trainer:
     def _device_step(self, micro: list[dict]) -> None:
         """One whole training step's device work, what step_graph.py captures: the same arithmetic as
         ``_engine_train_step`` with DeepSpeed's forward, backward and step written out (world size 1, ZeRO 0:
-        the loss scaled by 1/accumulation, the optimizer's steps, the gradients zeroed in place)."""
+        the loss scaled by 1/accumulation, the optimizer's steps, the gradients dropped afterwards)."""
         ga, adaptive = len(micro), self.cfg.optimizer.clip == "adaptive"
         totals = (None, None, None)
         for batch in micro:
@@ -361,7 +361,11 @@ class Trainer:
         self.optimizer.found_inf = skip
         for _ in range(self.cfg.optimizer.steps_per_batch):
             self.optimizer.step()
-        torch._foreach_zero_([p.grad for p in self.trainable if p.grad is not None])
+        # as DeepSpeed's zero_grad: the next backward makes them anew (in a capture, from the graph's pool; nothing
+        # made inside a capture is referenced after it)
+        for p in self.trainable:
+            p.grad = None
+        self.optimizer.found_inf = None
         self._after_update(names, totals, skip, grad_norm, threshold, adaptive)
 
     def _autocast(self):

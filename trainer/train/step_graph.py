@@ -3,19 +3,21 @@
 Why: with the network alone replayed as graphs (trainer/model/cuda_graphs.py) the host still launches the loss
 arithmetic, the clipping, the optimizer, the EMA and DeepSpeed's Python around them, hundreds of operator calls
 a step, and each batch shape keeps its own activation memory. Here one graph holds all of it, and every shape's
-graph draws its temporaries from one shared memory pool: nothing a graph makes outlives its replay (the
-weights, gradients, optimizer moments, EMA and the step ledger are allocated outside any capture and written in
-place), so the graphs can share the pool in any order.
+graph draws its temporaries (the gradients among them) from one shared memory pool: nothing a graph makes
+outlives its replay (the weights, optimizer moments, EMA and the step ledger are allocated outside any capture
+and written in place, and nothing a capture made is referenced after it), so the graphs can share the pool in
+any order.
 
 What a captured step needs, and where it comes from:
 - no host reads (the step's decisions live on the device: step_ledger.py, clipping.py; tested by the sync
   counter in tests/trainer/train/test_device_step.py);
-- no tensor made outside a capture and written inside it may be replaced later: the gradients are zeroed in
-  place rather than set to None, the ledger resets in place, the learning rate is a tensor on the device that
-  the schedule fills in place, and the stop request is a device flag;
-- every lazy allocation (gradients, optimizer moments, the property scale's device copy, cuBLAS handles) made
-  before capture: the first step of each shape runs eagerly (on a side stream, as CUDA's warm-up) and is a real
-  training step; the next step of that shape captures and replays;
+- no tensor made outside a capture and written inside it may be replaced later: the ledger resets in place, the
+  learning rate is a tensor on the device that the schedule fills in place, and the stop request is a device flag;
+- nothing made inside a capture is referenced after it: the gradients are made by each step's backward (from the
+  pool) and dropped at its end, as DeepSpeed's zero_grad drops them;
+- every lazy allocation (optimizer moments, the property scale's device copy, cuBLAS handles) made before
+  capture: the first step of each shape runs eagerly (on a side stream, as CUDA's warm-up) and is a real training
+  step; the next step of that shape captures and replays;
 - random draws from the device's default generator, which graphs advance on every replay.
 
 DeepSpeed's ``engine.step`` is not captured: its step counters and learning-rate schedule are Python state that

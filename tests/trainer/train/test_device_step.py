@@ -202,7 +202,6 @@ def persistent_tensors(trainer) -> dict:
     address). Holding the tensors keeps a replaced one's memory from being handed out again at the same address."""
     t = trainer
     named = {f"param {n}": p for n, p in t.model.named_parameters()}
-    named.update({f"grad {n}": p.grad for n, p in t.model.named_parameters() if p.grad is not None})
     named.update({f"optimizer {i} {k}": v for i, p in enumerate(t.trainable)
                   for k, v in t.optimizer.state[p].items()})
     named["lr"] = t.optimizer.param_groups[0]["lr"]
@@ -227,7 +226,7 @@ def test_the_whole_step_writes_every_persistent_tensor_in_place(world_of_one, qm
     for batch in batches:  # first visits: every shape's warm-up step allocates what it needs
         trainer.train_step(iter([dict(batch)]))
     trainer.read_record()
-    assert all(p.grad is not None for p in trainer.trainable)  # zeroed in place, never dropped
+    assert all(p.grad is None for p in trainer.trainable)  # made by each step's backward (in a graph: its pool)
     before = persistent_tensors(trainer)
     lrs = []
     for batch in batches:  # second visits: the path a replay takes
@@ -272,3 +271,56 @@ def test_the_whole_step_resumes_exactly(world_of_one, qm9_small, tmp_path):
         assert torch.equal(p, q), name
     for name, v in whole.ema.shadow.items():
         assert torch.equal(v, resumed.ema.shadow[name]), name
+
+
+class WeightCasts(TorchDispatchMode):
+    """bf16 casts of the given weights (by address), per weight."""
+
+    def __init__(self, addresses):
+        super().__init__()
+        self.addresses, self.casts = addresses, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 and \
+                args[0].data_ptr() in self.addresses:
+            self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+        return func(*args, **kwargs)
+
+
+def test_the_whole_step_casts_each_weight_to_bf16_once(world_of_one, qm9_small, tmp_path):
+    """Autocast's weight cache lives for the step's forward (inside the captured region on a GPU), so a weight
+    that both UniGEM branches read, the shared block's, is cast once per step, not once per call."""
+    trainer = make_trainer(qm9_small, tmp_path / "run", 'train.cuda_graphs="step"', "deepspeed.bf16=true")
+    batch = planted_batches(trainer, 2)[1]
+    trainer.train_step(iter([dict(batch)]))
+    addresses = {p.data_ptr(): name for name, p in trainer.model.named_parameters()}
+    with WeightCasts(set(addresses)) as counter:
+        trainer.train_step(iter([dict(batch)]))
+    shared = [a for a, name in addresses.items() if name.startswith("shared.")]
+    assert counter.casts and max(counter.casts.values()) == 1, max(counter.casts.values())
+    assert shared and any(a in counter.casts for a in shared), sorted(addresses.values())[:8]
+
+
+@pytest.mark.parametrize("settings", [("model.kind=edm", "model.properties=[]", "optimizer.warmup_steps=3"),
+                                      ("deepspeed.gradient_accumulation_steps=2",)],
+                         ids=["edm-warmup", "accumulation"])
+def test_the_whole_step_trains_as_deepspeeds_step_does(world_of_one, qm9_small, tmp_path, settings):
+    """The step body with DeepSpeed's forward, backward and step written out, against the engine itself: the same
+    weights, EMA and logged losses after the same batches (EDM with an lr warmup; UniGEM with 2 micro-batches)."""
+    runs = {}
+    for mode in ("false", '"step"'):
+        trainer = make_trainer(qm9_small, tmp_path / mode.strip('"'), f"train.cuda_graphs={mode}", *settings)
+        batches = trainer._batches()
+        for _ in range(5):
+            trainer.train_step(batches)
+        runs[mode] = (trainer, trainer.read_record())
+    (engine, engine_record), (whole, whole_record) = runs["false"], runs['"step"']
+    assert whole.whole_step and not engine.whole_step
+    for (name, p), q in zip(engine.model.named_parameters(), whole.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(whole.ema.shadow[name], engine.ema.shadow[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert whole_record["loss"] == pytest.approx(engine_record["loss"], rel=1e-5)
+    assert whole_record["lr"] == pytest.approx(engine_record["lr"])
+    assert (whole.engine.global_steps, whole.engine.micro_steps, whole.engine.global_samples) == \
+        (engine.engine.global_steps, engine.engine.micro_steps, engine.engine.global_samples)
