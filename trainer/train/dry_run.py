@@ -72,6 +72,7 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         "zero_stage": zero, "max_steps": cfg.train.max_steps,
         "lr": _lr_plan(cfg, world),
         "optimizer_steps_per_batch": cfg.optimizer.steps_per_batch,
+        "cuda_graphs": _graphs_plan(cfg, world),
         "loss_reduction": cfg.loss.reduction + (f", divided by {cfg.loss.nominal_batch} molecules whatever the batch"
                                                 if cfg.loss.nominal_batch else ""),
         "memory_per_rank_estimate": {
@@ -82,6 +83,16 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
         "deepspeed_config": deepspeed_config(cfg, world),  # exactly what deepspeed.initialize gets, as JSON
     })
     return out
+
+
+def _graphs_plan(cfg: RunConfig, world: int) -> str:
+    """What train.cuda_graphs will replay (Trainer.__init__ decides the same way)."""
+    scope = cfg.train.graph_scope
+    if scope == "step" and world > 1:
+        return (f"the network per batch shape: \"step\" (the whole step) runs at world size 1, this plan has "
+                f"{world} ranks (CUDA devices only)")
+    return {"off": "off", "network": "the network per batch shape (CUDA devices only)",
+            "step": "the whole training step per batch shape, one memory pool (CUDA devices only)"}[scope]
 
 
 def _lr_plan(cfg: RunConfig, world: int) -> str:

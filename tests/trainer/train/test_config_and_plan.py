@@ -34,6 +34,8 @@ def main_py(*args, **kw):
      "loss.reduction 'reference' is the released code's fixed-size batches"),
     ("data.half=third", "data.half must be one of ['first', 'second'] or null"),
     ('model.condition_on=["lumo"]', "model.condition_on and model.properties share ['lumo']"),
+    ("train.cuda_graphs=always", "train.cuda_graphs must be false, true (the same as \"network\") or \"step\""),
+    ('train.cuda_graphs="step" deepspeed.zero_stage=1', 'train.cuda_graphs "step" needs deepspeed.zero_stage 0'),
 ])
 def test_bad_config_fails_before_any_work(override, message):
     sets = [arg for part in override.split() for arg in ("--set", part)]
@@ -107,6 +109,11 @@ def test_dry_run_plans_64_gpus():
     assert "world_size                 64" in out
     assert "1 shared + 2 x 3" in out and "atom_types                 16" in out
     assert "dataset not reachable" in out  # no S3 here: said, not crashed
+    assert "cuda_graphs                off" in out
+    r = main_py("--config", "cluster/geom_64gpu.json", "--set", 'train.cuda_graphs="step"', "--set",
+                "deepspeed.zero_stage=0", "--dry-run")
+    assert 'the network per batch shape: "step" (the whole step) runs at world size 1, this plan has 64 ranks' \
+        in r.stdout, r.stderr
 
 
 def test_dry_run_counts_steps_per_epoch(qm9_small):
