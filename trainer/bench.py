@@ -278,7 +278,7 @@ def main(argv=None):
         report[f"sample_speedup_vs_{key}"] = results[ref]["sample_step_ms"] / report["sample_step_ms"]
     if args.engine:
         with tempfile.TemporaryDirectory() as run_dir, _environ_restored():
-            engine_step, describe = engine_step_function(args, manifest, properties, batch, run_dir)
+            engine_step, describe, trainer = engine_step_function(args, manifest, properties, batch, run_dir)
             times = interleaved_medians({"model": train_step, "engine": engine_step}, device, args.warmup, args.iters)
             engine_counts = step_counts(engine_step, repeats=3)
             report["engine"] = {"train_step_ms": 1e3 * times["engine"],
@@ -288,6 +288,10 @@ def main(argv=None):
                                 "operator_calls": engine_counts["calls"], "counts": engine_counts,
                                 "kernels_over_model": engine_counts["kernels"] / counts["train_step"]["kernels"],
                                 "parts": describe()}
+            if trainer.step_graphs is not None:
+                # a replay makes no operator call on the host: what remains is the step with its body taken out
+                trainer.step_graphs.body = lambda static: None
+                report["engine"]["host_calls_per_replayed_step"] = step_counts(engine_step, repeats=1)["calls"]
         from molscale.trainer.train.distributed import end_process_group
         end_process_group()  # the world of one the Trainer needed; leave the process as we found it
     print(json.dumps(report) if args.json else format_report(report, results))
@@ -316,9 +320,9 @@ def bench_properties(model_kind: str, manifest) -> list[str]:
 
 
 def engine_step_function(args, manifest, properties: list[str], batch: dict, run_dir: str):
-    """(step, describe): ``step()`` runs Trainer.train_step on ``batch`` (the trainer copies it to its device, as it
-    copies loader batches); ``describe()`` names what ran. A world of one rank; the engine's device is DeepSpeed's
-    accelerator, so a CPU benchmark sets DS_ACCELERATOR=cpu."""
+    """(step, describe, trainer): ``step()`` runs Trainer.train_step on ``batch`` (the trainer copies it to its
+    device, as it copies loader batches); ``describe()`` names what ran. A world of one rank; the engine's device is
+    DeepSpeed's accelerator, so a CPU benchmark sets DS_ACCELERATOR=cpu."""
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from molscale.trainer.train.config import load_config
@@ -348,7 +352,7 @@ def engine_step_function(args, manifest, properties: list[str], batch: dict, run
                 f"{opt.amsgrad}{fused}, clipping {opt.clip}, EMA {opt.ema_decay}, steps_per_batch "
                 f"{opt.steps_per_batch}, {trainer.host_reads} host reads per step, train.cuda_graphs "
                 f"{cfg.train.graph_scope}")
-    return step, describe
+    return step, describe, trainer
 
 
 def format_report(report, results):
@@ -383,6 +387,9 @@ def format_report(report, results):
                      f"{c['edge_MB']:9.1f} MB edge-shaped writes {c['GFLOP']:8.2f} GFLOP "
                      f"({e['kernels_over_model']:.2f}x the model-only step's kernels)")
         lines.append(f"  real step parts: {e['parts']}")
+        if "host_calls_per_replayed_step" in e:
+            lines.append(f"  operator calls left to the host once the step is a graph: "
+                         f"{e['host_calls_per_replayed_step']:,} (plus the batch's copies to a GPU)")
     return "\n".join(lines)
 
 

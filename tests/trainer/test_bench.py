@@ -81,6 +81,8 @@ def test_bench_times_the_trainers_real_step_and_names_its_parts(qm9_small, capsy
     for part in ("DeepSpeed", "ZeRO-0", "clipping adaptive", "EMA 0.9999", "0 host reads per step",
                  f"train.cuda_graphs {graphs}"):
         assert part in engine["parts"], part
+    # once the whole step is a graph the host copies the batch's 5 tensors into its buffers and replays
+    assert engine.get("host_calls_per_replayed_step") == (5 if graphs == "step" else None)
 
 
 def test_bench_engine_needs_a_dataset():

@@ -350,6 +350,7 @@ class Trainer:
         the loss scaled by 1/accumulation, the optimizer's steps, the gradients dropped afterwards)."""
         ga, adaptive = len(micro), self.cfg.optimizer.clip == "adaptive"
         totals = (None, None, None)
+        self._drop_grads()  # (after a capture that failed part-way they would hold what its backward never ran)
         for batch in micro:
             with self._autocast():
                 losses = self.model(batch)
@@ -363,10 +364,13 @@ class Trainer:
             self.optimizer.step()
         # as DeepSpeed's zero_grad: the next backward makes them anew (in a capture, from the graph's pool; nothing
         # made inside a capture is referenced after it)
-        for p in self.trainable:
-            p.grad = None
+        self._drop_grads()
         self.optimizer.found_inf = None
         self._after_update(names, totals, skip, grad_norm, threshold, adaptive)
+
+    def _drop_grads(self) -> None:
+        for p in self.trainable:
+            p.grad = None
 
     def _autocast(self):
         """bf16 autocast as DeepSpeed's forward applies it (``deepspeed.bf16``), else nothing."""

@@ -324,3 +324,19 @@ def test_the_whole_step_trains_as_deepspeeds_step_does(world_of_one, qm9_small, 
     assert whole_record["lr"] == pytest.approx(engine_record["lr"])
     assert (whole.engine.global_steps, whole.engine.micro_steps, whole.engine.global_samples) == \
         (engine.engine.global_steps, engine.engine.micro_steps, engine.engine.global_samples)
+
+
+def test_a_replayed_whole_step_leaves_the_host_only_the_batch_copies_and_the_schedule(world_of_one, qm9_small,
+                                                                                     tmp_path):
+    """What the host still launches per step once a shape's graph exists: the step body runs inside the graph (a
+    replay makes no operator call on the host), so only the copies into the graph's input buffers and the lr
+    schedule's fill remain (a GPU adds the batch's host-to-device copies). Counted here with the body taken out."""
+    trainer = make_trainer(qm9_small, tmp_path / "run", 'train.cuda_graphs="step"', "optimizer.warmup_steps=5")
+    batch = planted_batches(trainer, 2)[1]
+    for _ in range(2):  # the shape's warm-up step, then a step on its input buffers
+        trainer.train_step(iter([dict(batch)]))
+    trainer.step_graphs.body = lambda static: None
+    with SyncCounter() as counter:
+        trainer.train_step(iter([dict(batch)]))
+    inputs = sum(torch.is_tensor(v) for v in batch.values())
+    assert not counter.syncs and inputs <= counter.calls <= inputs + 3, (counter.calls, inputs)
