@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: commands run from here, as the README runs them
@@ -114,6 +115,15 @@ def metrics(run_dir):
     """The rows of a run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def wait_for_rows(proc, run_dir, rows: int, timeout: float, poll: float = 0.02) -> None:
+    """Wait until the launched run has logged ``rows`` metrics rows, ended, or ``timeout`` seconds passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(metrics(run_dir)) >= rows:
+            return
+        time.sleep(poll)
 
 
 def log_tail(run_dir):

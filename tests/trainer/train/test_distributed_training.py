@@ -15,7 +15,7 @@ import psutil
 import pytest
 import webdataset as wds
 
-from tests.support import LAUNCH_STEPS, finish, launch, log_tail, metrics
+from tests.support import LAUNCH_STEPS, finish, launch, log_tail, metrics, wait_for_rows
 
 STEPS = LAUNCH_STEPS
 
@@ -88,11 +88,7 @@ def test_kill_and_resume_gives_the_same_losses(reference_run, s3_data, tmp_path)
 def test_sigterm_saves_a_checkpoint_and_exits_zero(reference_run, s3_data, tmp_path):
     run_dir = tmp_path / "preempted"
     proc = launch(run_dir, s3_data)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 13:
-            break
-        time.sleep(0.1)
+    wait_for_rows(proc, run_dir, 13, timeout=400, poll=0.1)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if any("trainer/main.py" in part for part in p.cmdline())
              and "deepspeed.launcher" not in " ".join(p.cmdline())]

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from tests.support import ROOT, finish, launch, log_tail, metrics
+from tests.support import ROOT, finish, launch, log_tail, metrics, wait_for_rows
 
 STEPS = 16
 SETTINGS = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "evaluation.every_steps=0",
@@ -65,11 +65,7 @@ def test_sigterm_to_every_process_saves_and_resumes_exactly(reference_with_worke
     wrapper.write_text(RECORD_EXIT)
     run_dir = tmp_path / "preempted"
     proc = launch(run_dir, qm9_small, *SETTINGS, script=str(wrapper))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5:
-            break
-        time.sleep(0.02)
+    wait_for_rows(proc, run_dir, 5, timeout=120)
     assert proc.poll() is None, "the run ended before it could be preempted:\n" + log_tail(run_dir)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     [agent] = [p for p in tree if "deepspeed.launcher.launch" in " ".join(cmdline(p))]

@@ -5,9 +5,8 @@ step and says so."""
 from __future__ import annotations
 
 import signal
-import time
 
-from tests.support import finish, launch, log_tail, metrics
+from tests.support import finish, launch, log_tail, metrics, wait_for_rows
 
 
 def whole_log(run_dir) -> str:
@@ -27,11 +26,7 @@ def test_a_whole_step_run_is_preempted_and_resumes_exactly(qm9_small, tmp_path):
 
     run_dir = tmp_path / "preempted"
     proc = launch(run_dir, qm9_small, *SETTINGS, ranks=1, launcher="python")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5:
-            break
-        time.sleep(0.02)
+    wait_for_rows(proc, run_dir, 5, timeout=120)
     assert proc.poll() is None, "the run ended before it could be preempted:\n" + log_tail(run_dir)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc) == 0, log_tail(run_dir)
