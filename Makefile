@@ -49,10 +49,11 @@ bench: $(STAMP)
 	$(PY) -m datasets bench data/qm9
 	$(PY) -m trainer.bench
 
-# make gpu-check - the numbers that matter on one GPU in under 8 minutes (install the CUDA build first:
-#   make gpu-check TORCH=torch): trainer.bench per kernel path in bf16 and fp32, compiled-vs-eager equality on the
-#   GPU, 45 s of real training per path (molecules/s from metrics.jsonl), then 10,000 molecules sampled with
-#   20 steps and the time scaled to 1000 steps (trainer/gpu_check.py; results in runs/gpu_check/gpu_check.json).
+# make gpu-check - the numbers that matter on one GPU in one run of about 8 minutes (install the CUDA build first:
+#   make gpu-check TORCH=torch): trainer.bench per kernel path in bf16 and fp32, compiled, fused and whole-step
+#   graphs against eager on the GPU, 30 s of real training per path from its first logged step (molecules/s from
+#   metrics.jsonl), then 10,000 molecules sampled with 20 steps and the time scaled to 1000 steps
+#   (trainer/gpu_check.py; results in runs/gpu_check/gpu_check.json).
 gpu-check: $(STAMP)
 	test -f data/qm9/manifest.json || $(PY) -m datasets build qm9 --out data/qm9
 	$(PY) -m trainer.gpu_check --data data/qm9 --out runs/gpu_check

@@ -1,6 +1,6 @@
 """The numbers that matter on one GPU, in one short run (`make gpu-check`).
 
-    python -m trainer.gpu_check [--data data/qm9] [--out runs/gpu_check] [--train-seconds 60] [--samples 10000]
+    python -m trainer.gpu_check [--data data/qm9] [--out runs/gpu_check] [--train-seconds 30] [--samples 10000]
     python -m trainer.gpu_check --device cpu --quick --data DATASET --out DIR    # a rehearsal on the CPU
 
 Each part runs as its own process with a time limit, so one failure does not lose the others; results go to
@@ -16,11 +16,10 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    gradient, by GPU kernel time of one block's forward and backward at the recipe's size and of a forward alone
    at a sampling chunk's (set them with MOLSCALE_FUSED_TILES, MOLSCALE_FUSED_FORWARD_TILES, MOLSCALE_FUSED_WGRAD);
 3. training: `trainer/main.py` with the paper's QM9 recipe (cluster/qm9_1gpu.json) for --train-seconds per path
-   (the network as CUDA graphs, and the whole step as one graph per batch shape, each in bf16 and in TF32; the
-   whole step with fused kernels; compiled blocks in bf16; fused kernels with the network's graphs in bf16),
-   stopped by SIGTERM (which saves a
-   checkpoint); training molecules/s is the median of metrics.jsonl's lines after the first two (graph captures
-   and compilation happen there);
+   from its first logged step (by default: the network as CUDA graphs in bf16, the whole step as one graph per
+   batch shape in bf16 and TF32 and with fused kernels, compiled blocks in bf16; also selectable: the network's
+   graphs in TF32 and with fused kernels), stopped by SIGTERM (which saves a checkpoint); training molecules/s is
+   the median of metrics.jsonl's lines after the first two (graph captures and compilation happen mostly there);
 4. sampling: the network's sampling speed in this process (no Ray, no RDKit): --samples molecules drawn from the
    dataset's histogram, sampled with 20 denoising steps (21 network evaluations; 4 steps with --quick) by the
    first training path's checkpoint (a fresh recipe model if there is none), eager and fused, bf16 autocast as
@@ -61,6 +60,9 @@ TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]
                ("graphs-tf32", ["train.cuda_graphs=true", "deepspeed.bf16=false"]),
                ("step-tf32", ["train.cuda_graphs=\"step\"", "deepspeed.bf16=false"]),
                ("fused-bf16", ["model.kernel=\"fused\"", "train.cuda_graphs=true", "deepspeed.bf16=true"])]
+# what `make gpu-check` trains unless told otherwise: the baseline, the whole-step paths and compiled blocks (the
+# network's graphs in TF32 and with fused kernels were measured on the H200: BENCHMARKS.md); about 1 minute each
+DEFAULT_TRAIN_PATHS = ["graphs-bf16", "step-bf16", "step-fused-bf16", "compiled-bf16", "step-tf32"]
 # the fused kernels' GPU tiles tried by `tune`: (rows i, columns j, feature chunk, warps), the defaults first
 # (model/fused_edges.py); each choice compiles its kernels (a few seconds each). Training tiles run a block's
 # forward and backward at the recipe's batch; forward tiles a forward alone at a sampling chunk's size
@@ -86,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/qm9", help="a built QM9 dataset (python -m datasets build qm9)")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
     p.add_argument("--config", default="cluster/qm9_1gpu.json", help="the training recipe")
-    p.add_argument("--train-seconds", type=float, default=45.0,
+    p.add_argument("--train-seconds", type=float, default=30.0,
                    help="training time per path, from its first logged step, before SIGTERM")
     p.add_argument("--samples", type=int, default=10000, help="molecules to sample")
     p.add_argument("--parts", default=",".join(PARTS),
@@ -94,9 +96,9 @@ def parse_args(argv=None):
                         f"generate read the first training path's checkpoint)")
     p.add_argument("--bench-runs", default=",".join(bench_runs()),
                    help=f"the bench's runs, DTYPE-KERNEL, in the order given (default: {','.join(bench_runs())})")
-    p.add_argument("--train-paths", default=",".join(name for name, _ in TRAIN_PATHS),
-                   help="the training paths to run, in the order given (default: all; the first one trained "
-                        "is the one sampled from)")
+    p.add_argument("--train-paths", default=",".join(DEFAULT_TRAIN_PATHS),
+                   help=f"the training paths to run, in the order given, of {','.join(n for n, _ in TRAIN_PATHS)} "
+                        f"(default: {','.join(DEFAULT_TRAIN_PATHS)}; the first one trained is the one sampled from)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and few iterations (the CPU rehearsal; the numbers mean nothing)")
     return p.parse_args(argv)
