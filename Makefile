@@ -49,7 +49,8 @@ bench: $(STAMP)
 	$(PY) -m datasets bench data/qm9
 	$(PY) -m trainer.bench
 
-# make gpu-check - the numbers that matter on one GPU in one run of about 8 minutes (install the CUDA build first:
+# make gpu-check - the numbers that matter on one GPU in one short run (an H200 run with 3 training paths took 323 s,
+#   BENCHMARKS.md; the default now trains 5; install the CUDA build first:
 #   make gpu-check TORCH=torch): trainer.bench per kernel path in bf16 and fp32, compiled, fused and whole-step
 #   graphs against eager on the GPU, 30 s of real training per path from its first logged step (molecules/s from
 #   metrics.jsonl), then 10,000 molecules sampled with 20 steps and the time scaled to 1000 steps
