@@ -120,11 +120,11 @@ def run(cmd: list[str], args, timeout: float, log_name: str, stop_after: float |
     with open(os.path.join(args.out, f"{log_name}.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(args), cwd=ROOT)
         if stop_after is not None and clock_starts_at is not None:
-            waited = 0.0
-            while not _has_content(clock_starts_at) and proc.poll() is None and waited < timeout - stop_after:
+            began = time.monotonic()
+            while not _has_content(clock_starts_at) and proc.poll() is None \
+                    and time.monotonic() - began < timeout - stop_after:
                 time.sleep(0.2)
-                waited += 0.2
-            timeout -= waited
+            timeout -= time.monotonic() - began
         try:
             return proc.wait(timeout=stop_after if stop_after is not None else timeout)
         except subprocess.TimeoutExpired:
@@ -192,10 +192,8 @@ def equality(args) -> dict:
     results = {}
     for kernel in KERNELS[1:]:
         loss_k, grads_k = outputs[kernel]
-        results[kernel] = {
-            "loss_rel_diff": float((loss_k - loss_e).abs() / loss_e.abs().clamp_min(1e-12)),
-            "grad_rel_diff": max(float((k - e).abs().max() / e.abs().max().clamp_min(1e-12))
-                                 for k, e in zip(grads_k, grads_e))}
+        results[kernel] = {"loss_rel_diff": _max_rel_diff([loss_k], [loss_e]),
+                           "grad_rel_diff": _max_rel_diff(grads_k, grads_e)}
     results["whole_step"] = whole_step_equality(args)
     return results
 
@@ -243,12 +241,14 @@ def whole_step_equality(args) -> dict:
         finally:
             end_process_group()
     (weights_g, ema_g, loss_g, graphs), (weights_e, ema_e, loss_e, _) = runs["graphs"], runs["eager"]
-
-    def rel(a, b):
-        return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
     return {"steps": WHOLE_STEP_BATCHES * WHOLE_STEP_VISITS, "graphs": graphs,
-            "weight_rel_diff": rel(weights_g, weights_e), "ema_rel_diff": rel(ema_g, ema_e),
+            "weight_rel_diff": _max_rel_diff(weights_g, weights_e), "ema_rel_diff": _max_rel_diff(ema_g, ema_e),
             "loss_graphs_eager": [loss_g, loss_e]}
+
+
+def _max_rel_diff(got, reference) -> float:
+    """Over pairs of tensors: the largest absolute difference relative to the reference's largest value."""
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(got, reference))
 
 
 def tune(args) -> dict:

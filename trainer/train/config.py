@@ -176,8 +176,13 @@ class TrainSection:
 
     @property
     def graph_scope(self) -> str:
-        """What train.cuda_graphs replays as CUDA graphs: 'off', 'network' or 'step'."""
+        """What train.cuda_graphs asks to replay as CUDA graphs: 'off', 'network' or 'step'."""
         return {False: "off", True: "network"}.get(self.cuda_graphs, self.cuda_graphs)
+
+    def graph_scope_at(self, world_size: int) -> str:
+        """What a run of ``world_size`` ranks replays: 'step' needs one rank (DeepSpeed's all-reduce runs from its
+        Python backward, which a graph would not rerun); with more, the network's graphs."""
+        return "network" if self.graph_scope == "step" and world_size > 1 else self.graph_scope
 
     def validate(self) -> None:
         _require(self.cuda_graphs in (False, True, "network", "step"),

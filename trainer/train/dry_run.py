@@ -87,8 +87,8 @@ def plan(cfg: RunConfig, manifest: Manifest | None, note: str | None = None) -> 
 
 def _graphs_plan(cfg: RunConfig, world: int) -> str:
     """What train.cuda_graphs will replay (Trainer.__init__ decides the same way)."""
-    scope = cfg.train.graph_scope
-    if scope == "step" and world > 1:
+    scope = cfg.train.graph_scope_at(world)
+    if scope != cfg.train.graph_scope:
         return (f"the network per batch shape: \"step\" (the whole step) runs at world size 1, this plan has "
                 f"{world} ranks (CUDA devices only)")
     return {"off": "off", "network": "the network per batch shape (CUDA devices only)",

@@ -111,10 +111,9 @@ class Trainer:
         if self.rank == 0:  # only once the inputs passed: a refused start leaves the run directory as it was
             write_config(cfg, run_dir)
 
-        scope = cfg.train.graph_scope
-        # the whole step as one graph needs DeepSpeed's step out of the way: one rank (step_graph.py)
-        self.whole_step = scope == "step" and self.world_size == 1
-        if scope == "step" and not self.whole_step and self.rank == 0:
+        scope = cfg.train.graph_scope_at(self.world_size)
+        self.whole_step = scope == "step"  # step_graph.py
+        if scope != cfg.train.graph_scope and self.rank == 0:
             log.info("train.cuda_graphs \"step\" runs at world size 1; with %d ranks DeepSpeed's step (and its "
                      "all-reduce) stays eager and the network runs as CUDA graphs", self.world_size)
         o = cfg.optimizer
@@ -146,10 +145,11 @@ class Trainer:
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
         self.clipper = AdaptiveClipper(o.clip_history, device=self.device)
         self.ledger = StepLedger(self.device, cfg.train.max_nonfinite_in_row)
+        # this rank's SIGTERM request as the step reads it (a device scalar: a graph reads it on every replay)
+        self._stop_flag = torch.zeros((), device=self.device)
         self.step_graphs = None
         if self.whole_step:
             self.model.fixed_shapes = True  # no size chunks inside a step: a graph holds one shape
-            self._stop_flag = torch.zeros((), device=self.device)  # the SIGTERM request as the graph reads it
             self.step_graphs = StepGraphs(self._device_step, capture=self.device.type == "cuda")
         self.host_reads = 0
         self.step = 0
@@ -300,15 +300,12 @@ class Trainer:
         threshold = grad_norm = skip = None
         molecules, wait = 0, 0.0
         for _ in range(ga):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            molecules += int(batch["num_atoms"].shape[0])  # known on the host before the copy
-            batch = self._to_device(batch)
-            wait += time.perf_counter() - t0
+            batch, count, seconds = self._next_batch(batches)
+            molecules, wait = molecules + count, wait + seconds
             if self.cfg.loss.reduction == "reference" and self.world_size > 1:
                 batch["reference_atoms"] = self._global_largest_molecule(batch)
             losses = self.engine(batch)
-            names, packed = self._pack(losses, float(self._sigterm))
+            names, packed = self._pack(losses)
             totals = self._add_micro(totals, packed, ga)
             # a non-finite loss still runs its backward: whether to apply the update is decided on the device
             self.engine.backward(losses["loss"])
@@ -331,18 +328,20 @@ class Trainer:
         """The step as one CUDA graph per batch shape (step_graph.py): the batches are copied into the graph's
         buffers, the graph replays ``_device_step``, and the host then advances what DeepSpeed's step would."""
         ga = self.cfg.deepspeed.gradient_accumulation_steps
-        micro, molecules, wait = [], 0, 0.0
-        for _ in range(ga):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            molecules += int(batch["num_atoms"].shape[0])
-            micro.append(self._to_device(batch))
-            wait += time.perf_counter() - t0
+        micro, counts, waits = zip(*(self._next_batch(batches) for _ in range(ga)))
+        self.step_graphs.run(list(micro))
+        self._engine_bookkeeping(ga)
+        self.ledger.count(sum(counts), sum(waits))
+
+    def _next_batch(self, batches) -> tuple[dict, int, float]:
+        """(the next batch on the run's device, its molecules, seconds spent getting it); a SIGTERM that came
+        before it is raised in the flag its forward reads."""
         if self._sigterm:
             self._stop_flag.fill_(1.0)
-        self.step_graphs.run(micro)
-        self._engine_bookkeeping(ga)
-        self.ledger.count(molecules, wait)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        molecules = int(batch["num_atoms"].shape[0])  # known on the host before the copy
+        return self._to_device(batch), molecules, time.perf_counter() - t0
 
     def _device_step(self, micro: list[dict]) -> None:
         """One whole training step's device work, what step_graph.py captures: the same arithmetic as
@@ -354,7 +353,7 @@ class Trainer:
         for batch in micro:
             with self._autocast():
                 losses = self.model(batch)
-            names, packed = self._pack(losses, self._stop_flag)
+            names, packed = self._pack(losses)
             totals = self._add_micro(totals, packed, ga)
             (losses["loss"] / ga).backward()
         threshold, grad_norm = self._clip(adaptive)
@@ -378,15 +377,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(accelerator().device_name(), dtype=torch.bfloat16)
 
-    def _pack(self, losses: dict, stop_flag) -> tuple[list[str], torch.Tensor]:
+    def _pack(self, losses: dict) -> tuple[list[str], torch.Tensor]:
         """(term names, one vector [non-finite flag, stop request, loss terms]): with several ranks one all-reduce
-        makes them every rank's, so that every rank takes the same decisions in the same step. ``stop_flag``: the
-        host's flag (passed as a kernel argument: no copy) or a device scalar."""
+        makes them every rank's, so that every rank takes the same decisions in the same step."""
         names = sorted(losses)
         values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
-        stop = values.new_full((1,), stop_flag) if isinstance(stop_flag, float) else \
-            stop_flag.reshape(1).to(values.dtype)
-        packed = torch.cat([(~torch.isfinite(values)).any().to(values.dtype).reshape(1), stop,
+        packed = torch.cat([(~torch.isfinite(values)).any().to(values.dtype).reshape(1),
+                            self._stop_flag.reshape(1).to(values.dtype),
                             torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
         if self.world_size > 1:
             dist.all_reduce(packed)
