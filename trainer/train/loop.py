@@ -305,6 +305,7 @@ class Trainer:
             if self.cfg.loss.reduction == "reference" and self.world_size > 1:
                 batch["reference_atoms"] = self._global_largest_molecule(batch)
             losses = self.engine(batch)
+            self._raise_stop_flag()
             names, packed = self._pack(losses)
             totals = self._add_micro(totals, packed, ga)
             # a non-finite loss still runs its backward: whether to apply the update is decided on the device
@@ -329,15 +330,13 @@ class Trainer:
         buffers, the graph replays ``_device_step``, and the host then advances what DeepSpeed's step would."""
         ga = self.cfg.deepspeed.gradient_accumulation_steps
         micro, counts, waits = zip(*(self._next_batch(batches) for _ in range(ga)))
+        self._raise_stop_flag()  # before the replay that reads it
         self.step_graphs.run(list(micro))
         self._engine_bookkeeping(ga)
         self.ledger.count(sum(counts), sum(waits))
 
     def _next_batch(self, batches) -> tuple[dict, int, float]:
-        """(the next batch on the run's device, its molecules, seconds spent getting it); a SIGTERM that came
-        before it is raised in the flag its forward reads."""
-        if self._sigterm:
-            self._stop_flag.fill_(1.0)
+        """(the next batch on the run's device, its molecules, seconds spent getting it)."""
         t0 = time.perf_counter()
         batch = next(batches)
         molecules = int(batch["num_atoms"].shape[0])  # known on the host before the copy
@@ -376,6 +375,11 @@ class Trainer:
         if not self.cfg.deepspeed.bf16:
             return contextlib.nullcontext()
         return torch.autocast(accelerator().device_name(), dtype=torch.bfloat16)
+
+    def _raise_stop_flag(self) -> None:
+        """A SIGTERM this rank has had, into the device flag that ``_pack`` sends to every rank."""
+        if self._sigterm:
+            self._stop_flag.fill_(1.0)
 
     def _pack(self, losses: dict) -> tuple[list[str], torch.Tensor]:
         """(term names, one vector [non-finite flag, stop request, loss terms]): with several ranks one all-reduce
