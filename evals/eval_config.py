@@ -37,6 +37,11 @@ class FromSplit:
 MoleculeSource = FromModel | FromFile | FromSplit
 
 
+# What --cuda-graphs replays on GPU samplers: nothing, the network per chunk shape, or each whole denoising step
+# (network, update and noise; trainer/model/denoising_graphs.py), the network's graphs serving the rest.
+SAMPLING_GRAPHS = ("off", "network", "step")
+
+
 def _at_least_one(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise InputError(f"{option} must be at least 1 (got {value})")
@@ -88,7 +93,7 @@ class SamplingSettings:
     sampler: str = "ancestral"
     seed: int = 0
     workers: int | None = None
-    cuda_graphs: bool = False
+    cuda_graphs: str = "off"  # one of SAMPLING_GRAPHS
     precision: str = "fp32"
     kernel: str | None = None
 
@@ -101,6 +106,8 @@ class SamplingSettings:
             _at_least_one("--steps", steps)
         if self.steps is not None and (not self.steps or len(set(self.steps)) != len(self.steps)):
             raise InputError(f"--steps {self.steps}: give one or more distinct step counts")
+        if self.cuda_graphs not in SAMPLING_GRAPHS:
+            raise InputError(f"--cuda-graphs {self.cuda_graphs!r}: choose one of {list(SAMPLING_GRAPHS)}")
 
 
 @dataclass(frozen=True)

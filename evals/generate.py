@@ -38,7 +38,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    from molscale.evals.eval_config import EvalConfig, SamplingSettings
+    from molscale.evals.eval_config import SAMPLING_GRAPHS, EvalConfig, SamplingSettings
     from molscale.trainer.model.egnn import KERNELS
     from molscale.trainer.model.sampling import GUIDE_FROM, GUIDE_ON, GUIDE_ON_DEFAULT, GUIDE_SCALE, SAMPLERS
     p = argparse.ArgumentParser(
@@ -119,9 +119,13 @@ def parse_args(argv=None):
                    help="load a checkpoint whose states file pickles more than tensors and plain data (refused "
                         "by default: unpickling it runs code from the file). Only for files you trust, as GEOM's "
                         "--trust-pickle")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="on GPU samplers, replay the network as CUDA graphs captured per chunk shape (fewer launches; "
-                        "helps small chunks, where the GPU waits on the host)")
+    p.add_argument("--cuda-graphs", nargs="?", const="network", default=SamplingSettings.cuda_graphs,
+                   choices=SAMPLING_GRAPHS,
+                   help="on GPU samplers, replay CUDA graphs captured per chunk shape: 'network' (the bare flag) the "
+                        "network; 'step' each whole denoising step (network, update and noise: one launch a step, "
+                        "for the ancestral and DDIM samplers without guidance; the rest as 'network'). Fewer "
+                        "launches; helps small chunks, where the GPU waits on the host. The same molecules either "
+                        "way; CPU samplers run the same steps without graphs")
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default=SamplingSettings.precision,
                    help="the network's matrix products while sampling: fp32 (as the research code samples; default), "
                         "tf32 (TF32 tensor cores on GPUs) or bf16 (autocast, as bf16 training; coordinates stay "

@@ -58,7 +58,7 @@ def sampler_actor_class(ray):
     class Sampler:
         """Holds the EMA model of one checkpoint; samples chunks of molecules."""
 
-        def __init__(self, checkpoint: str, cuda_graphs: bool = False, precision: str = "fp32",
+        def __init__(self, checkpoint: str, cuda_graphs: str = "off", precision: str = "fp32",
                      kernel: str | None = None):
             import torch
 
@@ -68,8 +68,9 @@ def sampler_actor_class(ray):
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.loaded = load_for_eval(checkpoint, self.device, kernel=kernel)
             self.kernel = effective_kernel(self.loaded.model, self.device)
-            if cuda_graphs and self.device == "cuda":
+            if cuda_graphs != "off" and self.device == "cuda":  # ("step": for what whole-step graphs leave)
                 self.loaded.model.use_cuda_graphs()
+            self.step_graphs = cuda_graphs == "step"
             self.precision = precision
             if self.device == "cuda":  # this process is the actor's own: the flag touches nothing else
                 torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
@@ -85,7 +86,8 @@ def sampler_actor_class(ray):
             # bf16: the network's Linear layers under autocast, as in bf16 training; coordinates stay float32
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = sample(self.loaded.model, torch.tensor(num_atoms), steps=steps, generator=generator,
-                             device=self.device, sampler=sampler, guidance=guidance, condition=condition)
+                             device=self.device, sampler=sampler, guidance=guidance, condition=condition,
+                             step_graphs=self.step_graphs)
             return {"z": out["z"].cpu().numpy().astype(np.uint8), "pos": out["pos"].float().cpu().numpy(),
                     "num_atoms": out["num_atoms"].cpu().numpy(),
                     "node": ray.get_runtime_context().get_node_id(), "kernel": self.kernel,

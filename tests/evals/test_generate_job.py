@@ -40,6 +40,8 @@ def test_bad_input_is_refused_before_ray_starts(tiny_checkpoint, qm9_small, tmp_
     assert r.returncode == 2 and "must be positive, or 0" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--scorer", tiny_checkpoint, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "it needs --guide" in r.stderr
+    r = generate("--checkpoint", tiny_checkpoint, "--cuda-graphs", "all", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--cuda-graphs: invalid choice: 'all'" in r.stderr
     r = generate("--checkpoint", tiny_checkpoint, "--steps", "10,x", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "'10,x' is not a list of integers" in r.stderr
     r = generate("--dataset", qm9_small, "--steps", "10,5", "--out", str(tmp_path / "o"))
@@ -68,10 +70,14 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     mols = read_sdf_coords(out / "samples.sdf")
     assert len(mols) == 24
-    r1 = generate(*common, "--workers", "1", "--no-wandb", "--property", "--out", str(tmp_path / "one"))
+    # whole-step graphs: the same molecules (on a CPU the graphs' steps run eagerly, from their device tables)
+    r1 = generate(*common, "--workers", "1", "--no-wandb", "--property", "--cuda-graphs", "step",
+                  "--out", str(tmp_path / "one"))
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert read_sdf_coords(tmp_path / "one" / "samples.sdf") == mols
-    lumo = json.loads((tmp_path / "one" / "metrics.json").read_text())["property_mae"]["lumo"]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["source"]["cuda_graphs"] == "step" and metrics["source"]["cuda_graphs"] == "off"
+    lumo = one["property_mae"]["lumo"]
     assert lumo["unit"] == "meV" and lumo["mae"] > 0 and lumo["n"] > 0
     assert lumo["predictor"] == "model" and lumo["baseline_mae"] > 0  # the train-mean baseline, same split
     assert lumo["atom_count_mae"] > 0 and lumo["atom_count_fit"].endswith(" train")  # the model's own train split
@@ -82,7 +88,7 @@ def test_generate_locally_writes_every_output_and_depends_only_on_the_seed(tiny_
     assert read_sdf_coords(tmp_path / "other" / "samples.sdf") != mols
     other = json.loads((tmp_path / "other" / "metrics.json").read_text())
     source = other["source"]
-    assert (source["precision"], source["cuda_graphs"], source["sampler"]) == ("bf16", False, "dpm2m")
+    assert (source["precision"], source["cuda_graphs"], source["sampler"]) == ("bf16", "off", "dpm2m")
     assert (source["steps"], source["network_evaluations"]) == (10, 11)
     guidance = other["guidance"]
     assert (guidance["property"], guidance["target"], guidance["start"]) == ("lumo", -300.0, 300)

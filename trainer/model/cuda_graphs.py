@@ -20,8 +20,12 @@ Requirements the network meets (tests/trainer/model/test_host_syncs.py): no host
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
+
+log = logging.getLogger("trainer")
 
 
 class _BoundNetwork(nn.Module):
@@ -115,3 +119,68 @@ class DenoiseGraphs:
 def _eager_keys(fn, tensors, static):
     with torch.no_grad():
         return fn(*tensors, **static).keys()
+
+
+class BodyGraphs:
+    """Runs ``body()`` (device work only, on tensors that live outside it and are written in place) as one CUDA
+    graph per key: a whole training step (trainer/train/step_graph.py) or a whole denoising step
+    (trainer/model/denoising_graphs.py).
+
+    The first run of a key is eager, on a side stream (CUDA's warm-up: lazy allocations and library handles are
+    made outside any capture, and the run is a real one); the second captures and replays; later runs replay. All
+    keys' graphs take their temporaries from one memory pool: a body leaves nothing it made referenced after it,
+    so the graphs can share the pool in any order. ``generators``: torch.Generators the body draws from besides
+    the device's default one, registered with each graph so that a replay draws what the eager body would.
+    ``capture=False`` (no CUDA) runs the body eagerly every time. A capture that fails is logged once
+    (``what`` names the body) and every later run is eager."""
+
+    def __init__(self, capture: bool, what: str, generators=()):
+        self.capture, self.what, self.generators = capture, what, list(generators)
+        self.graphs: dict = {}  # key -> torch.cuda.CUDAGraph once captured, None after the warm-up
+        self.pool = None  # made at the first capture
+        self.failed: str | None = None  # why capture was given up
+
+    def run(self, key, body) -> None:
+        if key not in self.graphs:
+            self.graphs[key] = None
+            self._warm_up(body)
+            return
+        if not self.capture or self.failed:
+            body()
+            return
+        graph = self.graphs[key]
+        if graph is None:
+            graph = self.graphs[key] = self._capture(body)
+            if graph is None:  # this run, and every later one, eagerly
+                body()
+                return
+        graph.replay()
+
+    def captured(self) -> int:
+        return sum(graph is not None for graph in self.graphs.values())
+
+    def _warm_up(self, body) -> None:
+        if not self.capture:
+            body()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self, body):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for generator in self.generators:
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, pool=self.pool):
+                body()
+        except (RuntimeError, AttributeError) as err:  # a capture records what it would run, and runs none of it
+            self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
+            log.warning("%s: capturing it as a CUDA graph failed (%s); it continues, run eagerly", self.what,
+                        self.failed)
+            return None
+        return graph

@@ -249,6 +249,13 @@ class DiffusionModel(nn.Module):
     def predict_noise(self, latents: dict, node_mask, t: int, final: bool, context=None) -> dict:
         """eps estimate per latent at integer time t for the whole batch; final (t = 0) adds the read-out;
         context [B, C]: a conditional model's normalised conditioning values."""
+        t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+        return self.noise_estimate(latents, node_mask, t_batch, self.branch_of(t), final, context)
+
+    def noise_estimate(self, latents: dict, node_mask, t_batch, branch, final: bool, context=None) -> dict:
+        """predict_noise with the time as a tensor t_batch [B] (every molecule at the same t) and the network
+        that t belongs to (branch_of) given: the form a CUDA graph of a whole denoising step replays, where t
+        comes from a table on the device."""
         raise NotImplementedError
 
     def atom_type_scores(self, latents: dict, out: dict, alpha0: float, sigma0: float):
@@ -299,10 +306,8 @@ class UniGEM(DiffusionModel):
         b, n = node_mask.shape
         return {"pos": diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)}
 
-    def predict_noise(self, latents, node_mask, t, final, context=None):
+    def noise_estimate(self, latents, node_mask, t_batch, branch, final, context=None):
         # the whole batch goes through the branch of the current phase; the heads are read at t = 0 only
-        t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
-        branch = self.branch_of(t)
         out = self.denoise(latents["pos"], node_mask, t_batch, branch, heads=final and branch == Branch.GROWTH,
                            context=context)
         return {"pos": out["eps"], **({"atom_type": out["atom_type"]} if "atom_type" in out else {})}
@@ -363,8 +368,7 @@ class EDM(DiffusionModel):
         pos = diffusion.com_free_noise((b, n, 3), node_mask, generator, dtype)
         return {"pos": pos, "h": diffusion.masked_noise((b, n, self.h_channels), node_mask, generator, dtype)}
 
-    def predict_noise(self, latents, node_mask, t, final, context=None):
-        t_batch = torch.full((node_mask.shape[0],), t, dtype=torch.long, device=node_mask.device)
+    def noise_estimate(self, latents, node_mask, t_batch, branch, final, context=None):
         out = self.denoise(latents["pos"], latents["h"], node_mask, t_batch, context=context)
         return {"pos": out["eps"], "h": out["eps_h"]}
 

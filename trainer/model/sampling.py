@@ -10,6 +10,7 @@ the multistep solver restarts its history at that switch (the two branches are d
 Sampler state is float32 (the dtype of the model's first parameter when that is float64, for tests).
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from molscale.trainer.model.diffusion import (
     size_plan,
 )
 from molscale.trainer.model.packing import plan_chunks, take
+
+log = logging.getLogger("trainer")
 
 # Guidance defaults, measured (BENCHMARKS.md, "Guidance"): on a CPU UniGEM guided toward a LUMO one MAD below the
 # train mean, scale 100 from t = 300 took an independent predictor's MAE to the target from 841 (unguided) to 364
@@ -89,10 +92,13 @@ def _state_dtype(model):
 
 @torch.no_grad()
 def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="ancestral", guidance=None,
-           condition=None):
+           condition=None, step_graphs=False):
     """Generate molecules. num_atoms: LongTensor [B] (e.g. from sample_num_atoms); steps: denoising steps K
     (default T); sampler: one of SAMPLERS; guidance: a Guidance (guidance_for) or None; condition: [B, C] target
-    values in dataset units of a conditional model's model.condition_on (required for such a model).
+    values in dataset units of a conditional model's model.condition_on (required for such a model);
+    step_graphs: each denoising step (network, update, noise) as one CUDA graph per chunk shape and network
+    (denoising_graphs.py; the same molecules; on a CPU the same body runs eagerly), where the sampler and
+    guidance allow it (otherwise the call samples as without it and logs why).
 
     Returns pos [B, N, 3] (Angstrom, CoM-free), node_mask [B, N], atom_type [B, N] (vocabulary index, 0 at
     padding), z [B, N] (atomic numbers, 0 at padding), num_atoms [B]; N = max(num_atoms).
@@ -111,11 +117,12 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     model.check_context(context, batch_size)
     pos = torch.zeros(batch_size, n_max, 3, dtype=_state_dtype(model), device=device)
     atom_type = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)
+    steps_run = _graphed_steps(model, grid, sampler, guidance, generator, pos.dtype, device) if step_graphs else None
     for idx, n_pad in plan_chunks(num_atoms.tolist(), chunk_cost(model, device)):
         node_mask = torch.arange(n_pad)[None, :] < num_atoms[idx][:, None]  # [b, n_pad]
         chunk_context = None if context is None else take(context, idx).to(pos.dtype)
         pos_c, type_c = _sample_chunk(model, node_mask.to(device), grid, generator, pos.dtype, sampler, guidance,
-                                      chunk_context)
+                                      chunk_context, steps_run)
         pos[idx.to(device), :n_pad] = pos_c
         atom_type[idx.to(device), :n_pad] = type_c
     node_mask = (torch.arange(n_max)[None, :] < num_atoms[:, None]).to(device)
@@ -129,7 +136,13 @@ def ancestral_step(schedule, z_t, eps_hat, t: int, s: int, node_mask, generator=
 
     Coordinates (com_free) get CoM-free noise and are projected back to zero CoM after the step.
     """
-    inv_alpha_ts, eps_coef, std = schedule.step_coefficients(t, s)
+    return ancestral_update(z_t, eps_hat, schedule.step_coefficients(t, s), node_mask, generator, com_free)
+
+
+def ancestral_update(z_t, eps_hat, coefficients, node_mask, generator=None, com_free=True):
+    """ancestral_step with its coefficients (1/alpha_{t|s}, eps coefficient, noise std) given: Python floats, or
+    0-dim tensors read from a table on the device (a CUDA graph of the whole step, denoising_graphs.py)."""
+    inv_alpha_ts, eps_coef, std = coefficients
     draw = com_free_noise if com_free else masked_noise
     z_s = z_t * inv_alpha_ts - eps_coef * eps_hat + std * draw(z_t.shape, node_mask, generator, z_t.dtype)
     return _project(z_s, node_mask, com_free)
@@ -144,9 +157,20 @@ def ddim_step(schedule, z_t, eps_hat, t: int, s: int, node_mask, com_free=True):
     """Deterministic DDIM (eta = 0): z_s = alpha_s x_hat + sigma_s eps_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t.
 
     Both terms are CoM-free when z_t and eps_hat are, so the step stays in the zero-CoM subspace."""
+    return ddim_update(z_t, eps_hat, ddim_coefficients(schedule, t, s), node_mask, com_free)
+
+
+def ddim_coefficients(schedule, t: int, s: int) -> tuple[float, float]:
+    """DDIM's step t -> s as z_s = c_z z_t + c_eps eps_hat: (c_z, c_eps), float64 on the host."""
     a_t, s_t = schedule.host_alpha_sigma(t)
     a_s, s_s = schedule.host_alpha_sigma(s)
-    return _project(z_t * (a_s / a_t) + eps_hat * (s_s - a_s * s_t / a_t), node_mask, com_free)
+    return a_s / a_t, s_s - a_s * s_t / a_t
+
+
+def ddim_update(z_t, eps_hat, coefficients, node_mask, com_free=True):
+    """ddim_step with its coefficients (ddim_coefficients, or 0-dim tensors from a table on the device) given."""
+    c_z, c_eps = coefficients
+    return _project(z_t * c_z + eps_hat * c_eps, node_mask, com_free)
 
 
 class DPMSolver2M:
@@ -182,7 +206,10 @@ class DPMSolver2M:
 
 
 class AncestralSampler:
-    """EDM's stochastic sampler as a stepper: one ancestral_step per latent; nothing carried between steps."""
+    """EDM's stochastic sampler as a stepper: one ancestral_step per latent; nothing carried between steps.
+
+    A stepper with ``coefficients`` and ``update`` (this one and DDIM's) is a fixed formula of the step's
+    coefficients: a CUDA graph of the whole denoising step (denoising_graphs.py) reads them from a table."""
 
     def __init__(self, schedule):
         self.schedule = schedule
@@ -191,14 +218,25 @@ class AncestralSampler:
         pass
 
     def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
-        return ancestral_step(self.schedule, z_t, eps_hat, t, s, node_mask, generator, com_free)
+        return self.update(z_t, eps_hat, self.coefficients(t, s), node_mask, generator, com_free)
+
+    def coefficients(self, t: int, s: int) -> tuple[float, ...]:
+        return self.schedule.step_coefficients(t, s)
+
+    @staticmethod
+    def update(z_t, eps_hat, coefficients, node_mask, generator=None, com_free=True):
+        return ancestral_update(z_t, eps_hat, coefficients, node_mask, generator, com_free)
 
 
 class DDIMSampler(AncestralSampler):
     """Deterministic DDIM (eta = 0) as a stepper: one ddim_step per latent."""
 
-    def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
-        return ddim_step(self.schedule, z_t, eps_hat, t, s, node_mask, com_free)
+    def coefficients(self, t: int, s: int) -> tuple[float, ...]:
+        return ddim_coefficients(self.schedule, t, s)
+
+    @staticmethod
+    def update(z_t, eps_hat, coefficients, node_mask, generator=None, com_free=True):
+        return ddim_update(z_t, eps_hat, coefficients, node_mask, com_free)
 
 
 SAMPLERS = {"ancestral": AncestralSampler, "ddim": DDIMSampler, "dpm2m": DPMSolver2M}  # --sampler name -> stepper
@@ -297,10 +335,29 @@ def _head_gradient(model, pos, node_mask, t: int, guidance: Guidance, context):
     return grad, out
 
 
-def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None):
-    # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses
+def _graphed_steps(model, grid, sampler, guidance, generator, dtype, device):
+    """The grid's steps as graphs of the whole step (denoising_graphs.DenoisingSteps), or None (logged) where
+    this call cannot have them."""
+    from molscale.trainer.model.denoising_graphs import DenoisingSteps, step_graphs_unsupported
+    stepper = SAMPLERS[sampler](model.schedule)
+    why_not = step_graphs_unsupported(stepper, guidance, generator, device)
+    if why_not is not None:
+        log.info("sampling: whole-step CUDA graphs are off for this call (%s); it samples step by step", why_not)
+        return None
+    return DenoisingSteps(model, grid, stepper, generator, dtype, device, capture=torch.device(device).type == "cuda")
+
+
+def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None,
+                  steps_run=None):
+    # node_mask [b, n] -> pos [b, n, 3], atom_type [b, n]; the model says which latents it diffuses;
+    # steps_run: a DenoisingSteps that runs the grid's steps as graphs of the whole step
     latents = model.initial_latents(node_mask, generator, dtype)
     stepper = SAMPLERS[sampler](model.schedule)
+    if steps_run is not None:
+        from molscale.trainer.model.denoising_graphs import network_graphs_off
+        with network_graphs_off(model):
+            latents = steps_run.run(latents, node_mask, context)
+        grid = grid[-1:]  # the steps are done: only the read-out is left
     for prev_t, t, s in zip([grid[0]] + grid[:-2], grid[:-1], grid[1:]):
         if guidance is not None and t <= guidance.start and model.branch_of(t) == Branch.GROWTH:
             eps = {"pos": guided_eps(model, latents["pos"], node_mask, t, None, guidance, context)}

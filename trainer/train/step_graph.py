@@ -32,28 +32,27 @@ check on the CPU that this path takes the loop's decisions and keeps every persi
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 import torch
 
-log = logging.getLogger("trainer")
-
-
-@dataclass
-class _Shape:
-    static: list[dict]         # the step's micro-batches as the graph reads them: copied into before each step
-    graph: object | None = None  # torch.cuda.CUDAGraph once captured
+from molscale.trainer.model.cuda_graphs import BodyGraphs
 
 
 class StepGraphs:
     """Runs ``body(micro_batches)`` (one whole training step, device work only) as a CUDA graph per shape key."""
 
     def __init__(self, body, capture: bool):
-        self.body, self.capture = body, capture
-        self.shapes: dict[tuple, _Shape] = {}
-        self.pool = None  # one memory pool for every shape's graph (made at the first capture)
-        self.failed: str | None = None  # why capture was given up (the run then continues eagerly)
+        self.body = body
+        self.graphs = BodyGraphs(capture, 'train.cuda_graphs "step": the training step')
+        # shape key -> the step's micro-batches as the graph reads them: copied into before each step
+        self.shapes: dict[tuple, list[dict]] = {}
+
+    @property
+    def capture(self) -> bool:
+        return self.graphs.capture
+
+    @capture.setter
+    def capture(self, value: bool) -> None:
+        self.graphs.capture = value
 
     @staticmethod
     def key(batches: list[dict]) -> tuple:
@@ -63,51 +62,16 @@ class StepGraphs:
     def run(self, batches: list[dict]) -> None:
         """One training step on ``batches`` (micro-batches on the run's device)."""
         key = self.key(batches)
-        shape = self.shapes.get(key)
-        if shape is None:
+        static = self.shapes.get(key)
+        if static is None:
             # private copies: the graph reads these addresses on every replay
-            shape = self.shapes[key] = _Shape([{k: v.clone() for k, v in b.items() if torch.is_tensor(v)}
-                                               for b in batches])
-            self._warm_up(shape.static)
-            return
-        for dst, src in zip(shape.static, batches):
-            for name, buffer in dst.items():
-                buffer.copy_(src[name], non_blocking=True)
-        if not self.capture or self.failed:
-            self.body(shape.static)
-            return
-        if shape.graph is None:
-            shape.graph = self._capture(shape.static)
-            if shape.graph is None:  # capture failed: this step (and the rest of the run) eagerly
-                self.body(shape.static)
-                return
-        shape.graph.replay()
-
-    def _warm_up(self, static: list[dict]) -> None:
-        if not self.capture:
-            self.body(static)
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.body(static)
-        torch.cuda.current_stream().wait_stream(side)
-
-    def _capture(self, static: list[dict]):
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.body(static)
-        except RuntimeError as err:  # a capture records nothing it ran: the weights are as before the attempt
-            self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
-            log.warning("train.cuda_graphs \"step\": capturing the training step failed (%s); the run continues "
-                        "with the same step run eagerly", self.failed)
-            return None
-        return graph
+            static = self.shapes[key] = [{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in batches]
+        else:
+            for dst, src in zip(static, batches):
+                for name, buffer in dst.items():
+                    buffer.copy_(src[name], non_blocking=True)
+        self.graphs.run(key, lambda: self.body(static))
 
     def summary(self) -> dict:
         """Shapes seen, graphs captured, and why capture was given up (None if it was not)."""
-        return {"shapes": len(self.shapes), "graphs": sum(s.graph is not None for s in self.shapes.values()),
-                "capture_failed": self.failed}
+        return {"shapes": len(self.shapes), "graphs": self.graphs.captured(), "capture_failed": self.graphs.failed}

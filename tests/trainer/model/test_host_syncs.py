@@ -131,6 +131,23 @@ def test_sampling_steps_stay_on_the_device():
         assert few == more, sampler
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_whole_step_graphs_read_nothing_back_and_add_nothing_per_step(sampler):
+    """The body a CUDA graph of the whole denoising step holds (run eagerly off CUDA): its time and coefficient
+    tables are made on the host once per call, from host values (their shapes follow the steps), and nothing
+    is read back."""
+    model = meta_model("edm")
+    num_atoms = torch.tensor([5, 9, 7])
+
+    def record(steps):
+        with HostTraffic() as traffic:
+            sample(model, num_atoms, steps=steps, device="meta", sampler=sampler, step_graphs=True)
+        assert traffic.reads == []
+        return len(traffic.events)
+
+    assert record(4) == record(8)
+
+
 def test_conditional_sampling_steps_stay_on_the_device():
     model = meta_model("unigem", conditioned=True)
     num_atoms = torch.tensor([5, 9, 7])

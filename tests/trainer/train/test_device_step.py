@@ -211,8 +211,8 @@ def persistent_tensors(trainer) -> dict:
                                                                 "stop", "loss_sums", "good_steps", "last_norm",
                                                                 "last_threshold")})
     named["stop flag"] = t._stop_flag
-    named.update({f"static {i} {k}": v for i, shape in enumerate(t.step_graphs.shapes.values())
-                  for b in shape.static for k, v in b.items()})
+    named.update({f"static {i} {k}": v for i, static in enumerate(t.step_graphs.shapes.values())
+                  for b in static for k, v in b.items()})
     return {name: (v, v.data_ptr()) for name, v in named.items()}
 
 
