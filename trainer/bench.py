@@ -12,7 +12,8 @@ alternating iterations between layouts, and reports the speed-ups. A training st
 AdamW; a sampling step is one network evaluation and ancestral update inside `sample()`. Sampling molecules/s
 is for the full T-step trajectory: batch / (sample_step_s * (T + 1) network evaluations). The report also
 counts the aten operator calls of one training step, one EMA update and one sampling step (each non-view call
-is at least one kernel launch on a GPU).
+is at least one kernel launch on a GPU), and what the host still calls per sampling step when each step is one
+replayed CUDA graph (`--cuda-graphs step` of evals/generate.py: the step's body taken out).
 
 `--engine` (with `--manifest`) also times the trainer's own step on the same batch, interleaved with the
 model-only step: a real Trainer (trainer/train/loop.py) with its DeepSpeed engine, clipping, EMA and the loop's
@@ -43,6 +44,7 @@ from molscale.datasets.chemistry.elements import QM9_ATOM_VOCAB
 from molscale.datasets.shards.manifest import load_manifest
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
 from molscale.trainer.model import fused_edges
+from molscale.trainer.model.denoising_graphs import DenoisingSteps
 from molscale.trainer.model.diffusion import remove_mean
 from molscale.trainer.model.egnn import KERNELS
 from molscale.trainer.model.networks import MODEL_CLASSES, ModelConfig, build_model
@@ -161,6 +163,21 @@ def step_counts(fn, repeats: int = 1) -> dict:
             "GFLOP": total_flops / repeats / 1e9}
 
 
+def replayed_sampling_host_calls(model, num_atoms, steps: int, seed: int) -> float:
+    """Operator calls the host makes per denoising step when each step is one replayed CUDA graph
+    (sample(step_graphs=True), trainer/model/denoising_graphs.py): sampling with the graph's body taken out (what a
+    replay leaves to the host), per step added to the grid (the call's own set-up and read-out cancel)."""
+    def calls(k):
+        return step_counts(lambda: sample(model, num_atoms, steps=k, generator=torch.Generator().manual_seed(seed),
+                                          step_graphs=True))["calls"]
+
+    body, DenoisingSteps._step = DenoisingSteps._step, lambda self, state, branch: None
+    try:
+        return (calls(2 * steps) - calls(steps)) / steps
+    finally:
+        DenoisingSteps._step = body
+
+
 def step_functions(model, batch, layout, args):
     """(train_step, sample_run) closures for one layout."""
     autocast = (torch.autocast(model.embed.weight.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
@@ -253,7 +270,9 @@ def main(argv=None):
     counts = {"train_step": step_counts(train_step), "ema_update": step_counts(lambda: ema.update(model)),
               "sample_step": {k: v / evaluations for k, v in step_counts(sample_run).items()}}
     calls = {"train_step (forward, backward, AdamW)": counts["train_step"]["calls"],
-             "ema_update": counts["ema_update"]["calls"], "sample_step": round(counts["sample_step"]["calls"])}
+             "ema_update": counts["ema_update"]["calls"], "sample_step": round(counts["sample_step"]["calls"]),
+             "sample_step replayed as one graph (host)": replayed_sampling_host_calls(model, num_atoms,
+                                                                                      args.sample_steps, args.seed)}
     results = {}
     for layout in layouts:
         sample_step_s = sample_s[layout] / evaluations

@@ -27,7 +27,9 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    samples drawn in fp32 (TF32 off) land from the eager ones with the same seed (per molecule, the largest
    coordinate difference: median, 99th percentile, largest), beside the same for eager TF32 against eager fp32
    as the yardstick: a trajectory amplifies any rounding difference, so only the comparison of the two says
-   something;
+   something; and each denoising step as one CUDA graph (`generate --cuda-graphs step`) in bf16 (eager and fused)
+   and fp32, the fp32 samples compared with the eager ones in the same way (a failed capture is listed under the
+   path's "warnings");
 5. generate: `evals/generate.py` end to end on that checkpoint (Ray, the EDM metrics), eager and fused.
 
 `--parts` picks and orders the parts; `--bench-runs` and `--train-paths` pick the runs inside bench and train
@@ -41,7 +43,9 @@ took 323 s: equality 38 s, training 98 s, sampling 39 s, tune 28 s, bench 121 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -51,6 +55,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (kernel, precision, each denoising step one CUDA graph) of the sampling part, in the order they run
+SAMPLING_PATHS = [("eager", "bf16", False), ("fused", "bf16", False), ("eager", "fp32", False),
+                  ("fused", "fp32", False), ("eager", "tf32", False),
+                  ("eager", "bf16", True), ("fused", "bf16", True), ("eager", "fp32", True)]
 # (name, run-config overrides) of the training paths, the first of which is sampled from
 # (graphs-: the network as CUDA graphs; step-: the whole training step as one graph per batch shape)
 TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
@@ -368,33 +376,48 @@ def sampling(args) -> dict:
     steps = sample_steps(args)
     out = {"model": source, "molecules": args.samples, "evaluations": steps + 1}
     samples = {}
-    for kernel, precision in (("eager", "bf16"), ("fused", "bf16"), ("eager", "fp32"), ("fused", "fp32"),
-                              ("eager", "tf32")):
+    for kernel, precision, whole_steps in SAMPLING_PATHS:
         use_kernel(model, kernel)
         model.cfg.kernel = kernel
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        name = f"{kernel}-{precision}"
+        name = f"{kernel}-{precision}" + ("-step-graphs" if whole_steps else "")
         try:
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+                    _warnings_of("trainer") as warnings:
                 sample(model, counts[:64], steps=2, generator=torch.Generator(args.device).manual_seed(1))  # warm
                 _synchronize(args.device)
                 began = time.perf_counter()
-                result = sample(model, counts, steps=steps,
-                                generator=torch.Generator(args.device).manual_seed(2))
+                result = sample(model, counts, steps=steps, generator=torch.Generator(args.device).manual_seed(2),
+                                step_graphs=whole_steps)
                 _synchronize(args.device)
             seconds = time.perf_counter() - began
             samples[name] = result["pos"].float()
             out[name] = {"sampling_seconds": round(seconds, 3),
                          "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (steps + 1), 1),
-                         "finite": bool(torch.isfinite(result["pos"]).all())}
+                         "finite": bool(torch.isfinite(result["pos"]).all()),
+                         **({"warnings": warnings} if warnings else {})}  # e.g. a capture that failed
         except Exception as err:  # one path failing is a result; the others still run
             out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     torch.backends.cuda.matmul.allow_tf32 = False
     for label, a, b in (("fused_fp32_vs_eager_fp32", "fused-fp32", "eager-fp32"),
+                        ("step_graphs_fp32_vs_eager_fp32", "eager-fp32-step-graphs", "eager-fp32"),
                         ("eager_tf32_vs_eager_fp32 (yardstick)", "eager-tf32", "eager-fp32")):
         if a in samples and b in samples:
             out[label] = _per_molecule_difference(samples[a], samples[b])
     return out
+
+
+@contextlib.contextmanager
+def _warnings_of(logger: str):
+    """The warning lines ``logger`` logs inside (a list, filled as they come)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
 
 
 def sample_steps(args) -> int:

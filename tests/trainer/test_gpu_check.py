@@ -33,13 +33,15 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     assert 'cuda_graphs": "step"' in (out / "train-step-bf16" / "config.json").read_text()
     sampled = report["sampling"]  # in this process: the first training path's checkpoint
     assert sampled["model"].endswith("train-graphs-bf16") and sampled["evaluations"] == 5  # --quick: 4 steps
-    for name in ("eager-bf16", "fused-bf16", "eager-fp32", "fused-fp32", "eager-tf32"):
-        assert sampled[name]["finite"], name
+    for name in ("eager-bf16", "fused-bf16", "eager-fp32", "fused-fp32", "eager-tf32", "eager-bf16-step-graphs",
+                 "fused-bf16-step-graphs", "eager-fp32-step-graphs"):
+        assert sampled[name]["finite"] and "warnings" not in sampled[name], name
         # both rounded: seconds to 0.001 (scaled by 1001 / 5 here), the scaled time to 0.1
         assert sampled[name]["seconds_at_1000_steps"] == pytest.approx(sampled[name]["sampling_seconds"] * 1001 / 5,
                                                                        abs=0.0005 * 1001 / 5 + 0.05 + 1e-9)
     difference = sampled["fused_fp32_vs_eager_fp32"]
     assert 0 <= difference["median"] <= difference["p99"] <= difference["max"]
+    assert sampled["step_graphs_fp32_vs_eager_fp32"]["max"] == 0.0  # on the CPU the same steps, run eagerly
     for kernel in ("eager", "fused"):  # end to end: Ray samplers and the EDM metrics
         generated = report["generate"][kernel]
         assert generated["molecules"] == 12 and generated["evaluations"] == 5 and 0 <= generated["validity"] <= 1
