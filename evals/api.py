@@ -34,9 +34,12 @@ def load_model(path: str, device: str = "cpu", kernel: str | None = None):
 
 
 def sample_molecules(model, n: int, *, steps: int | None = None, seed: int = 0, sampler: str = "ancestral",
-                     atom_counts=None, histogram: dict[int, int] | None = None) -> list[Molecule]:
+                     atom_counts=None, histogram: dict[int, int] | None = None,
+                     step_graphs: bool = False) -> list[Molecule]:
     """``n`` molecules. Sizes: ``atom_counts`` (n integers), or drawn from ``histogram`` ({atoms: count}; for
-    a loaded run, its training set's), seeded by ``seed``; ``steps``: denoising steps (default: the model's T)."""
+    a loaded run, its training set's), seeded by ``seed``; ``steps``: denoising steps (default: the model's T);
+    ``step_graphs``: on a GPU, each denoising step as one CUDA graph (generate.py's ``--cuda-graphs step``: the
+    same molecules, fewer launches; the ancestral and DDIM samplers)."""
     import torch
 
     from molscale.trainer.model.sampling import sample, sample_num_atoms
@@ -53,7 +56,8 @@ def sample_molecules(model, n: int, *, steps: int | None = None, seed: int = 0, 
     device = next(model.parameters()).device
     device_generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        out = sample(model, atom_counts, steps=steps, generator=device_generator, sampler=sampler)
+        out = sample(model, atom_counts, steps=steps, generator=device_generator, sampler=sampler,
+                     step_graphs=step_graphs)
     z, pos = out["z"].cpu().numpy(), out["pos"].float().cpu().numpy()
     return [Molecule(z[i, :k].astype(np.int64), pos[i, :k]) for i, k in enumerate(atom_counts.tolist())]
 

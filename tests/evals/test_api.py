@@ -17,6 +17,9 @@ def test_sample_and_predict_as_the_readme_shows(tiny_checkpoint):
     assert set(np.concatenate([m.atomic_numbers for m in molecules]).tolist()) <= set(model.cfg.atom_vocab)
     again = sample_molecules(model, 3, steps=4, seed=0, atom_counts=[5, 9, 3])
     assert all(np.array_equal(a.positions, b.positions) for a, b in zip(molecules, again))  # seeded
+    graphed = sample_molecules(model, 3, steps=4, seed=0, atom_counts=[5, 9, 3], step_graphs=True)
+    assert all(np.array_equal(a.positions, b.positions) and np.array_equal(a.atomic_numbers, b.atomic_numbers)
+               for a, b in zip(molecules, graphed))  # (on the CPU the graphs' steps run eagerly)
 
     rows = predict_properties(model, ["CCO", "not a smiles", molecules[1],
                                       Molecule(np.array([6, 92]), np.zeros((2, 3), np.float32))], conformers=2)

@@ -3,11 +3,13 @@ execution. The GPU tests run where a CUDA device is present (`pytest tests/train
 machine); the CPU tests check what holds everywhere."""
 
 import copy
+import logging
 
 import pytest
 import torch
 
 from molscale.trainer.bench import make_batch
+from molscale.trainer.model.cuda_graphs import BodyGraphs
 from molscale.trainer.model.networks import ModelConfig, build_model
 from molscale.trainer.model.sampling import sample
 from molscale.trainer.train.config import ConfigError, load_config
@@ -89,3 +91,24 @@ def test_cuda_graphs_are_refused_for_pretraining():
         load_config("cluster/cpu_pretrain_moses.json", ["train.cuda_graphs=true"])
     assert load_config("cluster/qm9_1gpu.json").train.cuda_graphs  # measured on an H100: BENCHMARKS.md
     assert not load_config("cluster/geom_64gpu.json").train.cuda_graphs  # many shapes: not measured yet
+
+
+def test_a_body_whose_capture_fails_is_logged_once_and_runs_eagerly(monkeypatch, caplog):
+    """BodyGraphs (the whole training step's and the whole denoising step's graphs): a capture that fails leaves
+    the run going, every later run of every key eager. The CUDA parts are stood in for: CUDA is not here."""
+    class RefusedCapture:
+        def register_generator_state(self, generator):
+            raise RuntimeError("this capture is refused\nwith a second line")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RefusedCapture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "a pool")
+    graphs = BodyGraphs(capture=True, what="a test body", generators=[torch.Generator()])
+    monkeypatch.setattr(graphs, "_warm_up", lambda body: body())  # the side stream needs CUDA
+    runs = []
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        for key in ("a", "a", "a", "b", "b"):
+            graphs.run(key, lambda: runs.append(key))
+    assert runs == ["a", "a", "a", "b", "b"] and graphs.captured() == 0
+    assert graphs.failed == "RuntimeError: this capture is refused"
+    assert caplog.text.count("a test body: capturing it as a CUDA graph failed (RuntimeError: this capture is "
+                             "refused); it continues, run eagerly") == 1
