@@ -39,7 +39,7 @@ def sample_molecules(model, n: int, *, steps: int | None = None, seed: int = 0, 
     """``n`` molecules. Sizes: ``atom_counts`` (n integers), or drawn from ``histogram`` ({atoms: count}; for
     a loaded run, its training set's), seeded by ``seed``; ``steps``: denoising steps (default: the model's T);
     ``step_graphs``: on a GPU, each denoising step as one CUDA graph (generate.py's ``--cuda-graphs step``: the
-    same molecules, fewer launches; the ancestral and DDIM samplers)."""
+    same molecules, fewer launches)."""
     import torch
 
     from molscale.trainer.model.sampling import sample, sample_num_atoms

@@ -122,8 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", nargs="?", const="network", default=SamplingSettings.cuda_graphs,
                    choices=SAMPLING_GRAPHS,
                    help="on GPU samplers, replay CUDA graphs captured per chunk shape: 'network' (the bare flag) the "
-                        "network; 'step' each whole denoising step (network, update and noise: one launch a step, "
-                        "for the ancestral and DDIM samplers without guidance; the rest as 'network'). Fewer "
+                        "network; 'step' each whole denoising step (network, update and noise: one launch a step; "
+                        "guided sampling runs as 'network'). Fewer "
                         "launches; helps small chunks, where the GPU waits on the host. The same molecules either "
                         "way; CPU samplers run the same steps without graphs")
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default=SamplingSettings.precision,

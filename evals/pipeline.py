@@ -334,7 +334,8 @@ def _sampling_workers(ray, requested: int | None) -> int:
 
 def _sample(ray, config: EvalConfig, inputs: Inputs) -> Molecules:
     from molscale.evals.conditional import draw_conditions
-    from molscale.evals.ray_sampling import default_pair_budget, plan_summary, sample_over_ray
+    from molscale.evals.ray_sampling import plan_summary, sample_over_ray
+    from molscale.trainer.model.packing import default_pair_budget
     settings, loaded = config.sampling, inputs.loaded
     histogram = loaded.atom_count_histogram
     condition = None

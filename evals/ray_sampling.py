@@ -9,7 +9,6 @@ is restarted by Ray and its chunk run again with the same seed, giving the same 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -113,15 +112,6 @@ def draw_atom_counts(n_samples: int, histogram: dict[int, int], seed: int) -> np
     sizes = np.asarray(sorted(histogram), dtype=np.int64)
     probs = np.asarray([histogram[s] for s in sizes], dtype=np.float64)
     return rng.choice(sizes, size=n_samples, p=probs / probs.sum())
-
-
-def default_pair_budget(histogram: dict[int, int], batch: int) -> int:
-    """The atom-pair budget of a sampling chunk: what ``batch`` molecules of the histogram's mean cost (mean N^2)
-    would take. Chunks then hold about ``batch`` molecules on average: more of the small ones, fewer of the
-    large ones, and about as many chunks as fixed chunks of ``batch`` molecules would make."""
-    total = sum(histogram.values())
-    mean_pairs = sum(int(n) ** 2 * c for n, c in histogram.items()) / total
-    return max(1, math.ceil(batch * mean_pairs))
 
 
 def chunk_plan(n_samples: int, histogram: dict[int, int], seed: int, pair_budget: int, counts=None):

@@ -29,7 +29,9 @@ OUT/gpu_check.json as each part ends, and a table is printed at the end:
    as the yardstick: a trajectory amplifies any rounding difference, so only the comparison of the two says
    something; and each denoising step as one CUDA graph (`generate --cuda-graphs step`) in bf16 (eager and fused)
    and fp32, the fp32 samples compared with the eager ones in the same way (a failed capture is listed under the
-   path's "warnings");
+   path's "warnings"); and, in bf16, the same molecules cut into the chunks that generate.py's Ray samplers take
+   at its default --batch 250 (one sample() call per chunk, "-chunks-250"), step by step and with whole-step
+   graphs, where a step is short enough for the host's launches to matter;
 5. generate: `evals/generate.py` end to end on that checkpoint (Ray, the EDM metrics), eager and fused.
 
 `--parts` picks and orders the parts; `--bench-runs` and `--train-paths` pick the runs inside bench and train
@@ -55,10 +57,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (kernel, precision, each denoising step one CUDA graph) of the sampling part, in the order they run
-SAMPLING_PATHS = [("eager", "bf16", False), ("fused", "bf16", False), ("eager", "fp32", False),
-                  ("fused", "fp32", False), ("eager", "tf32", False),
-                  ("eager", "bf16", True), ("fused", "bf16", True), ("eager", "fp32", True)]
+# (kernel, precision, each denoising step one CUDA graph, molecules per call) of the sampling part, in the order
+# they run; molecules per call None: all in one sample() call (which cuts its own chunks), a number: the chunks
+# that generate.py's Ray samplers get at that --batch (250 is its default)
+SAMPLING_PATHS = [("eager", "bf16", False, None), ("fused", "bf16", False, None), ("eager", "fp32", False, None),
+                  ("fused", "fp32", False, None), ("eager", "tf32", False, None),
+                  ("eager", "bf16", True, None), ("fused", "bf16", True, None), ("eager", "fp32", True, None),
+                  ("eager", "bf16", False, 250), ("eager", "bf16", True, 250), ("fused", "bf16", True, 250)]
 # (name, run-config overrides) of the training paths, the first of which is sampled from
 # (graphs-: the network as CUDA graphs; step-: the whole training step as one graph per batch shape)
 TRAIN_PATHS = [("graphs-bf16", ["train.cuda_graphs=true", "deepspeed.bf16=true"]),
@@ -362,9 +367,11 @@ def sampling(args) -> dict:
     from molscale.trainer.artifacts import load_for_eval
     from molscale.trainer.model.egnn import use_kernel
     from molscale.trainer.model.networks import ModelConfig, build_model
+    from molscale.trainer.model.packing import budget_chunks, default_pair_budget
     from molscale.trainer.model.sampling import sample, sample_num_atoms
     manifest = load_manifest(args.data)
-    counts = sample_num_atoms(manifest.atom_count_histogram("train"), args.samples, torch.Generator().manual_seed(0))
+    histogram = manifest.atom_count_histogram("train")
+    counts = sample_num_atoms(histogram, args.samples, torch.Generator().manual_seed(0))
     try:
         model, source = load_for_eval(_sampled_run(args), args.device).model, _sampled_run(args)
     except Exception as err:  # no checkpoint (training did not run or failed): speed does not depend on weights
@@ -376,25 +383,30 @@ def sampling(args) -> dict:
     steps = sample_steps(args)
     out = {"model": source, "molecules": args.samples, "evaluations": steps + 1}
     samples = {}
-    for kernel, precision, whole_steps in SAMPLING_PATHS:
+    for kernel, precision, whole_steps, per_call in SAMPLING_PATHS:
         use_kernel(model, kernel)
         model.cfg.kernel = kernel
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        name = f"{kernel}-{precision}" + ("-step-graphs" if whole_steps else "")
+        name = (f"{kernel}-{precision}" + ("-step-graphs" if whole_steps else "") +
+                (f"-chunks-{per_call}" if per_call else ""))
+        calls = [counts] if per_call is None else [counts[idx] for idx, _ in budget_chunks(
+            counts.tolist(), default_pair_budget(histogram, per_call))]
         try:
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16"), \
                     _warnings_of("trainer") as warnings:
                 sample(model, counts[:64], steps=2, generator=torch.Generator(args.device).manual_seed(1))  # warm
                 _synchronize(args.device)
                 began = time.perf_counter()
-                result = sample(model, counts, steps=steps, generator=torch.Generator(args.device).manual_seed(2),
-                                step_graphs=whole_steps)
+                generator = torch.Generator(args.device).manual_seed(2)
+                results = [sample(model, sizes, steps=steps, generator=generator, step_graphs=whole_steps)
+                           for sizes in calls]
                 _synchronize(args.device)
             seconds = time.perf_counter() - began
-            samples[name] = result["pos"].float()
+            if per_call is None:
+                samples[name] = results[0]["pos"].float()
             out[name] = {"sampling_seconds": round(seconds, 3),
                          "seconds_at_1000_steps": round(seconds * (PAPER_STEPS + 1) / (steps + 1), 1),
-                         "finite": bool(torch.isfinite(result["pos"]).all()),
+                         "finite": all(bool(torch.isfinite(r["pos"]).all()) for r in results), "calls": len(calls),
                          **({"warnings": warnings} if warnings else {})}  # e.g. a capture that failed
         except Exception as err:  # one path failing is a result; the others still run
             out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}

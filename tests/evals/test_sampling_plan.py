@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from molscale.datasets.sources.qm9 import train_atom_count_histogram
-from molscale.evals.ray_sampling import chunk_plan, default_pair_budget, fixed_count_chunks, plan_summary
-from molscale.trainer.model.packing import budget_chunks, real_pair_fraction
+from molscale.evals.ray_sampling import chunk_plan, fixed_count_chunks, plan_summary
+from molscale.trainer.model.packing import budget_chunks, default_pair_budget, real_pair_fraction
 
 
 @pytest.fixture(scope="module")

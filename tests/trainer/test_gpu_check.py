@@ -34,11 +34,13 @@ def test_gpu_check_rehearsal_on_the_cpu(qm9_small, tmp_path):
     sampled = report["sampling"]  # in this process: the first training path's checkpoint
     assert sampled["model"].endswith("train-graphs-bf16") and sampled["evaluations"] == 5  # --quick: 4 steps
     for name in ("eager-bf16", "fused-bf16", "eager-fp32", "fused-fp32", "eager-tf32", "eager-bf16-step-graphs",
-                 "fused-bf16-step-graphs", "eager-fp32-step-graphs"):
+                 "fused-bf16-step-graphs", "eager-fp32-step-graphs", "eager-bf16-chunks-250",
+                 "eager-bf16-step-graphs-chunks-250", "fused-bf16-step-graphs-chunks-250"):
         assert sampled[name]["finite"] and "warnings" not in sampled[name], name
         # both rounded: seconds to 0.001 (scaled by 1001 / 5 here), the scaled time to 0.1
         assert sampled[name]["seconds_at_1000_steps"] == pytest.approx(sampled[name]["sampling_seconds"] * 1001 / 5,
                                                                        abs=0.0005 * 1001 / 5 + 0.05 + 1e-9)
+    assert sampled["eager-bf16"]["calls"] == 1 and sampled["eager-bf16-chunks-250"]["calls"] >= 1
     difference = sampled["fused_fp32_vs_eager_fp32"]
     assert 0 <= difference["median"] <= difference["p99"] <= difference["max"]
     assert sampled["step_graphs_fp32_vs_eager_fp32"]["max"] == 0.0  # on the CPU the same steps, run eagerly

@@ -8,20 +8,19 @@ estimate, the update and the noise draw, so a step is one launch and the host ru
 trajectory.
 
 How one graph serves every step of its network: the step's time and update coefficients are rows of tables on
-the device (the times of the grid, ``stepper.coefficients(t, s)`` for each step), read at a step counter that the
-graph itself advances. The latents are written in place. UniGEM's two branches are different networks, so a
-chunk has a graph for each (the counter carries over the switch). The update is the eager sampler's own formula
-(``stepper.update``) with tensor coefficients in place of host floats, so the graph computes what
-sampling.sample computes; tests/trainer/model/test_denoising_graphs.py checks that bit for bit on the CPU, where
-the same body runs eagerly.
+the device (the times of the grid, ``stepper.coefficient_rows`` for its steps), read at a step counter that the
+graph itself advances. The latents, and DPM-Solver++(2M)'s previous clean estimate, are written in place.
+UniGEM's two branches are different networks, so a chunk has a graph for each (the counter carries over the
+switch; DPM-Solver++(2M)'s restart there is a first-order row). The update is the eager sampler's own formula
+with tensor coefficients in place of host floats, so the graph computes what sampling.sample computes;
+tests/trainer/model/test_denoising_graphs.py checks that bit for bit on the CPU, where the same body runs eagerly.
 
 Random draws: a torch.Generator on the device is registered with each graph, so a replay draws from the
 generator's state at that moment, as the eager step does. A generator on another device (a CPU generator for a
 GPU model) cannot be captured: such a call samples eagerly and says so once.
 
 Not graphed (they run as before, through the network's graphs where those are on): the read-out at t = 0, once
-per chunk; DPM-Solver++(2M), whose second-order update keeps a history and restarts it at the branch switch;
-guidance, which differentiates the property head.
+per chunk; guidance, which differentiates the property head.
 """
 
 from __future__ import annotations
@@ -33,10 +32,8 @@ import torch
 from molscale.trainer.model.cuda_graphs import BodyGraphs
 
 
-def step_graphs_unsupported(stepper, guidance, generator, device) -> str | None:
+def step_graphs_unsupported(guidance, generator, device) -> str | None:
     """Why a sampling call cannot replay whole denoising steps as graphs (None: it can)."""
-    if not hasattr(stepper, "update"):
-        return f"{type(stepper).__name__} keeps a history between steps"
     if guidance is not None:
         return "guidance differentiates the property head"
     if generator is not None and generator.device.type != torch.device(device).type:
@@ -46,7 +43,7 @@ def step_graphs_unsupported(stepper, guidance, generator, device) -> str | None:
 
 class DenoisingSteps:
     """The steps t -> s of one sampling grid for any number of chunks, each step one ``BodyGraphs`` run keyed by
-    (chunk shape, network)."""
+    (chunk shape, network). stepper: one of sampling.SAMPLERS."""
 
     def __init__(self, model, grid: list[int], stepper, generator, dtype, device, capture: bool):
         self.model, self.stepper, self.generator = model, stepper, generator
@@ -54,7 +51,7 @@ class DenoisingSteps:
         self.branches = [model.branch_of(t) for t, _ in steps]
         self.times = torch.tensor([t for t, _ in steps], dtype=torch.long, device=device)  # [K]
         # float64 on the host (as the eager sampler's coefficients), rounded once to the state's dtype
-        self.coefficients = torch.tensor([stepper.coefficients(t, s) for t, s in steps],
+        self.coefficients = torch.tensor(stepper.coefficient_rows(steps, self.branches),
                                          dtype=torch.float64).to(device=device, dtype=dtype)  # [K, C]
         self.graphs = BodyGraphs(capture, "sampling with --cuda-graphs step: the denoising step",
                                  [generator] if capture and generator is not None else [])
@@ -66,6 +63,7 @@ class DenoisingSteps:
         state = self.chunks.get(key)
         if state is None:  # the addresses this shape's graphs read: kept, and refilled for the next chunk
             state = self.chunks[key] = {"latents": {k: v.clone() for k, v in latents.items()},
+                                        "history": {k: torch.zeros_like(v) for k, v in latents.items()},
                                         "node_mask": node_mask.clone(), "counter": torch.zeros(
                                             1, dtype=torch.long, device=node_mask.device),
                                         "context": None if context is None else context.clone()}
@@ -76,6 +74,8 @@ class DenoisingSteps:
             if context is not None:
                 state["context"].copy_(context)
         state["counter"].zero_()
+        for previous in state["history"].values():  # (a first-order row weighs it 0, which a non-finite value
+            previous.zero_()                         # left by a diverged chunk would turn into NaN)
         with _autocast_without_cache(node_mask.device.type):
             for branch in self.branches:
                 self.graphs.run((key, branch), lambda: self._step(state, branch))
@@ -88,7 +88,8 @@ class DenoisingSteps:
         coefficients = self.coefficients.index_select(0, counter)[0].unbind()
         eps = self.model.noise_estimate(latents, node_mask, t_batch, branch, False, state["context"])
         for name, z in latents.items():
-            z.copy_(self.stepper.update(z, eps[name], coefficients, node_mask, self.generator, name == "pos"))
+            z.copy_(self.stepper.advance(z, eps[name], coefficients, node_mask, self.generator, name == "pos",
+                                         state["history"][name]))
         counter.add_(1)
 
 

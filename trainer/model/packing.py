@@ -12,6 +12,8 @@ batch can be cut into chunks of similar atom counts, each padded only to its own
   its members.
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -69,6 +71,15 @@ def plan_chunks(num_atoms, chunk_cost_pairs):
         chunks.append((torch.tensor(order[ends[j]:ends[k]]), runs[k - 1][0]))
         k = j
     return chunks[::-1]
+
+
+def default_pair_budget(histogram: dict[int, int], batch: int) -> int:
+    """The atom-pair budget of a sampling chunk: what ``batch`` molecules of the histogram's mean cost (mean N^2)
+    would take. Chunks then hold about ``batch`` molecules on average: more of the small ones, fewer of the
+    large ones, and about as many chunks as fixed chunks of ``batch`` molecules would make."""
+    total = sum(histogram.values())
+    mean_pairs = sum(int(n) ** 2 * c for n, c in histogram.items()) / total
+    return max(1, math.ceil(batch * mean_pairs))
 
 
 def budget_chunks(num_atoms, max_pairs, chunk_cost_pairs=None):

@@ -97,8 +97,8 @@ def sample(model, num_atoms, steps=None, generator=None, device=None, sampler="a
     (default T); sampler: one of SAMPLERS; guidance: a Guidance (guidance_for) or None; condition: [B, C] target
     values in dataset units of a conditional model's model.condition_on (required for such a model);
     step_graphs: each denoising step (network, update, noise) as one CUDA graph per chunk shape and network
-    (denoising_graphs.py; the same molecules; on a CPU the same body runs eagerly), where the sampler and
-    guidance allow it (otherwise the call samples as without it and logs why).
+    (denoising_graphs.py; the same molecules; on a CPU the same body runs eagerly); not with guidance (the call
+    then samples as without it and logs why).
 
     Returns pos [B, N, 3] (Angstrom, CoM-free), node_mask [B, N], atom_type [B, N] (vocabulary index, 0 at
     padding), z [B, N] (atomic numbers, 0 at padding), num_atoms [B]; N = max(num_atoms).
@@ -173,10 +173,23 @@ def ddim_update(z_t, eps_hat, coefficients, node_mask, com_free=True):
     return _project(z_t * c_z + eps_hat * c_eps, node_mask, com_free)
 
 
+def dpm2m_update(z_t, eps_hat, coefficients, node_mask, x_prev=None, com_free=True):
+    """One DPM-Solver++(2M) step from its coefficients (DPMSolver2M.coefficients) -> (z_s, x_hat): x_hat, the clean
+    estimate at t, is what the next step's second-order update reuses. x_prev None: first order."""
+    inv_a_t, s_t, w_hat, w_prev, sigma_ratio, c_direction = coefficients
+    x_hat = (z_t - eps_hat * s_t) * inv_a_t
+    direction = x_hat if x_prev is None else x_hat * w_hat - x_prev * w_prev
+    return _project(z_t * sigma_ratio - direction * c_direction, node_mask, com_free), x_hat
+
+
 class DPMSolver2M:
     """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep): the second-order step reuses the clean
     estimate of the previous step, so it costs one network evaluation per step, like DDIM. Its first step, and
-    the first after ``restart()`` (the UniGEM branch switch), is first order, which is DDIM's step."""
+    the first after ``restart()`` (the UniGEM branch switch), is first order, which is DDIM's step.
+
+    Like every stepper it is also a formula of per-step coefficients for the whole-step CUDA graphs
+    (denoising_graphs.py; ``coefficient_rows``, ``advance``): there the previous clean estimate is a buffer on
+    the device, and a first-order step's row weighs it 0."""
 
     def __init__(self, schedule):
         self.schedule = schedule
@@ -190,26 +203,49 @@ class DPMSolver2M:
         return math.log(alpha / sigma)
 
     def step(self, name, z_t, eps_hat, t: int, s: int, node_mask, generator=None, com_free=True):
+        lam_prev, x_prev = self.previous.get(name, (None, None))
+        z_s, x_hat = dpm2m_update(z_t, eps_hat, self.coefficients(t, s, lam_prev), node_mask, x_prev, com_free)
+        self.previous[name] = (self._lambda(t), x_hat)
+        return z_s
+
+    def coefficients(self, t: int, s: int, lam_prev: float | None = None) -> tuple[float, ...]:
+        """(1/alpha_t, sigma_t, weight of x_hat, weight of the previous x_hat, sigma_s/sigma_t,
+        alpha_s expm1(-h)) for the step t -> s, h = lambda_s - lambda_t; lam_prev: lambda at the previous step's
+        time, None for a first-order step (weights 1 and 0)."""
         a_t, s_t = self.schedule.host_alpha_sigma(t)
         a_s, s_s = self.schedule.host_alpha_sigma(s)
-        lam_t, lam_s = self._lambda(t), self._lambda(s)
-        h = lam_s - lam_t
-        x_hat = (z_t - eps_hat * s_t) * (1.0 / a_t)
-        direction = x_hat
-        if name in self.previous:
-            lam_prev, x_prev = self.previous[name]
+        lam_t = self._lambda(t)
+        h = self._lambda(s) - lam_t
+        w_hat, w_prev = 1.0, 0.0
+        if lam_prev is not None:
             r = (lam_t - lam_prev) / h
-            direction = x_hat * (1.0 + 0.5 / r) - x_prev * (0.5 / r)
-        self.previous[name] = (lam_t, x_hat)
-        z_s = z_t * (s_s / s_t) - direction * (a_s * math.expm1(-h))
-        return _project(z_s, node_mask, com_free)
+            w_hat, w_prev = 1.0 + 0.5 / r, 0.5 / r
+        return 1.0 / a_t, s_t, w_hat, w_prev, s_s / s_t, a_s * math.expm1(-h)
+
+    def coefficient_rows(self, steps: list[tuple[int, int]], branches: list) -> list[tuple[float, ...]]:
+        """coefficients of each step (t, s) of a grid whose steps run on ``branches``: first order at the first
+        step and where the branch changes (the sampler's restart)."""
+        rows, lam_prev = [], None
+        for k, (t, s) in enumerate(steps):
+            if k and branches[k] != branches[k - 1]:
+                lam_prev = None
+            rows.append(self.coefficients(t, s, lam_prev))
+            lam_prev = self._lambda(t)
+        return rows
+
+    def advance(self, z_t, eps_hat, coefficients, node_mask, generator, com_free, history):
+        """A step from a row of coefficient_rows; history: the previous step's x_hat (any finite values before a
+        first-order step), overwritten in place with this step's."""
+        z_s, x_hat = dpm2m_update(z_t, eps_hat, coefficients, node_mask, history, com_free)
+        history.copy_(x_hat)
+        return z_s
 
 
 class AncestralSampler:
     """EDM's stochastic sampler as a stepper: one ancestral_step per latent; nothing carried between steps.
 
-    A stepper with ``coefficients`` and ``update`` (this one and DDIM's) is a fixed formula of the step's
-    coefficients: a CUDA graph of the whole denoising step (denoising_graphs.py) reads them from a table."""
+    Every stepper is also a formula of per-step coefficients (``coefficient_rows``, ``advance``): a CUDA graph of
+    the whole denoising step (denoising_graphs.py) reads them from a table on the device."""
 
     def __init__(self, schedule):
         self.schedule = schedule
@@ -222,6 +258,12 @@ class AncestralSampler:
 
     def coefficients(self, t: int, s: int) -> tuple[float, ...]:
         return self.schedule.step_coefficients(t, s)
+
+    def coefficient_rows(self, steps: list[tuple[int, int]], branches: list) -> list[tuple[float, ...]]:
+        return [self.coefficients(t, s) for t, s in steps]
+
+    def advance(self, z_t, eps_hat, coefficients, node_mask, generator, com_free, history):
+        return self.update(z_t, eps_hat, coefficients, node_mask, generator, com_free)  # (no history)
 
     @staticmethod
     def update(z_t, eps_hat, coefficients, node_mask, generator=None, com_free=True):
@@ -339,12 +381,12 @@ def _graphed_steps(model, grid, sampler, guidance, generator, dtype, device):
     """The grid's steps as graphs of the whole step (denoising_graphs.DenoisingSteps), or None (logged) where
     this call cannot have them."""
     from molscale.trainer.model.denoising_graphs import DenoisingSteps, step_graphs_unsupported
-    stepper = SAMPLERS[sampler](model.schedule)
-    why_not = step_graphs_unsupported(stepper, guidance, generator, device)
+    why_not = step_graphs_unsupported(guidance, generator, device)
     if why_not is not None:
         log.info("sampling: whole-step CUDA graphs are off for this call (%s); it samples step by step", why_not)
         return None
-    return DenoisingSteps(model, grid, stepper, generator, dtype, device, capture=torch.device(device).type == "cuda")
+    return DenoisingSteps(model, grid, SAMPLERS[sampler](model.schedule), generator, dtype, device,
+                          capture=torch.device(device).type == "cuda")
 
 
 def _sample_chunk(model, node_mask, grid, generator, dtype, sampler="ancestral", guidance=None, context=None,

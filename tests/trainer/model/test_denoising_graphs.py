@@ -14,7 +14,7 @@ from molscale.trainer.bench import operator_calls
 from molscale.trainer.model.branches import Branch
 from molscale.trainer.model.denoising_graphs import DenoisingSteps
 from molscale.trainer.model.networks import ModelConfig, build_model
-from molscale.trainer.model.sampling import guidance_for, sample
+from molscale.trainer.model.sampling import SAMPLERS, guidance_for, sample
 from tests.trainer.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,7 +29,7 @@ def both_ways(model, sampler, steps, seed=3, **kwargs):
     return runs
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_whole_steps_sample_exactly_what_the_step_by_step_sampler_samples(kind, sampler, dtype):
     model = tiny_model(kind, dtype=dtype).eval()
@@ -85,17 +85,26 @@ def test_a_replayed_step_leaves_nothing_to_the_host(monkeypatch):
     assert eager_per_step > 100  # what the same steps cost the host without whole-step graphs
 
 
-def test_samplers_with_a_history_and_guidance_sample_step_by_step(caplog):
+def test_guided_sampling_runs_step_by_step_and_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(DenoisingSteps, "run", lambda *a: pytest.fail("guidance cannot be a graph of the step"))
     model = tiny_model("unigem", dtype=torch.float32).eval()
-    with caplog.at_level(logging.INFO, logger="trainer"):
-        eager, graphed = both_ways(model, "dpm2m", 12)
-    assert torch.equal(eager["pos"], graphed["pos"])
-    assert "whole-step CUDA graphs are off for this call (DPMSolver2M keeps a history" in caplog.text
     guide = guidance_for(model, "gap", 2.0, scale=10.0, start=500)
-    caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer"):
         eager, graphed = both_ways(model, "ancestral", 12, guidance=guide)
-    assert torch.equal(eager["pos"], graphed["pos"]) and "guidance differentiates the property head" in caplog.text
+    assert torch.equal(eager["pos"], graphed["pos"])
+    assert "whole-step CUDA graphs are off for this call (guidance differentiates the property head)" in caplog.text
+
+
+def test_dpm_solver_restarts_at_the_branch_switch_in_its_coefficient_rows():
+    """DPM-Solver++(2M) in a graph: a first-order row (the previous estimate weighed 0) at the first step and at
+    UniGEM's switch, second order elsewhere; the rows are what the eager solver computes step by step."""
+    model = tiny_model("unigem").eval()
+    solver = SAMPLERS["dpm2m"](model.schedule)
+    steps = [(1000, 500), (500, 10), (10, 5), (5, 0)]
+    rows = solver.coefficient_rows(steps, [model.branch_of(t) for t, _ in steps])
+    assert [row[2:4] for row in rows][0] == (1.0, 0.0) and rows[2][2:4] == (1.0, 0.0)
+    assert rows[1][3] > 0 and rows[3][3] > 0
+    assert rows[1] == solver.coefficients(500, 10, solver._lambda(1000))
 
 
 @needs_cuda

@@ -131,7 +131,7 @@ def test_sampling_steps_stay_on_the_device():
         assert few == more, sampler
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_whole_step_graphs_read_nothing_back_and_add_nothing_per_step(sampler):
     """The body a CUDA graph of the whole denoising step holds (run eagerly off CUDA): its time and coefficient
     tables are made on the host once per call, from host values (their shapes follow the steps), and nothing
