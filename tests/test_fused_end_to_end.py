@@ -27,23 +27,30 @@ def train(run_dir, data, kernel):
                "--set", f'model.kernel="{kernel}"')
 
 
-def test_training_and_sampling_on_the_fused_path(qm9_small, tmp_path):
+@pytest.fixture(scope="module")
+def eager_run(qm9_small, tmp_path_factory):
+    """A run trained on the eager path (both tests sample from it)."""
+    run_dir = tmp_path_factory.mktemp("fused-e2e") / "eager"
+    eager = train(run_dir, qm9_small, "eager")
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    return run_dir
+
+
+def test_training_and_sampling_on_the_fused_path(qm9_small, eager_run, tmp_path):
     fused = train(tmp_path / "fused", qm9_small, "fused")
     assert fused.returncode == 0, fused.stderr[-3000:]
     assert "the EGNN edge MLPs run as Triton kernels on Triton's CPU interpreter" in fused.stderr
     assert "EGNN blocks run eagerly" not in fused.stderr
-    eager = train(tmp_path / "eager", qm9_small, "eager")
-    assert eager.returncode == 0, eager.stderr[-3000:]
     # the same data, seeds and steps: the losses agree to float32 rounding of the kernels' summation order
-    losses = [[json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
-              for name in ("fused", "eager")]
+    losses = [[json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl") if '"loss"' in line]
+              for run_dir in (tmp_path / "fused", eager_run)]
     assert len(losses[0]) == len(losses[1]) == 3
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
     outs = {}
     for kernel in ("fused", "eager"):
         out = tmp_path / f"eval-{kernel}"
-        r = run("evals/generate.py", "--checkpoint", str(tmp_path / "eager"), "--n-samples", "6", "--batch", "6",
+        r = run("evals/generate.py", "--checkpoint", str(eager_run), "--n-samples", "6", "--batch", "6",
                 "--steps", "4", "--seed", "1", "--num-cpus", "1", "--no-wandb", "--kernel", kernel, "--out", str(out))
         assert r.returncode == 0, r.stderr[-3000:]
         outs[kernel] = json.loads((out / "metrics.json").read_text())
@@ -58,11 +65,10 @@ def test_training_and_sampling_on_the_fused_path(qm9_small, tmp_path):
     np.testing.assert_allclose(coords["fused"], coords["eager"], rtol=1e-4, atol=2e-3)
 
 
-def test_without_the_interpreter_a_cpu_sampler_reports_the_eager_path(qm9_small, tmp_path):
+def test_without_the_interpreter_a_cpu_sampler_reports_the_eager_path(eager_run, tmp_path):
     """--kernel fused on CPU samplers without TRITON_INTERPRET: they run eagerly and metrics.json says so."""
-    assert train(tmp_path / "run", qm9_small, "eager").returncode == 0
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "evals/generate.py", "--checkpoint", str(tmp_path / "run"), "--n-samples", "4",
+    r = subprocess.run([sys.executable, "evals/generate.py", "--checkpoint", str(eager_run), "--n-samples", "4",
                         "--steps", "2", "--num-cpus", "1", "--no-wandb", "--kernel", "fused", "--out", str(out)],
                        capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in cpu_env().items() if k != "TRITON_INTERPRET"}, cwd=ROOT)
