@@ -16,6 +16,9 @@ occurs (about ten); graphs are captured lazily, each in a few network evaluation
 
 Requirements the network meets (tests/trainer/model/test_host_syncs.py): no host syncs and no randomness inside
 `denoise`. Autocast runs inside the graphs with its weight cache off, which graph capture needs.
+
+BodyGraphs, below, graphs more than the network: a whole training step (trainer/train/step_graph.py) or a whole
+denoising step (trainer/model/denoising_graphs.py), one graph per key over one shared memory pool.
 """
 
 from __future__ import annotations
