@@ -54,7 +54,7 @@ class DenoisingSteps:
         self.coefficients = torch.tensor(stepper.coefficient_rows(steps, self.branches),
                                          dtype=torch.float64).to(device=device, dtype=dtype)  # [K, C]
         self.graphs = BodyGraphs(capture, "sampling with --cuda-graphs step: the denoising step",
-                                 [generator] if capture and generator is not None else [])
+                                 [generator] if generator is not None else [])
         self.chunks: dict[tuple, dict] = {}  # chunk key -> the tensors its graphs read and write
 
     def run(self, latents: dict, node_mask, context=None) -> dict:

@@ -56,14 +56,20 @@ def test_whole_steps_under_bf16_autocast_and_with_a_condition():
     assert not torch.equal(other["pos"], graphed["pos"])  # the graphs read the chunk's own condition
 
 
-def test_one_graph_key_per_chunk_shape_and_network(kind, monkeypatch):
+@pytest.fixture
+def steps_made(monkeypatch):
+    """The DenoisingSteps that sample() makes while the test runs, in order."""
     made = []
     original = DenoisingSteps.__init__
     monkeypatch.setattr(DenoisingSteps, "__init__",
                         lambda self, *a, **k: made.append(self) or original(self, *a, **k))
+    return made
+
+
+def test_one_graph_key_per_chunk_shape_and_network(kind, steps_made):
     model = tiny_model(kind).eval()
     sample(model, NUM_ATOMS, steps=12, generator=torch.Generator().manual_seed(0), step_graphs=True)
-    (steps,) = made
+    (steps,) = steps_made
     chunks = {chunk for chunk, _ in steps.graphs.graphs}
     assert chunks == set(steps.chunks) and len(chunks) == 2  # the CPU's chunk cost cut the batch by size
     branches = {branch for _, branch in steps.graphs.graphs}
@@ -110,17 +116,12 @@ def test_dpm_solver_restarts_at_the_branch_switch_in_its_coefficient_rows():
 
 @needs_cuda
 @pytest.mark.parametrize("kind", ["unigem", "edm"])
-def test_replayed_whole_steps_equal_eager_sampling_on_a_gpu(kind):
+def test_replayed_whole_steps_equal_eager_sampling_on_a_gpu(kind, steps_made):
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model(kind, dtype=torch.float32).cuda().eval()
-    made = []
-    original = DenoisingSteps.__init__
-    DenoisingSteps.__init__ = lambda self, *a, **k: made.append(self) or original(self, *a, **k)
-    try:
-        runs = [sample(model, NUM_ATOMS, steps=50, generator=torch.Generator("cuda").manual_seed(5), step_graphs=g)
-                for g in (False, True)]
-    finally:
-        DenoisingSteps.__init__ = original
-    assert made[0].graphs.captured() >= 1 and made[0].graphs.failed is None
+    runs = [sample(model, NUM_ATOMS, steps=50, generator=torch.Generator("cuda").manual_seed(5), step_graphs=g)
+            for g in (False, True)]
+    (steps,) = steps_made
+    assert steps.graphs.captured() >= 1 and steps.graphs.failed is None
     torch.testing.assert_close(runs[1]["pos"], runs[0]["pos"], rtol=1e-4, atol=1e-4)
     assert torch.equal(runs[1]["z"], runs[0]["z"])
